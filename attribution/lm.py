@@ -1,0 +1,300 @@
+"""Hugging Face causal language models: loading, hashing, batching text, and the LM loss.
+
+Tokenisation conventions (shared by training examples and queries, so their losses agree):
+
+- Texts are tokenised with `add_special_tokens=False`; if the tokenizer defines a BOS token, it
+  is prepended to each training text and to each query's prompt, so the first real token has a
+  prediction too. (Our word-level test tokenizer has no BOS; GPT-2's BOS is `<|endoftext|>`.)
+- A training text becomes consecutive, non-overlapping chunks of at most `max_length` tokens.
+  Chunks of fewer than 2 tokens are dropped, even when that leaves a text with no example: they
+  contain no next-token prediction, so their loss, gradient and self-influence are all zero,
+  and RelatIF would divide by zero.
+- Batches are right-padded; `labels` are `input_ids` with -100 at padding (and, for queries, on
+  the prompt), and the loss at position t predicts `labels[t + 1]` from tokens `<= t`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attribution.data import Query, ShardSpec, read_shard_texts, sha256_file
+from attribution.types import Batch, InputError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def load_causal_lm(
+    model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer from a local directory, in eval mode.
+
+    Eager attention is forced (the `torch.func` reference computations need it); nothing is
+    downloaded. A tokenizer without a pad token gets its EOS token as pad.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = str(model_dir)
+    if not os.path.isdir(model_dir):
+        raise InputError(model_dir, None, None, "model directory not found")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise InputError(
+            model_dir, None, None, "no config.json: not a Hugging Face model directory"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation="eager", dtype=dtype, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(model_dir, None, None, f"cannot load model or tokenizer: {exc}") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _hash_named_files(paths: Iterable[Path]) -> str:
+    # Hash "name\0sha256\n" lines so names and contents both count, unambiguously.
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def hash_model_weights(model_dir: str | os.PathLike[str]) -> str:
+    """Hex sha256 over the directory's `*.safetensors` files (sorted names and their bytes)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise InputError(str(model_dir), None, None, "no *.safetensors weight files")
+    return _hash_named_files(files)
+
+
+# Keys transformers writes into tokenizer_config.json about how it was loaded, not what it is.
+_LOAD_ONLY_KEYS = ("local_files_only", "is_local", "name_or_path", "_commit_hash", "cache_dir")
+
+
+def hash_tokenizer(model_dir: str | os.PathLike[str]) -> str:
+    """Hex sha256 over the tokenizer files present (`TOKENIZER_FILES`, sorted by name).
+
+    `tokenizer_config.json` is hashed in canonical JSON form without the keys transformers adds
+    when re-saving a loaded tokenizer (`local_files_only`, `is_local`, ...), so saving a loaded
+    tokenizer again keeps its hash; every other file is hashed byte for byte.
+    """
+    files = sorted(p for name in TOKENIZER_FILES if (p := Path(model_dir) / name).is_file())
+    if not files:
+        raise InputError(str(model_dir), None, None, "no tokenizer files")
+    digest = hashlib.sha256()
+    for path in files:
+        if path.name == "tokenizer_config.json":
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InputError(str(path), None, None, f"malformed JSON: {exc}") from exc
+            for key in _LOAD_ONLY_KEYS:
+                config.pop(key, None)
+            canonical = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+            file_hash = hashlib.sha256(canonical).hexdigest()
+        else:
+            file_hash = sha256_file(path)
+        digest.update(f"{path.name}\0{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def chunk_token_ids(ids: list[int], max_length: int) -> list[list[int]]:
+    """Split `ids` into consecutive non-overlapping chunks of at most `max_length` tokens.
+
+    Chunks shorter than 2 tokens are dropped (see the module docstring), so a 1-token text or
+    a 1-token remainder yields nothing.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    return [chunk for chunk in chunks if len(chunk) >= 2]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos(tokenizer) -> list[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None else []
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else 0
+
+
+def _collate(
+    rows: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    example_ids: list[str],
+    providers: list[str],
+    shards: list[str],
+) -> Batch:
+    """Right-pad `(input_ids, labels)` rows into one `Batch`."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, labs) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, : len(labs)] = torch.tensor(labs, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return Batch(
+        inputs={"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels},
+        example_ids=example_ids,
+        providers=providers,
+        shards=shards,
+        token_counts=[len(ids) for ids, _ in rows],
+        mask=attention_mask,
+    )
+
+
+def batch_from_token_ids(sequences: list[list[int]], pad_id: int = 0) -> Batch:
+    """A training `Batch` of the given token sequences (ids `"0"`, `"1"`, ...; no providers)."""
+    return _collate(
+        [(ids, ids) for ids in sequences],
+        pad_id,
+        example_ids=[str(i) for i in range(len(sequences))],
+        providers=[],
+        shards=[],
+    )
+
+
+def iter_train_examples(
+    shards: list[ShardSpec], tokenizer, max_length: int
+) -> Iterator[tuple[str, ShardSpec, list[int]]]:
+    """Yield `(example_id, shard, token_ids)` for every training chunk, in a fixed order.
+
+    Order: shards as given, rows in file order, chunks in text order. Example ids are
+    `f"{shard.name}:{row}:{chunk}"` with 0-based row and chunk.
+    """
+    bos = _bos(tokenizer)
+    for shard in shards:
+        for row, text in read_shard_texts(shard.path):
+            for c, chunk in enumerate(chunk_token_ids(bos + _encode(tokenizer, text), max_length)):
+                yield f"{shard.name}:{row}:{c}", shard, chunk
+
+
+def count_train_examples(shards: list[ShardSpec], tokenizer, max_length: int) -> int:
+    """Number of examples `train_batches` yields (tokenises every text once)."""
+    return sum(1 for _ in iter_train_examples(shards, tokenizer, max_length))
+
+
+def train_batches(
+    shards: list[ShardSpec], tokenizer, max_length: int, batch_size: int
+) -> Iterator[Batch]:
+    """Batches of training chunks, in the deterministic order of `iter_train_examples`.
+
+    Every batch but the last has `batch_size` examples; labels are the input ids with -100 at
+    padding, so the loss is each chunk's summed next-token negative log-likelihood.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    pad_id = _pad_id(tokenizer)
+    pending: list[tuple[str, ShardSpec, list[int]]] = []
+
+    def flush() -> Batch:
+        batch = _collate(
+            [(ids, ids) for _, _, ids in pending],
+            pad_id,
+            example_ids=[eid for eid, _, _ in pending],
+            providers=[shard.provider for _, shard, _ in pending],
+            shards=[shard.name for _, shard, _ in pending],
+        )
+        pending.clear()
+        return batch
+
+    for example in iter_train_examples(shards, tokenizer, max_length):
+        pending.append(example)
+        if len(pending) == batch_size:
+            yield flush()
+    if pending:
+        yield flush()
+
+
+def encode_query(query: Query, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    """`(input_ids, labels)` for one query: labels are -100 on the prompt (and BOS).
+
+    Prompt and completion are tokenised separately so the boundary is exact. Too long: the
+    prompt is cut from the left; a completion longer than `max_length` keeps its first
+    `max_length` tokens (with a warning).
+    """
+    prompt = _bos(tokenizer) + _encode(tokenizer, query.prompt)
+    completion = _encode(tokenizer, query.completion)
+    if not completion:
+        raise InputError("<queries>", None, "completion", f"query {query.id!r} has no tokens")
+    if len(completion) > max_length:
+        logger.warning(
+            "query %s: completion of %d tokens truncated to %d",
+            query.id,
+            len(completion),
+            max_length,
+        )
+        completion = completion[:max_length]
+    prompt = prompt[len(prompt) - min(len(prompt), max_length - len(completion)) :]
+    if not prompt:
+        logger.warning(
+            "query %s: no prompt context, the first completion token is not scored", query.id
+        )
+    ids = prompt + completion
+    labels = [IGNORE_INDEX] * len(prompt) + completion
+    return ids, labels
+
+
+def query_batches(
+    queries: list[Query], tokenizer, max_length: int, batch_size: int
+) -> Iterator[Batch]:
+    """Batches of queries in the given order; the loss is the completion's negative
+    log-likelihood given the prompt. `example_ids` are the query ids; `providers` is empty."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    pad_id = _pad_id(tokenizer)
+    for start in range(0, len(queries), batch_size):
+        group = queries[start : start + batch_size]
+        rows = [encode_query(q, tokenizer, max_length) for q in group]
+        yield _collate(rows, pad_id, [q.id for q in group], providers=[], shards=[])
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-example summed token negative log-likelihood, shape (B,).
+
+    `logits[:, :-1]` predict `labels[:, 1:]`; positions labelled -100 (padding, prompts) do
+    not count. Computed in the model's dtype when it is float32 or float64, else in float32.
+    """
+    inputs = batch.inputs
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    shifted_logits = logits[:, :-1, :]
+    targets = inputs["labels"][:, 1:].to(logits.device)
+    token_nll = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    return token_nll.sum(dim=1)
