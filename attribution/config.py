@@ -1,0 +1,88 @@
+"""Typed settings of the attribution core. Every field is recorded in the index manifest."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+ProjectionKind = Literal["random", "pca"]
+StorageDType = Literal["float32", "float16"]
+
+# Defaults chosen from the counterfactual accuracy measurements (benchmarks/results/accuracy.md).
+DEFAULT_K = 16
+DEFAULT_DAMPING_FACTOR = 0.1
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """How each tracked layer's gradient is projected (LoGra, Kronecker-structured)."""
+
+    kind: ProjectionKind = "pca"
+    """`random`: seeded Gaussian P_in, P_out. `pca`: top eigenvectors of the layer's input
+    covariance and output-gradient covariance (the KFAC factors), from a first pass over data."""
+    k_in: int = DEFAULT_K
+    """Rows of P_in (projected input dimension); capped at the layer's input width."""
+    k_out: int = DEFAULT_K
+    """Rows of P_out (projected output-gradient dimension); capped at the layer's output width."""
+    seed: int = 0
+    """Seed of random projections; combined with the module name, never with a rank."""
+    modules: tuple[str, ...] = ()
+    """Glob patterns of module names to track (`transformer.h.*.mlp.*`); empty tracks every
+    Linear / Conv1D layer except the language-model head when its weight is tied."""
+    per_layer: tuple[tuple[str, int, int], ...] = ()
+    """Overrides `(glob, k_in, k_out)`, first match wins."""
+
+    def dims_for(self, name: str, n_in: int, n_out: int) -> tuple[int, int]:
+        """Projected (k_in, k_out) of the layer `name` with input width n_in, output n_out."""
+        k_in, k_out = self.k_in, self.k_out
+        for pattern, pk_in, pk_out in self.per_layer:
+            if fnmatch.fnmatchcase(name, pattern):
+                k_in, k_out = pk_in, pk_out
+                break
+        return min(k_in, n_in), min(k_out, n_out)
+
+    def tracks(self, name: str) -> bool:
+        return not self.modules or any(fnmatch.fnmatchcase(name, p) for p in self.modules)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How the gradient index is built and stored."""
+
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    dtype: StorageDType = "float32"
+    """Storage precision of the projected gradients; curvature is always float64 when built."""
+    damping_factor: float = DEFAULT_DAMPING_FACTOR
+    """λ_l = damping_factor × mean eigenvalue of the layer's projected Fisher."""
+    rows_per_block: int = 1024
+    """Rows per on-disk block; a killed build resumes from the last completed block."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> IndexConfig:
+        p = dict(d["projection"])
+        p["modules"] = tuple(p.get("modules", ()))
+        p["per_layer"] = tuple(tuple(x) for x in p.get("per_layer", ()))
+        return IndexConfig(
+            projection=ProjectionConfig(**p),
+            dtype=d["dtype"],
+            damping_factor=d["damping_factor"],
+            rows_per_block=d["rows_per_block"],
+        )
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How queries are scored against an index."""
+
+    relatif: bool = True
+    """Divide each influence by sqrt(self-influence) of the training example (RelatIF)."""
+    top_k: int = 10
+    """Training examples kept per query for audit (highest score first)."""
+    memory_budget_mb: int = 256
+    """Upper bound on the score block held in memory (queries × rows × 4 bytes)."""
+    dense: bool = False
+    """Also return the full (queries × training rows) score matrix; only for small cases."""

@@ -1,0 +1,273 @@
+"""The logging phase: build the on-disk gradient index, resumable after a kill.
+
+One forward and backward pass per batch with parameters frozen (no weight gradient is computed);
+the hooks keep only projected activations and output gradients. Rows are written in blocks, each
+atomically; a resumed build skips the rows of complete blocks and never writes a row twice.
+Curvature and self-influence are computed from the stored rows once all blocks exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from attribution.config import IndexConfig
+from attribution.curvature import fit_curvature
+from attribution.manifest import code_version, package_versions, seal, write_json
+from attribution.progress import progress
+from attribution.projection import (
+    LayerProjector,
+    find_layers,
+    layer_specs,
+    pca_projectors,
+    projected_gradients,
+    random_projectors,
+)
+from attribution.store import (
+    BUILD_FILE,
+    CURVATURE_FILE,
+    MANIFEST_FILE,
+    META_SCHEMA,
+    METADATA_FILE,
+    PROJECTIONS_FILE,
+    GradientIndex,
+    block_paths,
+    completed_blocks,
+    layer_slices,
+    load_projectors,
+    save_projectors,
+    write_block,
+)
+from attribution.types import Batch, LossFn
+
+log = logging.getLogger(__name__)
+
+
+class IndexMismatchError(ValueError):
+    """The index directory was started with other settings, another model or other data."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _reiterable(data: Iterable[Batch]) -> Iterable[Batch]:
+    if iter(data) is data:
+        raise TypeError(
+            "training data must be re-iterable (a list, or an object whose __iter__ starts "
+            "afresh): PCA projections and resumed builds pass over it more than once"
+        )
+    return data
+
+
+def _layout(projectors: list[LayerProjector]) -> list[dict]:
+    layers, start = [], 0
+    for p in projectors:
+        k_out, k_in = p.p_out.shape[0], p.p_in.shape[0]
+        layers.append(
+            {
+                "name": p.name,
+                "n_in": p.p_in.shape[1],
+                "n_out": p.p_out.shape[1],
+                "k_in": k_in,
+                "k_out": k_out,
+                "start": start,
+                "stop": start + k_in * k_out,
+            }
+        )
+        start += k_in * k_out
+    return layers
+
+
+def make_projectors(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    config: IndexConfig,
+    *,
+    show_progress: bool = True,
+) -> tuple[dict[str, nn.Module], list[LayerProjector]]:
+    """The tracked layers and their projectors (PCA makes a first pass over `data`)."""
+    layers = find_layers(model, config.projection)
+    if config.projection.kind == "random":
+        return layers, random_projectors(layer_specs(layers), config.projection)
+    if config.projection.kind == "pca":
+        bar = lambda b: progress(b, desc="pca statistics", enabled=show_progress, unit="batch")  # noqa: E731
+        return layers, pca_projectors(model, loss_fn, data, layers, config.projection, bar)
+    raise ValueError(f"unknown projection kind '{config.projection.kind}' (random or pca)")
+
+
+def build_index(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    out_dir: str | Path,
+    config: IndexConfig | None = None,
+    *,
+    model_info: dict | None = None,
+    data_info: dict | None = None,
+    show_progress: bool = True,
+) -> GradientIndex:
+    """Build (or resume, or reopen) the gradient index of `data` in `out_dir`.
+
+    `data` yields `Batch`es in a fixed order and must be re-iterable. `model_info` and
+    `data_info` (hashes of weights, tokenizer, shards, the loss definition) go into the
+    manifest and guard resumption: a directory started with other settings is refused.
+    """
+    config = config or IndexConfig()
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data = _reiterable(data)
+    model_info, data_info = model_info or {}, data_info or {}
+    fingerprint = {"config": config.to_dict(), "model": model_info, "data": data_info}
+
+    build_path = root / BUILD_FILE
+    layers = find_layers(model, config.projection)
+    if build_path.exists():
+        build = json.loads(build_path.read_text())
+        if build["fingerprint"] != json.loads(json.dumps(fingerprint)):
+            raise IndexMismatchError(
+                f"{root}: this index directory was started with other settings, another model "
+                "or other data; use a new directory"
+            )
+        if (root / MANIFEST_FILE).exists():
+            return GradientIndex.open(root)
+        projectors = load_projectors(root / PROJECTIONS_FILE, [b["name"] for b in build["layers"]])
+        log.info("resuming index build in %s", root)
+    else:
+        layers, projectors = make_projectors(
+            model, loss_fn, data, config, show_progress=show_progress
+        )
+        save_projectors(root / PROJECTIONS_FILE, projectors)
+        layout = _layout(projectors)
+        build = {
+            "fingerprint": fingerprint,
+            "layers": layout,
+            "dim": layout[-1]["stop"],
+            "config": config.to_dict(),
+        }
+        write_json(build_path, build)
+
+    _log_gradients(model, loss_fn, data, root, layers, projectors, config, show_progress)
+    return _finalise(root, build, config, fingerprint)
+
+
+def _log_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    root: Path,
+    layers: dict[str, nn.Module],
+    projectors: list[LayerProjector],
+    config: IndexConfig,
+    show_progress: bool,
+) -> None:
+    done = completed_blocks(root)
+    rows_done = sum(
+        pl.scan_parquet(block_paths(root, i)[1]).select(pl.len()).collect().item() for i in done
+    )
+    next_block = len(done)
+    dtype = np.dtype(config.dtype)
+    grads: list[np.ndarray] = []
+    meta: list[dict] = []
+    buffered = 0
+    position = 0  # examples seen so far, including skipped ones
+    was_training = model.training
+    model.eval()
+    bar = progress(data, desc="logging gradients", enabled=show_progress, unit="batch")
+    try:
+        for batch in bar:
+            n = len(batch)
+            skip = min(max(rows_done - position, 0), n)
+            position += n
+            if skip == n:
+                continue
+            g = projected_gradients(model, loss_fn, batch, layers, projectors)[skip:]
+            if not torch.isfinite(g).all():
+                bad = batch.example_ids[skip + int((~torch.isfinite(g)).any(1).nonzero()[0])]
+                raise FloatingPointError(f"gradient of training example '{bad}' is not finite")
+            grads.append(g.detach().cpu().numpy().astype(dtype))
+            for j in range(skip, n):
+                meta.append(
+                    {
+                        "example_id": batch.example_ids[j],
+                        "shard": batch.shards[j] if batch.shards else "",
+                        "provider": batch.providers[j] if batch.providers else "",
+                        "token_count": int(batch.token_counts[j]) if batch.token_counts else 0,
+                    }
+                )
+            buffered += n - skip
+            while buffered >= config.rows_per_block:
+                next_block = _flush(root, next_block, grads, meta, config.rows_per_block)
+                buffered -= config.rows_per_block
+        if buffered:
+            _flush(root, next_block, grads, meta, buffered)
+    finally:
+        model.train(was_training)
+
+
+def _flush(root: Path, number: int, grads: list[np.ndarray], meta: list[dict], rows: int) -> int:
+    """Write the first `rows` buffered rows as block `number`; keep the rest buffered."""
+    stacked = np.concatenate(grads)
+    write_block(root, number, stacked[:rows], pl.DataFrame(meta[:rows], schema=META_SCHEMA))
+    grads[:] = [stacked[rows:]] if stacked.shape[0] > rows else []
+    del meta[:rows]
+    return number + 1
+
+
+def _finalise(root: Path, build: dict, config: IndexConfig, fingerprint: dict) -> GradientIndex:
+    """Curvature and self-influence from the stored rows, then the metadata and manifest."""
+    blocks = completed_blocks(root)
+    if not blocks:
+        raise ValueError("the training data yielded no example: nothing to index")
+    grad_files = [block_paths(root, i)[0] for i in blocks]
+    slices = layer_slices(build["layers"])
+
+    def source():
+        for path in grad_files:
+            yield np.load(path, mmap_mode="r")
+
+    curvature = fit_curvature(None, slices, config.damping_factor, block_source=source)
+    curvature.save(root / CURVATURE_FILE)
+    self_inf = np.concatenate([curvature.self_influence(b) for b in source()])
+    meta = pl.concat([pl.read_parquet(block_paths(root, i)[1]) for i in blocks])
+    meta = meta.with_row_index("row").with_columns(
+        pl.Series("self_influence", self_inf, dtype=pl.Float64)
+    )
+    tmp = root / (METADATA_FILE + ".tmp")
+    meta.write_parquet(tmp)
+    tmp.replace(root / METADATA_FILE)
+
+    build = {**build, "blocks": len(blocks)}
+    write_json(root / BUILD_FILE, build)
+    manifest = seal(
+        {
+            "kind": "gradient-index",
+            "config": fingerprint["config"],
+            "model": fingerprint["model"],
+            "data": fingerprint["data"],
+            "layers": build["layers"],
+            "rows": meta.height,
+            "dim": build["dim"],
+            "blocks": [{"file": p.name, "sha256": _sha256(p)} for p in grad_files],
+            "projections_sha256": _sha256(root / PROJECTIONS_FILE),
+            "curvature_sha256": _sha256(root / CURVATURE_FILE),
+            "providers": sorted(meta["provider"].unique().to_list()),
+            "packages": package_versions(),
+            "code_version": code_version(),
+        }
+    )
+    write_json(root / MANIFEST_FILE, manifest)
+    return GradientIndex.open(root)

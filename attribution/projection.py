@@ -1,0 +1,324 @@
+"""LoGra projection: Kronecker-structured projectors and the hooks that capture what they need.
+
+For a linear layer y = W x (W: n_out × n_in) the per-example weight gradient is Σ_t δ_t x_tᵀ.
+LoGra projects it with P_out ⊗ P_in, which equals Σ_t (P_out δ_t)(P_in x_t)ᵀ: a k_out × k_in
+matrix formed from projected activations, without ever building the n_out × n_in gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attribution.config import ProjectionConfig
+from attribution.types import Batch, LossFn
+
+try:  # GPT-2 style layers keep their weight transposed (n_in × n_out).
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but the core runs without
+    Conv1D = ()  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A tracked layer: its module name and widths."""
+
+    name: str
+    n_in: int
+    n_out: int
+
+
+def layer_widths(module: nn.Module) -> tuple[int, int] | None:
+    """(n_in, n_out) of a Linear or Conv1D layer, None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if Conv1D and isinstance(module, Conv1D):
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    return None
+
+
+def find_layers(model: nn.Module, config: ProjectionConfig) -> dict[str, nn.Module]:
+    """The tracked layers of `model`, by module name, in module order.
+
+    Without module patterns, an output head whose weight is tied to the input embedding is
+    skipped: its gradient would be counted once more through the embedding it shares.
+    """
+    tied = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    if callable(get_out) and callable(get_in):
+        out, inp = get_out(), get_in()
+        if out is not None and inp is not None and out.weight is inp.weight:
+            tied.add(id(out))
+    layers = {}
+    for name, module in model.named_modules():
+        if layer_widths(module) is None or not config.tracks(name):
+            continue
+        if not config.modules and id(module) in tied:
+            continue
+        layers[name] = module
+    if not layers:
+        raise ValueError(
+            "no Linear or Conv1D layer matches the projection's module patterns "
+            f"{list(config.modules) or '(all)'}"
+        )
+    return layers
+
+
+def layer_specs(layers: dict[str, nn.Module]) -> list[LayerSpec]:
+    specs = []
+    for name, module in layers.items():
+        n_in, n_out = layer_widths(module)  # type: ignore[misc]
+        specs.append(LayerSpec(name, n_in, n_out))
+    return specs
+
+
+@dataclass
+class LayerProjector:
+    """P_in (k_in × n_in) and P_out (k_out × n_out) of one layer."""
+
+    name: str
+    p_in: torch.Tensor
+    p_out: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.p_in.shape[0] * self.p_out.shape[0]
+
+    def project_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n_in) → (..., k_in)."""
+        return x @ self.p_in.to(x.dtype).T
+
+    def project_output_grads(self, d: torch.Tensor) -> torch.Tensor:
+        """(..., n_out) → (..., k_out)."""
+        return d @ self.p_out.to(d.dtype).T
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    """A seed derived from the global seed and the module name only (never a rank)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def random_projectors(specs: list[LayerSpec], config: ProjectionConfig) -> list[LayerProjector]:
+    """Seeded Gaussian projectors, scaled by 1/sqrt(k); identical on any machine for a seed."""
+    projectors = []
+    for spec in specs:
+        k_in, k_out = config.dims_for(spec.name, spec.n_in, spec.n_out)
+        gen = torch.Generator(device="cpu").manual_seed(_layer_seed(config.seed, spec.name))
+        p_in = torch.randn(k_in, spec.n_in, generator=gen, dtype=torch.float64) / k_in**0.5
+        p_out = torch.randn(k_out, spec.n_out, generator=gen, dtype=torch.float64) / k_out**0.5
+        projectors.append(LayerProjector(spec.name, p_in.float(), p_out.float()))
+    return projectors
+
+
+def identity_projectors(specs: list[LayerSpec]) -> list[LayerProjector]:
+    """P = I: the projected gradient is the full gradient (for tests and tiny models)."""
+    return [
+        LayerProjector(
+            s.name, torch.eye(s.n_in, dtype=torch.float64), torch.eye(s.n_out, dtype=torch.float64)
+        )
+        for s in specs
+    ]
+
+
+def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, n) → (B, 1, n); (B, T, n) stays; (B, ..., n) → (B, T', n)."""
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+class Capture:
+    """Hooks on tracked layers that keep transformed inputs and output gradients.
+
+    `transform_in(name, x)` and `transform_out(name, d)` map the raw (B, T, n) tensors to what is
+    kept (projected, or raw for covariance statistics). A layer called several times in one
+    forward pass contributes each call as further tokens.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, nn.Module],
+        transform_in: Callable[[str, torch.Tensor], torch.Tensor],
+        transform_out: Callable[[str, torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.layers = layers
+        self.transform_in = transform_in
+        self.transform_out = transform_out
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.grads: dict[str, list[torch.Tensor | None]] = {}
+        self._handles: list = []
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = _flatten_tokens(args[0].detach())
+            self.inputs.setdefault(name, []).append(self.transform_in(name, x))
+            slots = self.grads.setdefault(name, [])
+            slots.append(None)
+            slot = len(slots) - 1
+            if not output.requires_grad:
+                # Parameters need no grad while logging; the graph starts at this output.
+                output = output.detach().requires_grad_(True)
+
+            def grad_hook(g: torch.Tensor) -> None:
+                slots[slot] = self.transform_out(name, _flatten_tokens(g.detach()))
+
+            output.register_hook(grad_hook)
+            return output
+
+        return hook
+
+    def __enter__(self) -> Capture:
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.grads.clear()
+
+    def pairs(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, grads) of a layer after backward, calls concatenated along tokens."""
+        ins = self.inputs.get(name)
+        outs = self.grads.get(name)
+        if not ins or outs is None or any(g is None for g in outs):
+            raise RuntimeError(
+                f"layer '{name}' received no gradient: the loss does not depend on it "
+                "(exclude it with the projection's module patterns)"
+            )
+        return torch.cat(ins, dim=1), torch.cat(outs, dim=1)  # type: ignore[arg-type]
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters need no gradient while logging: no weight gradient is ever computed."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def token_mask(batch: Batch, x: torch.Tensor) -> torch.Tensor | None:
+    """The batch's (B, T) mask as a (B, T, 1) multiplier when it matches the captured tokens."""
+    if batch.mask is None:
+        return None
+    m = batch.mask
+    if m.dim() == 2 and m.shape[1] == x.shape[1]:
+        return m.to(x.dtype).unsqueeze(-1)
+    return None
+
+
+def backward_per_example(model: nn.Module, loss_fn: LossFn, batch: Batch) -> None:
+    """Forward and backward of the summed per-example losses (per-example gradients separate)."""
+    losses = loss_fn(model, batch)
+    if losses.dim() != 1 or losses.shape[0] != len(batch):
+        raise ValueError(
+            f"loss_fn must return one loss per example, shape ({len(batch)},), "
+            f"got {tuple(losses.shape)}"
+        )
+    losses.sum().backward()
+
+
+def projected_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    layers: dict[str, nn.Module],
+    projectors: list[LayerProjector],
+) -> torch.Tensor:
+    """Per-example LoGra gradients of one batch: (B, Σ_l k_out·k_in), layers in order.
+
+    Each layer's block is Σ_t (P_out δ_t)(P_in x_t)ᵀ flattened row-major (k_out, k_in).
+    """
+    by_name = {p.name: p for p in projectors}
+    capture = Capture(
+        layers,
+        lambda n, x: by_name[n].project_inputs(x),
+        lambda n, d: by_name[n].project_output_grads(d),
+    )
+    with frozen_parameters(model), capture, torch.enable_grad():
+        backward_per_example(model, loss_fn, batch)
+    blocks = []
+    for proj in projectors:
+        x, d = capture.pairs(proj.name)
+        mask = token_mask(batch, x)
+        if mask is not None:
+            x = x * mask
+        blocks.append(torch.einsum("bto,bti->boi", d, x).reshape(x.shape[0], -1))
+    return torch.cat(blocks, dim=1)
+
+
+def pca_projectors(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    layers: dict[str, nn.Module],
+    config: ProjectionConfig,
+    progress: Callable[[Iterable[Batch]], Iterable[Batch]] = lambda b: b,
+) -> list[LayerProjector]:
+    """Projectors from the top eigenvectors of each layer's KFAC factors.
+
+    First pass: A_l = mean x xᵀ over real tokens, S_l = mean δ δᵀ; P_in = top-k_in eigenvectors
+    of A_l, P_out = top-k_out eigenvectors of S_l (as rows). Accumulated in float64.
+    """
+    specs = layer_specs(layers)
+    cov_in = {s.name: torch.zeros(s.n_in, s.n_in, dtype=torch.float64) for s in specs}
+    cov_out = {s.name: torch.zeros(s.n_out, s.n_out, dtype=torch.float64) for s in specs}
+    count = 0
+    keep = lambda n, t: t  # noqa: E731 - raw tensors for the covariance
+    for batch in progress(batches):
+        capture = Capture(layers, keep, keep)
+        with frozen_parameters(model), capture, torch.enable_grad():
+            backward_per_example(model, loss_fn, batch)
+        for s in specs:
+            x, d = capture.pairs(s.name)
+            mask = token_mask(batch, x)
+            if mask is not None:
+                x, d = x * mask, d * mask
+            x2 = x.reshape(-1, s.n_in).double()
+            d2 = d.reshape(-1, s.n_out).double()
+            cov_in[s.name] += x2.T @ x2
+            cov_out[s.name] += d2.T @ d2
+        count += len(batch)
+    if count == 0:
+        raise ValueError("PCA projections need data: the first pass saw no example")
+    projectors = []
+    for s in specs:
+        k_in, k_out = config.dims_for(s.name, s.n_in, s.n_out)
+        projectors.append(
+            LayerProjector(
+                s.name,
+                _top_eigvecs(cov_in[s.name], k_in, s.name),
+                _top_eigvecs(cov_out[s.name], k_out, s.name),
+            )
+        )
+    return projectors
+
+
+def _top_eigvecs(cov: torch.Tensor, k: int, name: str) -> torch.Tensor:
+    """Top-k eigenvectors (rows, float32) of a symmetric PSD matrix, sign-fixed."""
+    if not torch.isfinite(cov).all():
+        raise ValueError(f"PCA projection of layer '{name}': covariance is not finite")
+    vals, vecs = torch.linalg.eigh(cov)
+    top = vecs[:, torch.argsort(vals, descending=True)[:k]].T.contiguous()
+    # Fix each eigenvector's sign (largest entry positive) so builds are reproducible.
+    idx = top.abs().argmax(dim=1)
+    signs = torch.sign(top[torch.arange(top.shape[0]), idx])
+    signs[signs == 0] = 1
+    return (top * signs[:, None]).float()

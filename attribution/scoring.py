@@ -1,0 +1,275 @@
+"""Streaming scores: one pass over the index serves a whole batch of queries.
+
+influence(q, i) = Σ_l q_lᵀ (F_l + λ_l I)⁻¹ g_{i,l}: queries are preconditioned once, then each
+block of training rows costs one matrix product. RelatIF divides by sqrt(self-influence);
+provider sums keep the positive part. Memory is bounded by the block size (from a budget), not
+by the number of training rows; the next block is read while the current one is scored.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from attribution.config import ScoreConfig
+from attribution.projection import find_layers, projected_gradients
+from attribution.store import GradientIndex
+from attribution.types import Batch, LossFn
+
+MAX_QUERIES_PER_PASS = 1024
+
+
+def query_gradients(
+    model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], index: GradientIndex
+) -> tuple[list[str], np.ndarray]:
+    """Projected gradients of the queries' losses with the index's projectors: (ids, (n, D)).
+
+    The query loss is the negative utility (for language models the completion's summed
+    negative log-likelihood), so a positive score means the training example made the output
+    more likely.
+    """
+    layers = find_layers(model, index.config.projection)
+    if list(layers) != index.layer_names:
+        raise ValueError(
+            f"the model's layers do not match the index {index.root}: "
+            f"expected {index.layer_names[:3]}..., found {list(layers)[:3]}..."
+        )
+    projectors = index.projectors()
+    ids: list[str] = []
+    grads: list[np.ndarray] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            g = projected_gradients(model, loss_fn, batch, layers, projectors)
+            grads.append(g.detach().double().cpu().numpy())
+            ids.extend(batch.example_ids)
+    finally:
+        model.train(was_training)
+    if not grads:
+        return ids, np.zeros((0, index.dim))
+    return ids, np.concatenate(grads)
+
+
+def precondition(index: GradientIndex, query_grads: np.ndarray) -> np.ndarray:
+    """(n, D) raw query gradients → (F + λI)⁻¹ q per layer (float64)."""
+    return index.curvature.precondition(query_grads)
+
+
+def relatif(scores: np.ndarray, self_influence: np.ndarray) -> np.ndarray:
+    """RelatIF: influence / sqrt(self-influence) of each training example (column)."""
+    return scores * _inverse_sqrt(self_influence)
+
+
+def _inverse_sqrt(self_influence: np.ndarray) -> np.ndarray:
+    s = np.asarray(self_influence, dtype=np.float64)
+    out = np.zeros_like(s)
+    np.divide(1.0, np.sqrt(s, where=s > 0, out=np.zeros_like(s)), where=s > 0, out=out)
+    return out
+
+
+@dataclass
+class ScoreResult:
+    """Scores of a batch of queries against every training row of an index."""
+
+    query_ids: list[str]
+    providers: list[str]
+    positive: np.ndarray
+    """(n_queries, n_providers): Σ_{i∈p} max(r_qi, 0), r the (RelatIF) score."""
+    signed: np.ndarray
+    """(n_queries, n_providers): Σ_{i∈p} r_qi (all scores, for comparison)."""
+    top_rows: np.ndarray
+    """(n_queries, k): index rows of the highest scores, best first (-1 where fewer rows)."""
+    top_scores: np.ndarray
+    """(n_queries, k): those scores."""
+    dense: np.ndarray | None = None
+    """(n_queries, n_rows) every score, when asked for."""
+
+    def shares(self) -> np.ndarray:
+        """Per-query provider shares of the positive part; rows of zeros when unattributed."""
+        total = self.positive.sum(axis=1, keepdims=True)
+        out = np.zeros_like(self.positive)
+        np.divide(self.positive, total, where=total > 0, out=out)
+        return out
+
+    def unattributed(self) -> np.ndarray:
+        """True for queries whose scores are all non-positive (no credit to give)."""
+        return ~(self.positive.sum(axis=1) > 0)
+
+
+def _chunks(index: GradientIndex, rows_per_chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Consecutive (first row, float32 array) chunks assembled from the block files."""
+    pending: list[np.ndarray] = []
+    pending_rows, start = 0, 0
+    for path in index.block_files():
+        mm = np.load(path, mmap_mode="r")
+        offset = 0
+        while offset < mm.shape[0]:
+            take = min(rows_per_chunk - pending_rows, mm.shape[0] - offset)
+            pending.append(np.array(mm[offset : offset + take], dtype=np.float32))
+            pending_rows += take
+            offset += take
+            if pending_rows == rows_per_chunk:
+                yield start, pending[0] if len(pending) == 1 else np.concatenate(pending)
+                start += pending_rows
+                pending, pending_rows = [], 0
+        del mm  # release the mapping: resident pages never accumulate
+    if pending:
+        yield start, pending[0] if len(pending) == 1 else np.concatenate(pending)
+
+
+def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
+    """Run `it` in a background thread, `depth` items ahead (IO overlaps compute)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            failure.append(exc)
+        finally:
+            q.put(done)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+
+
+def rows_per_chunk(n_queries: int, dim: int, budget_mb: int) -> int:
+    """Rows of one block so that its scores and gradients fit the memory budget."""
+    per_row = 4 * (2 * n_queries + 2 * dim)  # scores, their positive part, two gradient chunks
+    return max(1, (budget_mb << 20) // per_row)
+
+
+def score(
+    index: GradientIndex,
+    query_grads: np.ndarray,
+    config: ScoreConfig | None = None,
+    query_ids: list[str] | None = None,
+) -> ScoreResult:
+    """Score raw (un-preconditioned) query gradients (n, D) against every row of `index`."""
+    config = config or ScoreConfig()
+    n_q = query_grads.shape[0]
+    if query_grads.ndim != 2 or query_grads.shape[1] != index.dim:
+        raise ValueError(f"query gradients must be (n, {index.dim}), got {query_grads.shape}")
+    query_ids = query_ids if query_ids is not None else [str(i) for i in range(n_q)]
+    cols = index.metadata_columns(["provider", "self_influence"])
+    providers = sorted(cols["provider"].unique().to_list())
+    codes = (
+        cols["provider"]
+        .replace_strict(providers, list(range(len(providers))), return_dtype=pl.Int64)
+        .to_numpy()
+        .copy()
+    )
+    inv_sqrt = (
+        _inverse_sqrt(cols["self_influence"].to_numpy()) if config.relatif else np.ones(index.rows)
+    )
+    del cols
+    parts = [
+        _score_pass(
+            index,
+            query_grads[a : a + MAX_QUERIES_PER_PASS],
+            config,
+            codes,
+            inv_sqrt,
+            len(providers),
+        )
+        for a in range(0, max(n_q, 1), MAX_QUERIES_PER_PASS)
+    ]
+    return ScoreResult(
+        query_ids=query_ids,
+        providers=providers,
+        positive=np.concatenate([p[0] for p in parts]),
+        signed=np.concatenate([p[1] for p in parts]),
+        top_rows=np.concatenate([p[2] for p in parts]),
+        top_scores=np.concatenate([p[3] for p in parts]),
+        dense=np.concatenate([p[4] for p in parts], axis=0) if config.dense else None,
+    )
+
+
+def _score_pass(
+    index: GradientIndex,
+    query_grads: np.ndarray,
+    config: ScoreConfig,
+    codes: np.ndarray,
+    inv_sqrt: np.ndarray,
+    n_providers: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    n_q, k = query_grads.shape[0], config.top_k
+    q = torch.from_numpy(np.ascontiguousarray(precondition(index, query_grads), np.float32))
+    positive = np.zeros((n_q, n_providers))
+    signed = np.zeros((n_q, n_providers))
+    top_scores = torch.full((n_q, k), -torch.inf, dtype=torch.float32)
+    top_rows = torch.full((n_q, k), -1, dtype=torch.int64)
+    dense = np.empty((n_q, index.rows), np.float32) if config.dense else None
+    chunk = rows_per_chunk(n_q, index.dim, config.memory_budget_mb)
+    for start, block in _prefetch(_chunks(index, chunk)):
+        r = block.shape[0]
+        s = q @ torch.from_numpy(block).T  # (n_q, r)
+        s *= torch.from_numpy(inv_sqrt[start : start + r].astype(np.float32))
+        onehot = torch.zeros(r, n_providers, dtype=torch.float32)
+        onehot[torch.arange(r), torch.from_numpy(codes[start : start + r])] = 1.0
+        signed += (s @ onehot).double().numpy()
+        positive += (s.clamp(min=0) @ onehot).double().numpy()
+        if dense is not None:
+            dense[:, start : start + r] = s.numpy()
+        kk = min(k, r)
+        bs, bi = torch.topk(s, kk, dim=1)
+        merged_s = torch.cat([top_scores, bs], dim=1)
+        merged_r = torch.cat([top_rows, bi + start], dim=1)
+        order = torch.argsort(merged_s, dim=1, descending=True, stable=True)[:, :k]
+        top_scores = torch.gather(merged_s, 1, order)
+        top_rows = torch.gather(merged_r, 1, order)
+    top_rows[torch.isinf(top_scores)] = -1
+    return positive, signed, top_rows.numpy(), top_scores.double().numpy(), dense
+
+
+def top_examples(index: GradientIndex, result: ScoreResult, query: int) -> pl.DataFrame:
+    """The audit table of one query: rank, row, example id, shard, provider, score."""
+    rows = result.top_rows[query]
+    keep = rows >= 0
+    meta = index.metadata.select("row", "example_id", "shard", "provider")
+    picked = pl.DataFrame(
+        {
+            "rank": np.arange(1, keep.sum() + 1),
+            "row": rows[keep].astype(np.uint32),
+            "score": result.top_scores[query][keep],
+        }
+    )
+    return picked.join(meta.with_columns(pl.col("row").cast(pl.UInt32)), on="row", how="left")
+
+
+def score_queries(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    index: GradientIndex,
+    config: ScoreConfig | None = None,
+) -> ScoreResult:
+    """Query gradients, then one streaming pass over the index: provider sums and top-k."""
+    ids, grads = query_gradients(model, loss_fn, batches, index)
+    return score(index, grads, config, ids)

@@ -1,0 +1,184 @@
+"""On-disk format of the gradient index.
+
+index_dir/
+  build.json                 settings, layer layout, fingerprint of model and data
+  projections.safetensors    P_in, P_out of every tracked layer
+  blocks/grads-NNNNNN.npy    projected gradients, rows = examples (memory-mapped)
+  blocks/meta-NNNNNN.parquet example id, shard, provider, token count of those rows;
+                             its presence marks the block complete
+  curvature.safetensors      per-layer Fisher eigenvectors, eigenvalues, damping
+  metadata.parquet           all rows, with self-influence
+  manifest.json              content-addressed manifest; present once the index is complete
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+
+from attribution.config import IndexConfig
+from attribution.curvature import Curvature, LayerSlice
+from attribution.projection import LayerProjector
+
+BUILD_FILE = "build.json"
+MANIFEST_FILE = "manifest.json"
+PROJECTIONS_FILE = "projections.safetensors"
+CURVATURE_FILE = "curvature.safetensors"
+METADATA_FILE = "metadata.parquet"
+BLOCKS_DIR = "blocks"
+
+META_SCHEMA = {
+    "example_id": pl.String,
+    "shard": pl.String,
+    "provider": pl.String,
+    "token_count": pl.Int64,
+}
+
+
+def block_paths(root: Path, number: int) -> tuple[Path, Path]:
+    d = root / BLOCKS_DIR
+    return d / f"grads-{number:06d}.npy", d / f"meta-{number:06d}.parquet"
+
+
+def completed_blocks(root: Path) -> list[int]:
+    """Numbers of the complete blocks, which are always 0..n-1."""
+    done = []
+    while block_paths(root, len(done))[1].exists():
+        done.append(len(done))
+    return done
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(final)
+
+
+def write_block(root: Path, number: int, grads: np.ndarray, meta: pl.DataFrame) -> None:
+    """Write one block: gradients first, then its metadata, each atomically.
+
+    A kill between the two leaves a gradients file without metadata: the block counts as not
+    written, and a resumed build overwrites it.
+    """
+    gpath, mpath = block_paths(root, number)
+    gpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp = gpath.with_name(gpath.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(grads))
+    _fsync_replace(tmp, gpath)
+    tmp = mpath.with_name(mpath.name + ".tmp")
+    meta.write_parquet(tmp)
+    _fsync_replace(tmp, mpath)
+
+
+def save_projectors(path: Path, projectors: list[LayerProjector]) -> None:
+    tensors = {}
+    for p in projectors:
+        tensors[f"{p.name}.p_in"] = p.p_in.contiguous()
+        tensors[f"{p.name}.p_out"] = p.p_out.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def load_projectors(path: Path, names: list[str]) -> list[LayerProjector]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: projections missing from the index")
+    t = load_file(str(path))
+    return [LayerProjector(n, t[f"{n}.p_in"], t[f"{n}.p_out"]) for n in names]
+
+
+def layer_slices(layers: list[dict]) -> list[LayerSlice]:
+    return [LayerSlice(layer["name"], layer["start"], layer["stop"]) for layer in layers]
+
+
+@dataclass
+class GradientIndex:
+    """A complete gradient index opened for reading; gradient blocks are memory-mapped."""
+
+    root: Path
+    build: dict
+    manifest: dict
+    curvature: Curvature
+
+    @staticmethod
+    def open(path: str | Path) -> GradientIndex:
+        root = Path(path)
+        if not (root / MANIFEST_FILE).exists():
+            state = "incomplete (resume its build)" if (root / BUILD_FILE).exists() else "missing"
+            raise FileNotFoundError(f"{root}: no gradient index here, it is {state}")
+        build = json.loads((root / BUILD_FILE).read_text())
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+        curvature = Curvature.load(root / CURVATURE_FILE, layer_slices(build["layers"]))
+        return GradientIndex(root, build, manifest, curvature)
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def config(self) -> IndexConfig:
+        return IndexConfig.from_dict(self.build["config"])
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def metadata(self) -> pl.DataFrame:
+        """Row → example id, shard, provider, token count, self-influence (read on demand)."""
+        return pl.read_parquet(self.root / METADATA_FILE)
+
+    def metadata_columns(self, columns: list[str]) -> pl.DataFrame:
+        """Only some metadata columns: scoring reads a few bytes per row, not the ids."""
+        return pl.read_parquet(self.root / METADATA_FILE, columns=columns)
+
+    @property
+    def dim(self) -> int:
+        return self.build["dim"]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer["name"] for layer in self.build["layers"]]
+
+    @property
+    def self_influence(self) -> np.ndarray:
+        return self.metadata_columns(["self_influence"])["self_influence"].to_numpy()
+
+    def projectors(self) -> list[LayerProjector]:
+        return load_projectors(self.root / PROJECTIONS_FILE, self.layer_names)
+
+    def block_files(self) -> list[Path]:
+        return [block_paths(self.root, i)[0] for i in range(self.build["blocks"])]
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, memory-mapped (rows, D) array) of every block, in row order."""
+        start = 0
+        for path in self.block_files():
+            arr = np.load(path, mmap_mode="r")
+            yield start, arr
+            start += arr.shape[0]
+
+    def gradients(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        """The stored projected gradients of the given rows, as float32 (n, D)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.shape[0], self.dim), dtype=np.float32)
+        for start, arr in self.blocks():
+            sel = np.nonzero((rows >= start) & (rows < start + arr.shape[0]))[0]
+            if sel.size:
+                out[sel] = arr[rows[sel] - start]
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """Every stored gradient row as one float32 tensor; only for small indexes."""
+        return torch.from_numpy(
+            np.concatenate([np.asarray(a, np.float32) for _, a in self.blocks()])
+        )

@@ -1,0 +1,53 @@
+"""Types shared across the attribution core."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """A batch of examples, as the loss function and the index need it.
+
+    `inputs` is whatever the user's loss function consumes (a tensor, or a dict of tensors such
+    as `input_ids`/`attention_mask`/`labels`). `mask` (B, T), when given, marks real tokens with
+    1 and padding with 0; captured activations at padded positions are ignored.
+    """
+
+    inputs: Any
+    example_ids: list[str]
+    providers: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    token_counts: list[int] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+"""A per-example loss: `loss_fn(model, batch) -> Tensor (B,)`.
+
+For training examples it is the loss the model was trained on (for language models the summed
+token negative log-likelihood); for queries it is the negative utility (the summed negative
+log-likelihood of the completion tokens). Examples in a batch must not interact (no BatchNorm in
+training mode), so that the gradient of the summed loss splits into per-example gradients.
+"""
+
+
+class InputError(ValueError):
+    """Bad user input, located: file, line (1-based, or None) and field (or None)."""
+
+    def __init__(self, path: str, line: int | None, field: str | None, message: str) -> None:
+        self.path, self.line, self.field, self.message = str(path), line, field, message
+        where = self.path
+        if line is not None:
+            where += f", line {line}"
+        if field is not None:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {message}")
