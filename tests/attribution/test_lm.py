@@ -1,0 +1,269 @@
+"""Specifications of model loading, hashing, batching and the language-model loss."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2LMHeadModel
+
+from attribution.data import Query, ShardSpec
+from attribution.lm import (
+    IGNORE_INDEX,
+    chunk_token_ids,
+    count_train_examples,
+    encode_query,
+    hash_model_weights,
+    hash_tokenizer,
+    load_causal_lm,
+    lm_loss,
+    query_batches,
+    train_batches,
+)
+from attribution.synthetic import build_word_tokenizer, tiny_gpt2_config, write_workspace_model
+from attribution.types import InputError
+
+WORDS = "the star shines bright . a comet orbits slowly and moon glows"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer([WORDS])
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tiny_model(tokenizer, dtype=torch.float32, seed=0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = tiny_gpt2_config(len(tokenizer), n_layer=2, n_embd=16, n_head=2, n_positions=32)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def query(qid: str, prompt: str, completion: str) -> Query:
+    return Query(qid, datetime(2024, 7, 1, tzinfo=UTC), prompt, completion)
+
+
+def test_chunks_are_consecutive_and_drop_pieces_without_a_prediction():
+    assert chunk_token_ids(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5]]
+    assert chunk_token_ids(list(range(8)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert chunk_token_ids([5], 4) == []
+    with pytest.raises(ValueError):
+        chunk_token_ids([1, 2], 1)
+
+
+def test_train_batches_pad_right_and_label_padding_as_ignored(tmp_path, tokenizer):
+    shard_a = tmp_path / "a.jsonl"
+    shard_a.write_text(
+        json.dumps({"text": "the star shines bright . a comet"})
+        + "\n\n"
+        + json.dumps({"text": "moon glows"})
+        + "\n"
+    )
+    shard_b = tmp_path / "b.jsonl"
+    shard_b.write_text(json.dumps({"text": "a comet orbits"}) + "\n")
+    shards = [ShardSpec(str(shard_a), "astro"), ShardSpec(str(shard_b), "sky", name="B")]
+    batches = list(train_batches(shards, tokenizer, max_length=4, batch_size=3))
+
+    assert [len(b) for b in batches] == [3, 1]
+    assert batches[0].example_ids == ["a.jsonl:0:0", "a.jsonl:0:1", "a.jsonl:1:0"]
+    assert batches[1].example_ids == ["B:0:0"]
+    assert batches[0].providers == ["astro"] * 3 and batches[1].providers == ["sky"]
+    assert batches[0].shards == ["a.jsonl"] * 3 and batches[1].shards == ["B"]
+    assert batches[0].token_counts == [4, 3, 2]
+    assert count_train_examples(shards, tokenizer, 4) == 4
+
+    inputs = batches[0].inputs
+    pad = tokenizer.pad_token_id
+    expected_ids = [
+        ids_of(tokenizer, "the star shines bright"),
+        ids_of(tokenizer, ". a comet") + [pad],
+        ids_of(tokenizer, "moon glows") + [pad, pad],
+    ]
+    assert inputs["input_ids"].tolist() == expected_ids
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]]
+    assert torch.equal(batches[0].mask, inputs["attention_mask"])
+    expected_labels = [
+        row[:n] + [IGNORE_INDEX] * (4 - n) for row, n in zip(expected_ids, [4, 3, 2], strict=True)
+    ]
+    assert inputs["labels"].tolist() == expected_labels
+
+    again = list(train_batches(shards, tokenizer, max_length=4, batch_size=3))
+    assert [b.example_ids for b in again] == [b.example_ids for b in batches]
+
+
+def test_query_labels_mask_exactly_the_prompt_and_padding(tokenizer):
+    queries = [
+        query("q1", "the star", "shines bright ."),  # 2 prompt + 3 completion tokens
+        query("q2", "a comet orbits", "slowly"),  # 3 + 1
+    ]
+    (batch,) = query_batches(queries, tokenizer, max_length=16, batch_size=8)
+    assert batch.example_ids == ["q1", "q2"] and batch.providers == []
+    assert batch.token_counts == [5, 4]
+    i = ids_of(tokenizer, "the star shines bright . a comet orbits slowly")
+    pad, ign = tokenizer.pad_token_id, IGNORE_INDEX
+    assert batch.inputs["input_ids"].tolist() == [i[0:5], i[5:9] + [pad]]
+    assert batch.inputs["labels"].tolist() == [
+        [ign, ign, i[2], i[3], i[4]],
+        [ign, ign, ign, i[8], ign],
+    ]
+    assert batch.inputs["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+
+
+def test_long_queries_lose_the_left_of_the_prompt_and_keep_the_completion(tokenizer):
+    ids, labels = encode_query(query("q", "the star shines bright", "a comet"), tokenizer, 4)
+    assert ids == ids_of(tokenizer, "shines bright a comet")
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX] + ids_of(tokenizer, "a comet")
+
+
+def test_completion_longer_than_max_length_keeps_its_start(tokenizer, caplog):
+    with caplog.at_level("WARNING", logger="attribution.lm"):
+        ids, labels = encode_query(query("q", "the", "a comet orbits slowly"), tokenizer, 3)
+    assert ids == labels == ids_of(tokenizer, "a comet orbits")
+    assert "truncated" in caplog.text
+
+
+def test_bos_is_prepended_to_prompts_and_texts_and_never_scored(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    base = build_word_tokenizer([WORDS])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<eos>",
+    )
+    bos = tok.bos_token_id
+    ids, labels = encode_query(query("q", "", "a comet"), tok, 8)
+    assert ids == [bos] + ids_of(tok, "a comet")
+    assert labels == [IGNORE_INDEX] + ids_of(tok, "a comet")
+    shard = tmp_path / "s.jsonl"
+    shard.write_text(json.dumps({"text": "moon glows"}) + "\n")
+    (batch,) = train_batches([ShardSpec(str(shard), "p")], tok, 8, 4)
+    assert batch.inputs["input_ids"].tolist() == [[bos] + ids_of(tok, "moon glows")]
+
+
+def manual_summed_nll(model, ids: list[int], labels: list[int]) -> torch.Tensor:
+    """Run one example alone, unpadded, and add up -log p(label) token by token."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    total = torch.zeros((), dtype=logits.dtype)
+    for t in range(1, len(ids)):
+        if labels[t] != IGNORE_INDEX:
+            total = total - log_probs[t - 1, labels[t]]
+    return total
+
+
+def test_lm_loss_matches_each_example_run_alone_in_float64(tmp_path, tokenizer):
+    model = tiny_model(tokenizer, dtype=torch.float64)
+    queries = [
+        query("q1", "the star", "shines bright ."),
+        query("q2", "a", "comet"),
+        query("q3", "", "moon glows slowly and"),
+    ]
+    (batch,) = query_batches(queries, tokenizer, 16, 8)
+    with torch.no_grad():
+        losses = lm_loss(model, batch)
+    assert losses.dtype == torch.float64 and losses.shape == (3,)
+    expected = torch.stack(
+        [manual_summed_nll(model, *encode_query(q, tokenizer, 16)) for q in queries]
+    )
+    torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-12)
+
+    shard = tmp_path / "s.jsonl"
+    shard.write_text("\n".join(json.dumps({"text": t}) for t in WORDS.split(" . ")) + "\n")
+    (train,) = train_batches([ShardSpec(str(shard), "p")], tokenizer, 16, 8)
+    with torch.no_grad():
+        train_losses = lm_loss(model, train)
+    rows = [
+        ids[:n]
+        for ids, n in zip(train.inputs["input_ids"].tolist(), train.token_counts, strict=True)
+    ]
+    torch.testing.assert_close(
+        train_losses,
+        torch.stack([manual_summed_nll(model, r, r) for r in rows]),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_lm_loss_is_differentiable_per_example(tokenizer):
+    model = tiny_model(tokenizer)
+    (batch,) = query_batches([query("q", "the star", "shines")], tokenizer, 8, 1)
+    lm_loss(model, batch).sum().backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_saved_workspace_model_round_trips_with_identical_logits(tmp_path, tokenizer):
+    model = tiny_model(tokenizer)
+    write_workspace_model(model, tokenizer, tmp_path / "m")
+    loaded, loaded_tok = load_causal_lm(tmp_path / "m")
+    assert not loaded.training
+    assert loaded.config._attn_implementation == "eager"
+    text = "the star shines bright . a comet"
+    assert ids_of(loaded_tok, text) == ids_of(tokenizer, text)
+    assert loaded_tok.pad_token_id == tokenizer.pad_token_id
+    ids = torch.tensor([ids_of(tokenizer, text)])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+    loaded64, _ = load_causal_lm(tmp_path / "m", dtype=torch.float64)
+    assert next(loaded64.parameters()).dtype == torch.float64
+
+
+def test_weight_hash_changes_when_one_weight_changes(tmp_path, tokenizer):
+    directory = tmp_path / "m"
+    write_workspace_model(tiny_model(tokenizer), tokenizer, directory)
+    before_weights, before_tok = hash_model_weights(directory), hash_tokenizer(directory)
+    assert hash_model_weights(directory) == before_weights
+
+    weights_file = directory / "model.safetensors"
+    tensors = load_file(weights_file)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1e-3
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    assert hash_model_weights(directory) != before_weights
+    assert hash_tokenizer(directory) == before_tok
+
+
+def test_tokenizer_hash_survives_resaving_and_changes_with_the_vocabulary(tmp_path, tokenizer):
+    model = tiny_model(tokenizer)
+    write_workspace_model(model, tokenizer, tmp_path / "a")
+    loaded, loaded_tok = load_causal_lm(tmp_path / "a")
+    write_workspace_model(loaded, loaded_tok, tmp_path / "b")
+    assert hash_tokenizer(tmp_path / "a") == hash_tokenizer(tmp_path / "b")
+    assert hash_model_weights(tmp_path / "a") == hash_model_weights(tmp_path / "b")
+
+    other = build_word_tokenizer([WORDS + " nebula"])
+    write_workspace_model(model, other, tmp_path / "c")
+    assert hash_tokenizer(tmp_path / "c") != hash_tokenizer(tmp_path / "a")
+
+
+def test_hashes_and_loading_fail_clearly_without_files(tmp_path):
+    with pytest.raises(InputError, match="no \\*.safetensors"):
+        hash_model_weights(tmp_path)
+    with pytest.raises(InputError, match="no tokenizer files"):
+        hash_tokenizer(tmp_path)
+    with pytest.raises(InputError, match="model directory not found"):
+        load_causal_lm(tmp_path / "missing")
+    with pytest.raises(InputError, match="no config.json"):
+        load_causal_lm(tmp_path)
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    base = build_word_tokenizer([WORDS])
+    no_pad = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, unk_token="<unk>", eos_token="<eos>"
+    )
+    write_workspace_model(tiny_model(base), no_pad, tmp_path / "m")
+    _, loaded_tok = load_causal_lm(tmp_path / "m")
+    assert loaded_tok.pad_token == "<eos>"
