@@ -1,0 +1,107 @@
+"""The one place that opens the ledger database and migrates it.
+
+SQLite is the default (a file, ``ledger.db``); PostgreSQL is used by giving a
+``postgresql://`` URL (``--db`` or the ``LEDGER_DATABASE_URL`` environment variable).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.orm import Session, sessionmaker
+
+from ledger import guards
+
+DEFAULT_URL = "sqlite:///ledger.db"
+ENV_VAR = "LEDGER_DATABASE_URL"
+
+
+def database_url(explicit: str | None) -> str:
+    """The database URL to use: `explicit`, else ``$LEDGER_DATABASE_URL``, else `DEFAULT_URL`."""
+    if explicit:
+        return explicit
+    return os.environ.get(ENV_VAR) or DEFAULT_URL
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for `url`; SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic `Config` pointing at the installed ``migrations`` package.
+
+    Built in code (no ``alembic.ini`` needed) so migrations work from an installed wheel.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(files("migrations")))
+    if url is not None:
+        # ConfigParser treats '%' as interpolation; URLs may contain percent-escapes.
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
+    """Migrate the database to `revision` (default: the newest), creating it if empty."""
+    _run_alembic(url_or_engine, lambda cfg: command.upgrade(cfg, revision))
+
+
+def downgrade(url_or_engine: str | Engine, revision: str) -> None:
+    """Migrate the database down to `revision` (``"base"`` drops every ledger table)."""
+    _run_alembic(url_or_engine, lambda cfg: command.downgrade(cfg, revision))
+
+
+def _run_alembic(url_or_engine: str | Engine, action: Any) -> None:
+    engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    try:
+        with engine.begin() as connection:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            action(config)
+    finally:
+        if isinstance(url_or_engine, str):
+            engine.dispose()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or None for a database never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def has_ledger_tables(engine: Engine) -> bool:
+    """Whether the database already holds the ledger's tables."""
+    return inspect(engine).has_table("statements")
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session in one transaction: committed if the block succeeds, rolled back otherwise."""
+    session = sessionmaker(bind=engine, expire_on_commit=False)()
+    guards.install(session)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

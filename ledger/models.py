@@ -1,0 +1,292 @@
+"""The ledger's SQL tables (SQLAlchemy 2 typed ORM).
+
+Conventions, relied on by docs/sql.md and by the migrations:
+
+- Timestamps are UTC, stored without a time zone (``served_at``, ``created_at``, ...).
+- Money is whole minor units in ``BIGINT`` columns whose names end in ``_minor``; the currency
+  and its number of decimal places (``minor_units``) are on the statement.
+- A query's weight is ``weight_micros``: millionths, as an integer (weight 1 → 1000000), so a
+  revenue weight stays exact.
+- Scores and credits are floats; sums that feed money are computed in Python deterministically.
+- The schema is created by the Alembic migrations in ``migrations/``; a test checks that the
+  migrations and these models agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+RUN_STATUSES = ("running", "finished")
+STATEMENT_STATUSES = ("draft", "final")
+
+
+def utcnow() -> datetime:
+    """The current UTC time, naive, as the ledger stores timestamps."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the constraint naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Provider(Base):
+    """A data provider whose training examples earn credit."""
+
+    __tablename__ = "providers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Shard(Base):
+    """A training data file, identified by path and content hash, tagged with its provider."""
+
+    __tablename__ = "shards"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"), index=True)
+    row_count: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    provider: Mapped[Provider] = relationship()
+
+    __table_args__ = (CheckConstraint("row_count >= 0", name="row_count_non_negative"),)
+
+
+class GradientIndex(Base):
+    """A gradient index on disk; `id` is the sha256 of its manifest's canonical form."""
+
+    __tablename__ = "gradient_indexes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    manifest: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="finished")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class AttributionRun(Base):
+    """One attribution run over a set of queries; `id` is the sha256 of its manifest."""
+
+    __tablename__ = "attribution_runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    index_id: Mapped[str] = mapped_column(ForeignKey("gradient_indexes.id"), index=True)
+    manifest: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    index: Mapped[GradientIndex] = relationship()
+
+    __table_args__ = (CheckConstraint("status IN ('running', 'finished')", name="status_known"),)
+
+
+class Query(Base):
+    """A served model output (prompt and completion) whose credit is measured."""
+
+    __tablename__ = "queries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(200), unique=True)
+    served_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    weight_micros: Mapped[int] = mapped_column(BigInteger)
+    text_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (CheckConstraint("weight_micros >= 0", name="weight_non_negative"),)
+
+
+class QueryResult(Base):
+    """The outcome of one run for one query; only the latest recorded one is current.
+
+    ``is_current`` is true for exactly one result per attributed query: the most recently
+    recorded one. Older results stay for audit but count for nothing (superseded, not summed).
+    ``unattributed`` marks a query whose scores were all non-positive; it has no credits.
+    """
+
+    __tablename__ = "query_results"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("attribution_runs.id"), primary_key=True)
+    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id"), primary_key=True)
+    unattributed: Mapped[bool] = mapped_column(Boolean)
+    positive_total: Mapped[float] = mapped_column(Float)
+    is_current: Mapped[bool] = mapped_column(Boolean)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_query_results_query_id_is_current", "query_id", "is_current"),)
+
+
+class Credit(Base):
+    """credit(q, p) = w_q · pos_sum(q, p) / Σ_p pos_sum(q, p) for one run."""
+
+    __tablename__ = "credits"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    query_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"), primary_key=True)
+    positive_sum: Mapped[float] = mapped_column(Float)
+    credit: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["run_id", "query_id"],
+            ["query_results.run_id", "query_results.query_id"],
+            name="fk_credits_run_id_query_results",
+        ),
+        CheckConstraint("positive_sum > 0", name="positive_sum_positive"),
+        CheckConstraint("credit >= 0", name="credit_non_negative"),
+        Index("ix_credits_provider_id", "provider_id"),
+    )
+
+
+class TopExample(Base):
+    """The most influential training examples for a query, kept for audit."""
+
+    __tablename__ = "top_examples"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    query_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    example_id: Mapped[str] = mapped_column(Text)
+    shard: Mapped[str] = mapped_column(Text)
+    row: Mapped[int] = mapped_column(BigInteger)
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"))
+    score: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["run_id", "query_id"],
+            ["query_results.run_id", "query_results.query_id"],
+            name="fk_top_examples_run_id_query_results",
+        ),
+    )
+
+
+statement_runs = Table(
+    "statement_runs",
+    Base.metadata,
+    Column("statement_id", ForeignKey("statements.id"), primary_key=True),
+    Column("run_id", ForeignKey("attribution_runs.id"), primary_key=True),
+)
+"""Which attribution runs a statement's credits came from."""
+
+
+class Statement(Base):
+    """A value statement for one period; drafts may be rebuilt, final ones never change."""
+
+    __tablename__ = "statements"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    period_label: Mapped[str] = mapped_column(String(64))
+    period_start: Mapped[datetime] = mapped_column(DateTime)
+    period_end: Mapped[datetime] = mapped_column(DateTime)
+    currency: Mapped[str] = mapped_column(String(3))
+    minor_units: Mapped[int] = mapped_column(Integer)
+    pool_minor: Mapped[int | None] = mapped_column(BigInteger)
+    min_payout_minor: Mapped[int | None] = mapped_column(BigInteger)
+    total_value: Mapped[float] = mapped_column(Float)
+    query_count: Mapped[int] = mapped_column(Integer)
+    unattributed_count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(8), default="draft")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finalized_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    lines: Mapped[list[StatementLine]] = relationship(
+        back_populates="statement", order_by="StatementLine.id"
+    )
+    runs: Mapped[list[AttributionRun]] = relationship(
+        secondary=statement_runs, order_by=AttributionRun.id
+    )
+
+    __table_args__ = (
+        UniqueConstraint("period_start", "period_end"),
+        CheckConstraint("status IN ('draft', 'final')", name="status_known"),
+        CheckConstraint("period_end > period_start", name="period_not_empty"),
+        CheckConstraint("pool_minor IS NULL OR pool_minor >= 0", name="pool_non_negative"),
+    )
+
+
+class StatementLine(Base):
+    """One provider's value, share and amounts on a statement (amounts in minor units).
+
+    ``amount_minor`` is the provider's part of the pool (the lines' amounts sum to the pool);
+    ``carried_in_minor`` was held back on earlier statements; ``payable_minor`` is paid now and
+    ``carried_forward_minor`` is held back for the next statement (below the minimum payout).
+    """
+
+    __tablename__ = "statement_lines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    statement_id: Mapped[int] = mapped_column(ForeignKey("statements.id"))
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"), index=True)
+    value: Mapped[float] = mapped_column(Float)
+    share: Mapped[float] = mapped_column(Float)
+    amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    carried_in_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    payable_minor: Mapped[int | None] = mapped_column(BigInteger)
+    carried_forward_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    statement: Mapped[Statement] = relationship(back_populates="lines")
+    provider: Mapped[Provider] = relationship()
+
+    __table_args__ = (UniqueConstraint("statement_id", "provider_id"),)
+
+
+class Adjustment(Base):
+    """A correction to a final statement, applied on a later open (draft) statement.
+
+    ``corrects_statement_id`` (and ``corrects_line_id`` when the provider had a line there) point
+    at what is corrected; ``statement_id`` is the draft statement that carries the correction.
+    """
+
+    __tablename__ = "adjustments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    statement_id: Mapped[int] = mapped_column(ForeignKey("statements.id"), index=True)
+    corrects_statement_id: Mapped[int] = mapped_column(ForeignKey("statements.id"))
+    corrects_line_id: Mapped[int | None] = mapped_column(ForeignKey("statement_lines.id"))
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    provider: Mapped[Provider] = relationship()
+
+    __table_args__ = (
+        CheckConstraint("amount_minor <> 0", name="amount_not_zero"),
+        CheckConstraint("statement_id <> corrects_statement_id", name="not_self"),
+    )

@@ -1,0 +1,423 @@
+"""Recording attribution runs and their per-query credits, idempotently.
+
+A run's results are written with bulk Core inserts inside the caller's transaction
+(`ledger.db.session_scope`), so a crash leaves nothing half-written. Recording a (run, query)
+pair that is already recorded is skipped, so re-running a command never double-counts. When a
+query is recorded by a newer run, that run's result becomes the query's current one and the
+older result is kept but superseded (``is_current`` false): credits are replaced, never summed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from ledger import models as m
+from ledger.errors import ConflictError, LedgerError, NotFoundError
+from ledger.models import utcnow
+from ledger.registry import canonical_json, check_sha256, get_index
+
+WEIGHT_SCALE = 1_000_000
+_CHUNK = 500  # keeps IN (...) lists well under every driver's parameter limit
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """A served output: its id, when it was served (naive means UTC), weight, text sha256."""
+
+    external_id: str
+    served_at: datetime
+    weight: Decimal
+    text_sha256: str
+
+
+@dataclass(frozen=True)
+class ProviderCredit:
+    """One provider's part of a query: Σ of its positive scores, and w_q · that / Σ over all."""
+
+    provider: str
+    positive_sum: float
+    credit: float
+
+
+@dataclass(frozen=True)
+class TopExample:
+    """One of the most influential training examples for a query (rank 1 = most)."""
+
+    rank: int
+    example_id: str
+    shard: str
+    row: int
+    provider: str
+    score: float
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """What one run found for one query: per-provider credits and top examples.
+
+    `unattributed` is true when every score was non-positive; `credits` must then be empty.
+    """
+
+    query: QueryRecord
+    credits: list[ProviderCredit]
+    top: list[TopExample]
+    unattributed: bool
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def to_utc_naive(moment: datetime) -> datetime:
+    """A UTC timestamp without tzinfo, as the ledger stores it (naive input is taken as UTC)."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def weight_to_micros(weight: Decimal | int | str, external_id: str = "?") -> int:
+    """A query weight as an exact integer number of millionths; refuses floats and > 6 decimals."""
+    if isinstance(weight, float | bool):
+        raise LedgerError(f"query {external_id!r}: weight {weight!r} must be a Decimal, not float")
+    try:
+        value = Decimal(weight)
+    except (InvalidOperation, ValueError, TypeError) as exc:
+        raise LedgerError(f"query {external_id!r}: weight {weight!r} is not a number") from exc
+    if not value.is_finite() or value < 0:
+        raise LedgerError(f"query {external_id!r}: weight {weight!r} must be finite and >= 0")
+    micros = value * WEIGHT_SCALE
+    if micros != micros.to_integral_value():
+        raise LedgerError(
+            f"query {external_id!r}: weight {weight!r} has more than 6 decimal places"
+        )
+    return int(micros)
+
+
+def micros_to_weight(micros: int) -> Decimal:
+    """The exact `Decimal` weight of an integer number of millionths."""
+    return (Decimal(micros) / WEIGHT_SCALE).normalize()
+
+
+def start_run(
+    session: Session, run_id: str, index_id: str, manifest: dict[str, Any]
+) -> m.AttributionRun:
+    """Record the start of an attribution run over a registered gradient index.
+
+    Idempotent: the same id with the same index and manifest returns the existing run (so an
+    interrupted run can be resumed); the same id with a different one raises `ConflictError`.
+    """
+    run_id = check_sha256(run_id, "run id")
+    text = canonical_json(manifest)
+    existing = session.get(m.AttributionRun, run_id)
+    if existing is not None:
+        if existing.index_id != index_id or existing.manifest != text:
+            raise ConflictError(f"run {run_id} already exists with a different index or manifest")
+        return existing
+    get_index(session, index_id)
+    run = m.AttributionRun(
+        id=run_id, index_id=index_id, manifest=text, status="running", started_at=utcnow()
+    )
+    session.add(run)
+    session.flush()
+    return run
+
+
+def get_run(session: Session, run_id: str) -> m.AttributionRun:
+    """The attribution run with this id; raises `NotFoundError` otherwise."""
+    run = session.get(m.AttributionRun, run_id)
+    if run is None:
+        raise NotFoundError(f"unknown attribution run {run_id!r}")
+    return run
+
+
+def finish_run(session: Session, run_id: str) -> m.AttributionRun:
+    """Mark a run finished (idempotent); a finished run accepts no new results."""
+    run = get_run(session, run_id)
+    if run.status != "finished":
+        run.status = "finished"
+        run.finished_at = utcnow()
+        session.flush()
+    return run
+
+
+def list_runs(session: Session) -> list[m.AttributionRun]:
+    """All attribution runs, oldest first."""
+    return list(
+        session.scalars(
+            select(m.AttributionRun).order_by(m.AttributionRun.started_at, m.AttributionRun.id)
+        )
+    )
+
+
+def already_recorded(session: Session, run_id: str, external_ids: list[str]) -> set[str]:
+    """Which of these queries already have a result recorded for this run."""
+    found: set[str] = set()
+    for chunk in _chunks(list(dict.fromkeys(external_ids))):
+        found.update(
+            session.scalars(
+                select(m.Query.external_id)
+                .join(m.QueryResult, m.QueryResult.query_id == m.Query.id)
+                .where(m.QueryResult.run_id == run_id, m.Query.external_id.in_(chunk))
+            )
+        )
+    return found
+
+
+def _validate(result: QueryResult) -> None:
+    ext = result.query.external_id
+    if not isinstance(ext, str) or not ext:
+        raise LedgerError(f"query id {ext!r} must be a non-empty string")
+    check_sha256(result.query.text_sha256, f"text sha256 of query {ext!r}")
+    if result.unattributed and result.credits:
+        raise LedgerError(f"query {ext!r} is marked unattributed but has credits")
+    if not result.unattributed and not result.credits:
+        raise LedgerError(f"query {ext!r} has no credits; mark it unattributed instead")
+    seen: set[str] = set()
+    for c in result.credits:
+        if c.provider in seen:
+            raise LedgerError(f"query {ext!r}: provider {c.provider!r} credited twice")
+        seen.add(c.provider)
+        if not (math.isfinite(c.positive_sum) and c.positive_sum > 0):
+            raise LedgerError(
+                f"query {ext!r}, provider {c.provider!r}: positive_sum {c.positive_sum!r} "
+                "must be a finite number > 0"
+            )
+        if not (math.isfinite(c.credit) and c.credit >= 0):
+            raise LedgerError(
+                f"query {ext!r}, provider {c.provider!r}: credit {c.credit!r} must be finite "
+                "and >= 0"
+            )
+    if result.credits:
+        weight = float(result.query.weight)
+        total = math.fsum(c.credit for c in result.credits)
+        if abs(total - weight) > 1e-6 * max(1.0, weight):
+            raise LedgerError(
+                f"query {ext!r}: credits sum to {total!r}, not to the query's weight {weight}"
+            )
+    ranks = [t.rank for t in result.top]
+    if len(set(ranks)) != len(ranks):
+        raise LedgerError(f"query {ext!r}: top examples repeat a rank")
+
+
+def _query_ids(session: Session, external_ids: Iterable[str]) -> dict[str, tuple[Any, ...]]:
+    table = m.Query.__table__
+    rows: dict[str, tuple[Any, ...]] = {}
+    for chunk in _chunks(list(external_ids)):
+        for row in session.execute(
+            select(
+                table.c.external_id,
+                table.c.id,
+                table.c.served_at,
+                table.c.weight_micros,
+                table.c.text_sha256,
+            ).where(table.c.external_id.in_(chunk))
+        ):
+            rows[row[0]] = tuple(row[1:])
+    return rows
+
+
+def _provider_ids(session: Session, names: set[str], create: bool) -> dict[str, int]:
+    from ledger.registry import get_or_create_provider
+
+    ids: dict[str, int] = {}
+    for chunk in _chunks(sorted(names)):
+        for name, pid in session.execute(
+            select(m.Provider.name, m.Provider.id).where(m.Provider.name.in_(chunk))
+        ):
+            ids[name] = pid
+    missing = sorted(names - ids.keys())
+    if missing and not create:
+        raise NotFoundError(
+            f"unknown provider{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+            "register the shards that carry them first"
+        )
+    for name in missing:
+        ids[name] = get_or_create_provider(session, name).id
+    return ids
+
+
+def record_results(
+    session: Session, run_id: str, results: list[QueryResult], create_providers: bool = False
+) -> int:
+    """Write a batch of query results of a run; returns how many (run, query) pairs were new.
+
+    Runs inside the caller's transaction. Pairs already recorded for this run are skipped. A
+    query seen before must have the same served_at, weight and text hash (else `ConflictError`).
+    A newly recorded pair becomes the query's current result; earlier runs' results for that
+    query are marked superseded. Providers must be registered unless `create_providers`.
+    """
+    run = get_run(session, run_id)
+    by_id: dict[str, QueryResult] = {}
+    for result in results:
+        _validate(result)
+        ext = result.query.external_id
+        if ext in by_id:
+            raise LedgerError(f"query {ext!r} appears twice in one batch")
+        by_id[ext] = result
+    if not by_id:
+        return 0
+
+    wanted = {
+        ext: (
+            to_utc_naive(r.query.served_at),
+            weight_to_micros(r.query.weight, ext),
+            r.query.text_sha256.lower(),
+        )
+        for ext, r in by_id.items()
+    }
+    known = _query_ids(session, wanted)
+    for ext, (_qid, served_at, weight_micros, text_sha) in known.items():
+        if (served_at, weight_micros, text_sha) != wanted[ext]:
+            raise ConflictError(
+                f"query {ext!r} was recorded before with a different served_at, weight or text hash"
+            )
+    new_queries = [
+        {
+            "external_id": ext,
+            "served_at": served_at,
+            "weight_micros": weight_micros,
+            "text_sha256": text_sha,
+            "created_at": utcnow(),
+        }
+        for ext, (served_at, weight_micros, text_sha) in wanted.items()
+        if ext not in known
+    ]
+    if new_queries:
+        session.execute(insert(m.Query.__table__), new_queries)
+        known.update(_query_ids(session, [q["external_id"] for q in new_queries]))
+    query_id = {ext: row[0] for ext, row in known.items()}
+
+    done = already_recorded(session, run_id, list(by_id))
+    todo = [(query_id[ext], r) for ext, r in by_id.items() if ext not in done]
+    if not todo:
+        return 0
+    if run.status == "finished":
+        raise LedgerError(f"run {run_id} is finished; it accepts no new results")
+
+    names = {c.provider for _, r in todo for c in r.credits} | {
+        t.provider for _, r in todo for t in r.top
+    }
+    provider_id = _provider_ids(session, names, create_providers)
+
+    qr = m.QueryResult.__table__
+    for chunk in _chunks([qid for qid, _ in todo]):
+        session.execute(
+            update(qr).where(qr.c.query_id.in_(chunk), qr.c.is_current).values(is_current=False)
+        )
+    now = utcnow()
+    session.execute(
+        insert(qr),
+        [
+            {
+                "run_id": run_id,
+                "query_id": qid,
+                "unattributed": r.unattributed,
+                "positive_total": math.fsum(c.positive_sum for c in r.credits),
+                "is_current": True,
+                "recorded_at": now,
+            }
+            for qid, r in todo
+        ],
+    )
+    credit_rows = [
+        {
+            "run_id": run_id,
+            "query_id": qid,
+            "provider_id": provider_id[c.provider],
+            "positive_sum": float(c.positive_sum),
+            "credit": float(c.credit),
+        }
+        for qid, r in todo
+        for c in r.credits
+    ]
+    if credit_rows:
+        session.execute(insert(m.Credit.__table__), credit_rows)
+    top_rows = [
+        {
+            "run_id": run_id,
+            "query_id": qid,
+            "rank": t.rank,
+            "example_id": t.example_id,
+            "shard": t.shard,
+            "row": t.row,
+            "provider_id": provider_id[t.provider],
+            "score": float(t.score),
+        }
+        for qid, r in todo
+        for t in r.top
+    ]
+    if top_rows:
+        session.execute(insert(m.TopExample.__table__), top_rows)
+    return len(todo)
+
+
+def query_explanation(session: Session, external_id: str) -> dict[str, Any]:
+    """The current result for a query: its run, credits (largest first) and top examples.
+
+    Raises `NotFoundError` if the query is unknown or has never been attributed.
+    """
+    query = session.scalar(select(m.Query).where(m.Query.external_id == external_id))
+    if query is None:
+        raise NotFoundError(f"unknown query {external_id!r}")
+    result = session.scalar(
+        select(m.QueryResult).where(m.QueryResult.query_id == query.id, m.QueryResult.is_current)
+    )
+    if result is None:
+        raise NotFoundError(f"query {external_id!r} has no attribution result")
+    run = get_run(session, result.run_id)
+    index = run.index
+    credits = session.execute(
+        select(m.Provider.name, m.Credit.positive_sum, m.Credit.credit)
+        .join(m.Provider, m.Provider.id == m.Credit.provider_id)
+        .where(m.Credit.run_id == run.id, m.Credit.query_id == query.id)
+        .order_by(m.Credit.credit.desc(), m.Provider.name)
+    ).all()
+    top = session.execute(
+        select(
+            m.TopExample.rank,
+            m.TopExample.example_id,
+            m.TopExample.shard,
+            m.TopExample.row,
+            m.Provider.name,
+            m.TopExample.score,
+        )
+        .join(m.Provider, m.Provider.id == m.TopExample.provider_id)
+        .where(m.TopExample.run_id == run.id, m.TopExample.query_id == query.id)
+        .order_by(m.TopExample.rank)
+    ).all()
+    return {
+        "external_id": query.external_id,
+        "served_at": query.served_at,
+        "weight": str(micros_to_weight(query.weight_micros)),
+        "text_sha256": query.text_sha256,
+        "run_id": run.id,
+        "index_id": index.id,
+        "recorded_at": result.recorded_at,
+        "unattributed": result.unattributed,
+        "credits": [
+            {"provider": name, "positive_sum": pos, "credit": credit}
+            for name, pos, credit in credits
+        ],
+        "top": [
+            {
+                "rank": rank,
+                "example_id": example_id,
+                "shard": shard,
+                "row": row,
+                "provider": provider,
+                "score": score,
+            }
+            for rank, example_id, shard, row, provider, score in top
+        ],
+    }
