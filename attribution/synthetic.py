@@ -151,8 +151,8 @@ TOPICS: dict[str, TopicSpec] = {
             "captain",
             "buoy",
         ),
-        ("sails", "tacks", "moors", "drifts", "hoists", "steers", "capsizes", "anchors"),
-        ("windward", "salty", "nautical", "calm", "stormy", "leeward", "tidal", "coastal"),
+        ("sails", "tacks", "moors", "jibes", "hoists", "steers", "capsizes", "anchors"),
+        ("windward", "briny", "nautical", "calm", "stormy", "leeward", "tidal", "coastal"),
         (),
     ),
     "gardening": TopicSpec(

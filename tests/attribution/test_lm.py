@@ -18,8 +18,8 @@ from attribution.lm import (
     encode_query,
     hash_model_weights,
     hash_tokenizer,
-    load_causal_lm,
     lm_loss,
+    load_causal_lm,
     query_batches,
     train_batches,
 )
