@@ -435,7 +435,8 @@ def write_jsonl(rows: Iterable[dict], path: str | os.PathLike[str]) -> None:
 @torch.no_grad()
 def _sample_tokens(model, prompt_ids: list[int], n: int, banned: list[int], generator) -> list[int]:
     ids = list(prompt_ids)
-    limit = model.config.n_positions
+    config = model.config
+    limit = getattr(config, "n_positions", None) or config.max_position_embeddings
     out: list[int] = []
     for _ in range(n):
         context = torch.tensor([ids[-limit:]], dtype=torch.long)
@@ -464,7 +465,8 @@ def sample_queries(
     provider; the completion is `completion_tokens` tokens sampled (seeded) from the model,
     special tokens excluded. Rows are sorted by timestamp (uniform in [start, end), whole
     seconds, ISO 8601 with `Z`) and get ids `q000001`, ...; `provider_hint` names the provider
-    whose style the prompt uses.
+    whose texts the prompt was drawn from (with an overlapping corpus that text may be in the
+    partner's style; pass `make_corpus(..., overlap=0.0)` for prompts of one style each).
     """
     start, end = start.astimezone(UTC), end.astimezone(UTC)
     span = int((end - start).total_seconds())

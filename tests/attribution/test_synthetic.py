@@ -11,6 +11,7 @@ import torch
 from attribution.data import read_queries, read_shard_texts
 from attribution.lm import lm_loss, train_batches
 from attribution.synthetic import (
+    TEMPLATES,
     TOPICS,
     build_word_tokenizer,
     make_corpus,
@@ -21,12 +22,7 @@ from attribution.synthetic import (
     write_shards,
 )
 
-FUNCTION_WORDS = set(
-    " ".join(
-        template
-        for template in __import__("attribution.synthetic", fromlist=["TEMPLATES"]).TEMPLATES
-    ).split()
-)
+FUNCTION_WORDS = set(" ".join(TEMPLATES).split())
 
 
 def content_words(docs: list[str]) -> set[str]:
@@ -51,6 +47,11 @@ def test_corpus_shape_and_names():
     assert list(named) == ["cooking", "zeta"]
     many = make_corpus(len(TOPICS) + 2, 3, seed=0)
     assert list(many)[-2:] == [f"topic{len(TOPICS)}", f"topic{len(TOPICS) + 1}"]
+
+
+def test_builtin_topic_words_are_not_template_words():
+    topic_words = {w for t in TOPICS.values() for w in t.nouns + t.verbs + t.adjectives}
+    assert not topic_words & FUNCTION_WORDS
 
 
 def test_providers_without_overlap_share_only_function_words():
