@@ -6,7 +6,7 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-ProjectionKind = Literal["random", "pca"]
+ProjectionKind = Literal["random", "pca", "identity"]
 StorageDType = Literal["float32", "float16"]
 
 # Defaults chosen from the counterfactual accuracy measurements (benchmarks/results/accuracy.md).
@@ -20,7 +20,8 @@ class ProjectionConfig:
 
     kind: ProjectionKind = "pca"
     """`random`: seeded Gaussian P_in, P_out. `pca`: top eigenvectors of the layer's input
-    covariance and output-gradient covariance (the KFAC factors), from a first pass over data."""
+    covariance and output-gradient covariance (the KFAC factors), from a first pass over data.
+    `identity`: no projection (full gradients; exact, only for tiny models)."""
     k_in: int = DEFAULT_K
     """Rows of P_in (projected input dimension); capped at the layer's input width."""
     k_out: int = DEFAULT_K

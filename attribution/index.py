@@ -26,6 +26,7 @@ from attribution.progress import progress
 from attribution.projection import (
     LayerProjector,
     find_layers,
+    identity_projectors,
     layer_specs,
     pca_projectors,
     projected_gradients,
@@ -103,10 +104,14 @@ def make_projectors(
     layers = find_layers(model, config.projection)
     if config.projection.kind == "random":
         return layers, random_projectors(layer_specs(layers), config.projection)
+    if config.projection.kind == "identity":
+        return layers, identity_projectors(layer_specs(layers))
     if config.projection.kind == "pca":
         bar = lambda b: progress(b, desc="pca statistics", enabled=show_progress, unit="batch")  # noqa: E731
         return layers, pca_projectors(model, loss_fn, data, layers, config.projection, bar)
-    raise ValueError(f"unknown projection kind '{config.projection.kind}' (random or pca)")
+    raise ValueError(
+        f"unknown projection kind '{config.projection.kind}' (random, pca or identity)"
+    )
 
 
 def build_index(

@@ -1,0 +1,170 @@
+"""The core's numbers against independent computations (see tests/attribution/reference.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attribution import IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
+from attribution.curvature import LayerSlice
+from attribution.index import make_projectors
+from attribution.projection import find_layers, projected_gradients
+from attribution.scoring import query_gradients
+from tests.attribution.reference import damped_fisher_scores, full_gradients, project
+from tests.attribution.tiny import (
+    classification_loss,
+    lm_batches,
+    lm_loss,
+    mlp_batches,
+    tiny_gpt2,
+    tiny_mlp,
+)
+
+CASES = {
+    "mlp": (tiny_mlp, classification_loss, mlp_batches),
+    "gpt2": (tiny_gpt2, lm_loss, lm_batches),
+}
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+@pytest.mark.parametrize("kind", ["random", "pca"])
+def test_logra_gradient_equals_full_gradient_projected_afterwards(case: str, kind: str) -> None:
+    make_model, loss_fn, make_batches = CASES[case]
+    model, batches = make_model(), make_batches()
+    config = IndexConfig(projection=ProjectionConfig(kind=kind, k_in=3, k_out=2, seed=7))
+    layers, projectors = make_projectors(model, loss_fn, batches, config, show_progress=False)
+    logra = torch.cat(
+        [projected_gradients(model, loss_fn, b, layers, projectors) for b in batches]
+    ).numpy()
+    reference = project(full_gradients(model, loss_fn, batches, list(layers)), projectors)
+    assert logra.shape == reference.shape
+    assert rel_err(logra, reference) < 1e-6
+    # Each example's own block, too (a mix-up of examples would keep the overall norm).
+    for i in range(reference.shape[0]):
+        assert rel_err(logra[i], reference[i]) < 1e-6
+
+
+def test_conv1d_layers_of_gpt2_are_tracked_and_tied_head_is_not() -> None:
+    layers = find_layers(tiny_gpt2(), ProjectionConfig())
+    assert "lm_head" not in layers
+    assert sum(".attn.c_attn" in n for n in layers) == 2
+    assert len(layers) == 8
+
+
+def test_logging_computes_no_weight_gradient() -> None:
+    model, batches = tiny_gpt2(), lm_batches()
+    layers, projectors = make_projectors(
+        model,
+        lm_loss,
+        batches,
+        IndexConfig(projection=ProjectionConfig(kind="random")),
+        show_progress=False,
+    )
+    projected_gradients(model, lm_loss, batches[0], layers, projectors)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+
+
+def _slices(index) -> list[LayerSlice]:
+    return index.curvature.slices
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+@pytest.mark.parametrize("kind", ["identity", "pca"])
+def test_full_dimension_scores_equal_explicit_damped_fisher_formula(tmp_path, case, kind) -> None:
+    """With P = I (or an orthogonal full-rank PCA basis), LoGra is the exact block-diagonal
+    damped-Fisher influence on full gradients."""
+    make_model, loss_fn, make_batches = CASES[case]
+    model, batches = make_model(), make_batches()
+    queries = make_batches(n=5, seed=11)
+    config = IndexConfig(
+        projection=ProjectionConfig(kind=kind, k_in=10_000, k_out=10_000),
+        damping_factor=0.3,
+        rows_per_block=4,
+    )
+    index = build_index(model, loss_fn, batches, tmp_path, config, show_progress=False)
+    _, q = query_gradients(model, loss_fn, queries, index)
+    result = score(index, q, ScoreConfig(relatif=False, dense=True, top_k=3))
+
+    names = index.layer_names
+    full_train = full_gradients(model, loss_fn, batches, names)
+    full_query = full_gradients(model, loss_fn, queries, names)
+    flat = lambda full: np.concatenate(  # noqa: E731
+        [full[n].reshape(full[n].shape[0], -1) for n in names], axis=1
+    )
+    slices, start = [], 0
+    for n in names:
+        d = full_train[n][0].size
+        slices.append(LayerSlice(n, start, start + d))
+        start += d
+    expected, expected_self = damped_fisher_scores(flat(full_train), flat(full_query), slices, 0.3)
+    assert rel_err(result.dense, expected) < 1e-4
+    assert rel_err(index.self_influence, expected_self) < 1e-4
+
+
+def test_self_influence_relatif_and_provider_sums_equal_dense_numpy(tmp_path) -> None:
+    model, batches = tiny_gpt2(), lm_batches(n=14)
+    queries = lm_batches(n=6, seed=5)
+    config = IndexConfig(
+        projection=ProjectionConfig(kind="random", k_in=4, k_out=3),
+        damping_factor=0.05,
+        rows_per_block=5,
+    )
+    index = build_index(model, lm_loss, batches, tmp_path, config, show_progress=False)
+    _, q = query_gradients(model, lm_loss, queries, index)
+    result = score(index, q, ScoreConfig(relatif=True, dense=True, top_k=4))
+
+    g = np.concatenate([np.asarray(a, dtype=np.float64) for _, a in index.blocks()])
+    raw, self_inf = damped_fisher_scores(g, q, _slices(index), 0.05)
+    np.testing.assert_allclose(index.self_influence, self_inf, rtol=1e-6)
+    rel = raw / np.sqrt(self_inf)[None, :]
+    assert rel_err(result.dense, rel) < 1e-5
+
+    providers = index.metadata["provider"].to_numpy()
+    assert result.providers == sorted(set(providers))
+    for p, name in enumerate(result.providers):
+        cols = providers == name
+        np.testing.assert_allclose(
+            result.positive[:, p], np.maximum(rel[:, cols], 0).sum(1), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            result.signed[:, p], rel[:, cols].sum(1), rtol=1e-4, atol=1e-6 * np.abs(rel).max()
+        )
+    for qi in range(rel.shape[0]):
+        expected_top = np.argsort(-rel[qi], kind="stable")[:4]
+        np.testing.assert_array_equal(np.sort(result.top_rows[qi]), np.sort(expected_top))
+        np.testing.assert_allclose(result.top_scores[qi], rel[qi, result.top_rows[qi]], rtol=1e-5)
+    shares = result.shares()
+    np.testing.assert_allclose(shares.sum(1)[~result.unattributed()], 1.0)
+
+
+def test_scores_do_not_depend_on_block_or_memory_budget(tmp_path) -> None:
+    model, batches = tiny_mlp(), mlp_batches(n=40)
+    cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=3, k_out=3), rows_per_block=7)
+    index = build_index(model, classification_loss, batches, tmp_path, cfg, show_progress=False)
+    _, q = query_gradients(model, classification_loss, batches[:2], index)
+    big = score(index, q, ScoreConfig(dense=True))
+    tiny = score(index, q, ScoreConfig(dense=True, memory_budget_mb=0))  # one row per chunk
+    # Float32 products of other shapes round differently: agree to float32 precision.
+    scale = np.abs(big.dense).max()
+    np.testing.assert_allclose(tiny.dense, big.dense, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(tiny.positive, big.positive, rtol=1e-5)
+    np.testing.assert_array_equal(tiny.top_rows, big.top_rows)
+
+
+def test_float16_storage_changes_scores_by_less_than_one_percent(tmp_path) -> None:
+    model, batches = tiny_gpt2(dtype=torch.float32), lm_batches(n=16)
+    queries = lm_batches(n=6, seed=9)
+    results = {}
+    for dtype in ("float32", "float16"):
+        cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=4, k_out=4), dtype=dtype)
+        index = build_index(model, lm_loss, batches, tmp_path / dtype, cfg, show_progress=False)
+        assert next(index.blocks())[1].dtype == np.dtype(dtype)
+        _, q = query_gradients(model, lm_loss, queries, index)
+        results[dtype] = score(index, q, ScoreConfig(dense=True)).dense
+    assert rel_err(results["float16"], results["float32"]) < 1e-2

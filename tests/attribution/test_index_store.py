@@ -1,0 +1,141 @@
+"""The on-disk index: reproducible bytes, kill-and-resume, manifests, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from attribution import (
+    GradientIndex,
+    IndexConfig,
+    IndexMismatchError,
+    ProjectionConfig,
+    build_index,
+)
+from attribution.manifest import verify_id
+from attribution.store import completed_blocks
+from tests.attribution.build_script import build
+from tests.attribution.tiny import classification_loss, mlp_batches, tiny_mlp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def index_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_same_seed_gives_identical_index_bytes(tmp_path) -> None:
+    a = build(str(tmp_path / "a"))
+    b = build(str(tmp_path / "b"))
+    fa, fb = index_files(a.root), index_files(b.root)
+    assert fa.keys() == fb.keys()
+    assert [k for k in fa if fa[k] != fb[k]] == []
+    assert a.id == b.id and verify_id(a.manifest)
+
+
+def test_other_seed_gives_other_projections(tmp_path) -> None:
+    batches = mlp_batches()
+    ids = set()
+    for seed in (0, 1):
+        cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=2, k_out=2, seed=seed))
+        ids.add(
+            build_index(
+                tiny_mlp(),
+                classification_loss,
+                batches,
+                tmp_path / str(seed),
+                cfg,
+                show_progress=False,
+            ).id
+        )
+    assert len(ids) == 2
+
+
+def test_killed_build_resumes_to_identical_index(tmp_path) -> None:
+    reference = build(str(tmp_path / "reference"))
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.attribution.build_script", str(out), "0.3"], cwd=ROOT, env=env
+    )
+    deadline = time.time() + 120
+    while len(completed_blocks(out)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(completed_blocks(out))
+    assert 2 <= partial < reference.build["blocks"]
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        GradientIndex.open(out)
+
+    resumed = build(str(out))
+    assert index_files(resumed.root) == index_files(reference.root)
+    meta = resumed.metadata
+    assert meta["example_id"].n_unique() == meta.height == reference.rows
+
+
+def test_resume_with_other_settings_is_refused(tmp_path) -> None:
+    batches = mlp_batches()
+    cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=2, k_out=2))
+    build_index(tiny_mlp(), classification_loss, batches, tmp_path, cfg, show_progress=False)
+    other = IndexConfig(projection=ProjectionConfig(kind="random", k_in=3, k_out=2))
+    with pytest.raises(IndexMismatchError, match="other settings"):
+        build_index(tiny_mlp(), classification_loss, batches, tmp_path, other, show_progress=False)
+
+
+def test_manifest_and_metadata_describe_the_index(tmp_path) -> None:
+    batches = mlp_batches(n=11, batch_size=4)
+    cfg = IndexConfig(
+        projection=ProjectionConfig(kind="random", k_in=2, k_out=3),
+        rows_per_block=4,
+        damping_factor=0.2,
+    )
+    index = build_index(
+        tiny_mlp(),
+        classification_loss,
+        batches,
+        tmp_path,
+        cfg,
+        show_progress=False,
+        model_info={"weights_sha256": "abc"},
+        data_info={"shards": [{"name": "s0", "sha256": "def"}]},
+    )
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["id"] == index.id and verify_id(manifest)
+    assert manifest["model"] == {"weights_sha256": "abc"}
+    assert manifest["config"]["damping_factor"] == 0.2
+    assert manifest["rows"] == 11 and len(manifest["blocks"]) == 3
+    assert {"torch", "numpy", "python"} <= manifest["packages"].keys()
+    meta = index.metadata
+    assert meta.columns == [
+        "row",
+        "example_id",
+        "shard",
+        "provider",
+        "token_count",
+        "self_influence",
+    ]
+    assert meta["example_id"].to_list() == [f"ex{i}" for i in range(11)]
+    assert (meta["self_influence"] > 0).all()
+    assert pl.Series(np.load(index.block_files()[0]).shape).to_list() == [4, 2 * 3 * 2]
+    tampered = {**manifest, "rows": 12}
+    assert not verify_id(tampered)
+
+
+def test_generator_data_is_refused_with_a_clear_message(tmp_path) -> None:
+    gen = (b for b in mlp_batches())
+    with pytest.raises(TypeError, match="re-iterable"):
+        build_index(tiny_mlp(), classification_loss, gen, tmp_path, show_progress=False)

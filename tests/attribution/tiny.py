@@ -1,0 +1,89 @@
+"""Tiny models and data built in code for the attribution core's tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from attribution import Batch
+from attribution.lm import lm_loss
+
+__all__ = ["classification_loss", "lm_loss", "mlp_batches", "tiny_gpt2", "tiny_mlp", "lm_batches"]
+
+
+def tiny_mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    x, y = batch.inputs
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def mlp_batches(
+    n: int = 24, batch_size: int = 5, dtype=torch.float64, seed: int = 1
+) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=g)
+    providers = ["alpha", "beta", "gamma"]
+    return [
+        Batch(
+            (x[i : i + batch_size], y[i : i + batch_size]),
+            [f"ex{j}" for j in range(i, min(i + batch_size, n))],
+            providers=[providers[j % 3] for j in range(i, min(i + batch_size, n))],
+            shards=["s0"] * min(batch_size, n - i),
+            token_counts=[1] * min(batch_size, n - i),
+        )
+        for i in range(0, n, batch_size)
+    ]
+
+
+def tiny_gpt2(dtype: torch.dtype = torch.float64, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=17,
+        n_positions=16,
+        n_embd=8,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
+    model = GPT2LMHeadModel(config).to(dtype)
+    model.eval()
+    return model
+
+
+def lm_batches(n: int = 10, batch_size: int = 4, seed: int = 2) -> list[Batch]:
+    """Right-padded batches of random sequences of varying length (padding is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [
+        torch.randint(1, 17, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)
+        for _ in range(n)
+    ]
+    batches = []
+    for i in range(0, n, batch_size):
+        part = seqs[i : i + batch_size]
+        t = max(len(s) for s in part)
+        ids = torch.zeros(len(part), t, dtype=torch.long)
+        mask = torch.zeros(len(part), t, dtype=torch.long)
+        for j, s in enumerate(part):
+            ids[j, : len(s)] = s
+            mask[j, : len(s)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        batches.append(
+            Batch(
+                {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                [f"seq{i + j}" for j in range(len(part))],
+                providers=[("p0", "p1")[(i + j) % 2] for j in range(len(part))],
+                shards=["shard"] * len(part),
+                token_counts=[len(s) for s in part],
+                mask=mask,
+            )
+        )
+    return batches
