@@ -1,0 +1,125 @@
+"""The language-model level API: a local HF causal LM, text shards, and served outputs.
+
+index = index_language_model("model/", shards, "index/")
+result = attribute_queries("model/", "index/", read_queries("queries.jsonl"))
+result.shares()   # (queries × providers), each row sums to 1 (or 0 if unattributed)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from attribution.config import IndexConfig, ScoreConfig
+from attribution.data import Query, ShardSpec, sha256_file
+from attribution.index import build_index
+from attribution.lm import (
+    hash_model_weights,
+    hash_tokenizer,
+    lm_loss,
+    load_causal_lm,
+    query_batches,
+    train_batches,
+)
+from attribution.scoring import ScoreResult, score_queries
+from attribution.store import GradientIndex
+from attribution.types import Batch, InputError
+
+LOSS_DEFINITION = {
+    "train": "summed next-token negative log-likelihood of each chunk",
+    "query": "summed negative log-likelihood of the completion tokens given the prompt",
+}
+
+
+@dataclass
+class TextShards:
+    """Training batches of text shards; re-iterable, in a fixed order (resumable builds)."""
+
+    shards: list[ShardSpec]
+    tokenizer: object
+    max_length: int
+    batch_size: int
+
+    def __iter__(self) -> Iterator[Batch]:
+        return train_batches(self.shards, self.tokenizer, self.max_length, self.batch_size)
+
+
+def model_info(model_dir: str | Path) -> dict:
+    """What the manifest records of a model: weights and tokenizer hashes."""
+    return {
+        "weights_sha256": hash_model_weights(model_dir),
+        "tokenizer_sha256": hash_tokenizer(model_dir),
+        "loss": LOSS_DEFINITION,
+    }
+
+
+def shards_info(shards: list[ShardSpec], max_length: int, batch_size: int) -> dict:
+    """What the manifest records of the data: every shard's name, sha256 and provider."""
+    return {
+        "shards": [
+            {"name": s.name, "provider": s.provider, "sha256": s.sha256 or sha256_file(s.path)}
+            for s in shards
+        ],
+        "max_length": max_length,
+        "batch_size": batch_size,
+    }
+
+
+def index_language_model(
+    model_dir: str | Path,
+    shards: list[ShardSpec],
+    out_dir: str | Path,
+    config: IndexConfig | None = None,
+    *,
+    max_length: int = 128,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> GradientIndex:
+    """Build (or resume) the gradient index of text shards for a local causal LM."""
+    if not shards:
+        raise ValueError("no training shards to index")
+    model, tokenizer = load_causal_lm(model_dir)
+    return build_index(
+        model,
+        lm_loss,
+        TextShards(shards, tokenizer, max_length, batch_size),
+        out_dir,
+        config,
+        model_info=model_info(model_dir),
+        data_info=shards_info(shards, max_length, batch_size),
+        show_progress=show_progress,
+    )
+
+
+def check_model_matches(model_dir: str | Path, index: GradientIndex) -> None:
+    """Refuse a model whose weights or tokenizer differ from those the index was built with."""
+    expected = index.manifest.get("model", {})
+    found = model_info(model_dir)
+    for key in ("weights_sha256", "tokenizer_sha256"):
+        if expected.get(key) != found[key]:
+            raise InputError(
+                str(model_dir),
+                None,
+                key,
+                f"does not match the index {index.root} (index {str(expected.get(key))[:12]}, "
+                f"model {found[key][:12]})",
+            )
+
+
+def attribute_queries(
+    model_dir: str | Path,
+    index: GradientIndex | str | Path,
+    queries: list[Query],
+    config: ScoreConfig | None = None,
+    *,
+    batch_size: int = 8,
+) -> ScoreResult:
+    """Score served outputs against the index: per-provider positive sums, shares, top-k."""
+    if not isinstance(index, GradientIndex):
+        index = GradientIndex.open(index)
+    check_model_matches(model_dir, index)
+    model, tokenizer = load_causal_lm(model_dir)
+    max_length = int(index.manifest["data"].get("max_length", 128))
+    batches = query_batches(queries, tokenizer, max_length, batch_size)
+    return score_queries(model, lm_loss, batches, index, config)
