@@ -101,11 +101,12 @@ def provider_values(session: Session, credits: pl.DataFrame) -> list[ProviderVal
         )
     }
     total = math.fsum(credits["credit"].to_list())
-    names = dict(
-        session.execute(select(m.Provider.id, m.Provider.name).where(m.Provider.id.in_(sums)))
-        .tuples()
-        .all()
-    )
+    names: dict[int, str] = {
+        pid: name
+        for pid, name in session.execute(
+            select(m.Provider.id, m.Provider.name).where(m.Provider.id.in_(sums))
+        )
+    }
     values = [
         ProviderValue(pid, names[pid], value, value / total if total > 0 else 0.0)
         for pid, value in sums.items()
@@ -276,11 +277,12 @@ def build_statement(
 
     by_id = {v.provider_id: v for v in values}
     extra = sorted(set(payouts) - set(by_id))
-    extra_names = dict(
-        session.execute(select(m.Provider.id, m.Provider.name).where(m.Provider.id.in_(extra)))
-        .tuples()
-        .all()
-    )
+    extra_names: dict[int, str] = {
+        pid: name
+        for pid, name in session.execute(
+            select(m.Provider.id, m.Provider.name).where(m.Provider.id.in_(extra))
+        )
+    }
     ordered = [(v.provider, v.provider_id) for v in values] + [(extra_names[p], p) for p in extra]
     lines = []
     for _, pid in sorted(ordered):

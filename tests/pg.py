@@ -31,9 +31,7 @@ from pathlib import Path
 import pytest
 
 DATABASE_KINDS = [
-    kind
-    for kind in os.environ.get("LEDGER_TEST_DATABASES", "sqlite,postgresql").split(",")
-    if kind
+    kind for kind in os.environ.get("LEDGER_TEST_DATABASES", "sqlite,postgresql").split(",") if kind
 ]
 
 

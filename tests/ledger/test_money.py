@@ -37,7 +37,13 @@ pools = st.integers(min_value=0, max_value=10**15)
 def test_currency_table_has_minor_units_and_rejects_unknown_codes() -> None:
     assert len(CURRENCIES) >= 12
     assert [minor_units(c) for c in ("USD", "EUR", "GBP", "JPY", "BHD", "KWD", "CHF")] == [
-        2, 2, 2, 0, 3, 3, 2,
+        2,
+        2,
+        2,
+        0,
+        3,
+        3,
+        2,
     ]
     with pytest.raises(MoneyError, match="unknown currency 'XYZ'"):
         minor_units("XYZ")

@@ -38,8 +38,21 @@ def test_period_labels_parse_to_half_open_utc_intervals(
 
 @pytest.mark.parametrize(
     "text",
-    ["2024-Q5", "2024-Q0", "24-Q3", "2024-13", "2024-00", "", "   ", "2024-H3", "Q3-2024",
-     "2024-10-01..2024-07-01", "2024-07-01..2024-07-01", "2024-02-30..2024-03-01", "2024-7"],
+    [
+        "2024-Q5",
+        "2024-Q0",
+        "24-Q3",
+        "2024-13",
+        "2024-00",
+        "",
+        "   ",
+        "2024-H3",
+        "Q3-2024",
+        "2024-10-01..2024-07-01",
+        "2024-07-01..2024-07-01",
+        "2024-02-30..2024-03-01",
+        "2024-7",
+    ],
 )
 def test_bad_period_labels_raise_a_value_error_naming_the_value_and_the_forms(text: str) -> None:
     with pytest.raises(PeriodError) as info:
