@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Float, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger import models as m
@@ -179,35 +179,70 @@ def _validate(result: QueryResult) -> None:
     if not isinstance(ext, str) or not ext:
         raise LedgerError(f"query id {ext!r} must be a non-empty string")
     check_sha256(result.query.text_sha256, f"text sha256 of query {ext!r}")
-    if result.unattributed and result.credits:
+    credits = result.credits
+    if result.unattributed and credits:
         raise LedgerError(f"query {ext!r} is marked unattributed but has credits")
-    if not result.unattributed and not result.credits:
+    if not result.unattributed and not credits:
         raise LedgerError(f"query {ext!r} has no credits; mark it unattributed instead")
-    seen: set[str] = set()
-    for c in result.credits:
-        if c.provider in seen:
-            raise LedgerError(f"query {ext!r}: provider {c.provider!r} credited twice")
-        seen.add(c.provider)
-        if not (math.isfinite(c.positive_sum) and c.positive_sum > 0):
+    if len({c.provider for c in credits}) != len(credits):
+        raise LedgerError(f"query {ext!r}: a provider is credited twice")
+    for c in credits:
+        # Chained comparisons are False for NaN, so this also refuses NaN and infinities.
+        if not 0.0 < c.positive_sum < math.inf:
             raise LedgerError(
                 f"query {ext!r}, provider {c.provider!r}: positive_sum {c.positive_sum!r} "
                 "must be a finite number > 0"
             )
-        if not (math.isfinite(c.credit) and c.credit >= 0):
+        if not 0.0 <= c.credit < math.inf:
             raise LedgerError(
                 f"query {ext!r}, provider {c.provider!r}: credit {c.credit!r} must be finite "
                 "and >= 0"
             )
-    if result.credits:
+    if credits:
         weight = float(result.query.weight)
-        total = math.fsum(c.credit for c in result.credits)
+        total = math.fsum([c.credit for c in credits])
         if abs(total - weight) > 1e-6 * max(1.0, weight):
             raise LedgerError(
                 f"query {ext!r}: credits sum to {total!r}, not to the query's weight {weight}"
             )
-    ranks = [t.rank for t in result.top]
-    if len(set(ranks)) != len(ranks):
+    if result.top and len({t.rank for t in result.top}) != len(result.top):
         raise LedgerError(f"query {ext!r}: top examples repeat a rank")
+
+
+def _bulk_insert(session: Session, table: Any, columns: list[str], rows: list[tuple]) -> None:
+    """Insert many rows in one statement execution.
+
+    On SQLite the driver's executemany is used directly: it is several times faster than
+    building a parameter dictionary per row, and SQLite needs no batching of its own. Other
+    databases go through SQLAlchemy's Core insert, which batches rows (insertmanyvalues).
+    """
+    if not rows:
+        return
+    connection = session.connection()
+    dialect = connection.dialect
+    if dialect.name == "sqlite":
+        # Values must be stored exactly as SQLAlchemy stores them (e.g. datetimes as text with
+        # microseconds, which keeps text comparisons of timestamps correct), so use its
+        # bind processors.
+        processors = [
+            (i, proc)
+            for i, col in enumerate(columns)
+            if not isinstance(table.c[col].type, Float)  # values are already floats
+            and (proc := table.c[col].type._cached_bind_processor(dialect)) is not None
+        ]
+        if processors:
+            converted = []
+            for row in rows:
+                values = list(row)
+                for i, proc in processors:
+                    values[i] = proc(values[i])
+                converted.append(tuple(values))
+            rows = converted
+        placeholders = ", ".join("?" for _ in columns)
+        sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders})"
+        connection.exec_driver_sql(sql, rows)
+    else:
+        session.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
 
 
 def _query_ids(session: Session, external_ids: Iterable[str]) -> dict[str, tuple[Any, ...]]:
@@ -282,20 +317,20 @@ def record_results(
             raise ConflictError(
                 f"query {ext!r} was recorded before with a different served_at, weight or text hash"
             )
+    now = utcnow()
     new_queries = [
-        {
-            "external_id": ext,
-            "served_at": served_at,
-            "weight_micros": weight_micros,
-            "text_sha256": text_sha,
-            "created_at": utcnow(),
-        }
+        (ext, served_at, weight_micros, text_sha, now)
         for ext, (served_at, weight_micros, text_sha) in wanted.items()
         if ext not in known
     ]
     if new_queries:
-        session.execute(insert(m.Query.__table__), new_queries)
-        known.update(_query_ids(session, [q["external_id"] for q in new_queries]))
+        _bulk_insert(
+            session,
+            m.Query.__table__,
+            ["external_id", "served_at", "weight_micros", "text_sha256", "created_at"],
+            new_queries,
+        )
+        known.update(_query_ids(session, [q[0] for q in new_queries]))
     query_id = {ext: row[0] for ext, row in known.items()}
 
     done = already_recorded(session, run_id, list(by_id))
@@ -316,49 +351,51 @@ def record_results(
             update(qr).where(qr.c.query_id.in_(chunk), qr.c.is_current).values(is_current=False)
         )
     now = utcnow()
-    session.execute(
-        insert(qr),
+    _bulk_insert(
+        session,
+        qr,
+        ["run_id", "query_id", "unattributed", "positive_total", "is_current", "recorded_at"],
         [
-            {
-                "run_id": run_id,
-                "query_id": qid,
-                "unattributed": r.unattributed,
-                "positive_total": math.fsum(c.positive_sum for c in r.credits),
-                "is_current": True,
-                "recorded_at": now,
-            }
+            (
+                run_id,
+                qid,
+                r.unattributed,
+                math.fsum([c.positive_sum for c in r.credits]),
+                True,
+                now,
+            )
             for qid, r in todo
         ],
     )
-    credit_rows = [
-        {
-            "run_id": run_id,
-            "query_id": qid,
-            "provider_id": provider_id[c.provider],
-            "positive_sum": float(c.positive_sum),
-            "credit": float(c.credit),
-        }
-        for qid, r in todo
-        for c in r.credits
-    ]
-    if credit_rows:
-        session.execute(insert(m.Credit.__table__), credit_rows)
-    top_rows = [
-        {
-            "run_id": run_id,
-            "query_id": qid,
-            "rank": t.rank,
-            "example_id": t.example_id,
-            "shard": t.shard,
-            "row": t.row,
-            "provider_id": provider_id[t.provider],
-            "score": float(t.score),
-        }
-        for qid, r in todo
-        for t in r.top
-    ]
-    if top_rows:
-        session.execute(insert(m.TopExample.__table__), top_rows)
+    _bulk_insert(
+        session,
+        m.Credit.__table__,
+        ["run_id", "query_id", "provider_id", "positive_sum", "credit"],
+        [
+            (run_id, qid, provider_id[c.provider], float(c.positive_sum), float(c.credit))
+            for qid, r in todo
+            for c in r.credits
+        ],
+    )
+    _bulk_insert(
+        session,
+        m.TopExample.__table__,
+        ["run_id", "query_id", "rank", "example_id", "shard", "row", "provider_id", "score"],
+        [
+            (
+                run_id,
+                qid,
+                t.rank,
+                t.example_id,
+                t.shard,
+                t.row,
+                provider_id[t.provider],
+                float(t.score),
+            )
+            for qid, r in todo
+            for t in r.top
+        ],
+    )
     return len(todo)
 
 

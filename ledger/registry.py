@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from sqlalchemy import select
@@ -10,6 +11,8 @@ from sqlalchemy.orm import Session
 
 from ledger.errors import ConflictError, LedgerError, NotFoundError
 from ledger.models import GradientIndex, Provider, Shard, utcnow
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def canonical_json(document: Any) -> str:
@@ -24,11 +27,7 @@ def _check_name(name: str) -> str:
 
 
 def check_sha256(value: str, what: str) -> str:
-    if (
-        not isinstance(value, str)
-        or len(value) != 64
-        or any(c not in "0123456789abcdef" for c in value.lower())
-    ):
+    if not isinstance(value, str) or _HEX64.fullmatch(value) is None:
         raise LedgerError(f"invalid {what} {value!r}: expected 64 hexadecimal characters")
     return value.lower()
 

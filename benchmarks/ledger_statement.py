@@ -1,0 +1,141 @@
+"""Benchmark: record 1,000,000 credit rows into a SQLite ledger and build a statement from them.
+
+Inserts go through `ledger.recording.record_results`, the same code path `ledger attribute`
+uses (bulk Core inserts per batch, one transaction per batch); the figure includes writing the
+queries and per-(run, query) result rows too. Top examples are left out (top-k = 0) so that the
+rows/s figure is about credit rows. The statement is built with `ledger.statements.build_statement`
+(read the period's credits, deterministic per-provider sums, exact largest-remainder allocation).
+
+    python benchmarks/ledger_statement.py [--queries 100000] [--providers 10] [--db PATH]
+
+Prints and saves JSON to benchmarks/results/ledger_statement.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ledger.db import make_engine, session_scope, upgrade  # noqa: E402
+from ledger.periods import parse_period  # noqa: E402
+from ledger.recording import (  # noqa: E402
+    ProviderCredit,
+    QueryRecord,
+    QueryResult,
+    finish_run,
+    record_results,
+    start_run,
+)
+from ledger.registry import add_shard, register_index  # noqa: E402
+from ledger.statements import build_statement, statement_rows  # noqa: E402
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def make_results(n_queries: int, providers: list[str], seed: int) -> list[QueryResult]:
+    rng = random.Random(seed)
+    start = datetime(2024, 7, 1)
+    out = []
+    for i in range(n_queries):
+        pos = [rng.random() + 1e-6 for _ in providers]
+        total = sum(pos)
+        credits = [ProviderCredit(p, s, s / total) for p, s in zip(providers, pos, strict=True)]
+        served = start + timedelta(seconds=rng.randrange(90 * 86400))
+        record = QueryRecord(f"q{i:08d}", served, Decimal(1), sha(str(i)))
+        out.append(QueryResult(record, credits, [], unattributed=False))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=100_000)
+    parser.add_argument("--providers", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=10_000, help="queries per transaction")
+    parser.add_argument("--db", type=Path, default=None, help="SQLite file (default: temp)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "ledger_statement.json",
+    )
+    args = parser.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    db_path = args.db or Path(tmp.name) / "bench.db"
+    if db_path.exists():
+        db_path.unlink()
+    engine = make_engine(f"sqlite:///{db_path}")
+    upgrade(engine)
+    providers = [f"provider-{i:02d}" for i in range(args.providers)]
+    results = make_results(args.queries, providers, seed=0)
+    credit_rows = sum(len(r.credits) for r in results)
+
+    run_id = sha("bench-run")
+    with session_scope(engine) as s:
+        for p in providers:
+            add_shard(s, f"data/{p}.jsonl", sha(p), p, 1000)
+        index_id = sha("bench-index")
+        register_index(s, index_id, "/tmp/index", {"bench": True})
+        start_run(s, run_id, index_id, {"bench": True})
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(results), args.batch):
+        with session_scope(engine) as s:
+            record_results(s, run_id, results[i : i + args.batch])
+    insert_s, insert_cpu = time.perf_counter() - t0, time.process_time() - c0
+    with session_scope(engine) as s:
+        finish_run(s, run_id)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    with session_scope(engine) as s:
+        statement = build_statement(s, parse_period("2024-Q3"), Decimal("250000"), "USD")
+        sid = statement.id
+    build_s, build_cpu = time.perf_counter() - t0, time.process_time() - c0
+    with session_scope(engine) as s:
+        rows = statement_rows(s, sid)
+    assert sum(rows["amount_minor"]) == 25_000_000
+
+    report = {
+        "benchmark": "ledger_statement",
+        "database": "sqlite (file)",
+        "insert_path": "ledger.recording.record_results (bulk Core executemany), "
+        f"{args.batch} queries per transaction, top-k 0",
+        "queries": args.queries,
+        "providers": args.providers,
+        "credit_rows": credit_rows,
+        "insert_seconds": round(insert_s, 3),
+        "insert_credit_rows_per_second": round(credit_rows / insert_s),
+        "insert_cpu_seconds": round(insert_cpu, 3),
+        "statement_seconds": round(build_s, 3),
+        "statement_credit_rows_per_second": round(credit_rows / build_s),
+        "statement_cpu_seconds": round(build_cpu, 3),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
+        "statement_lines": rows.height,
+        "targets": {"insert_rows_per_second": 100_000, "statement_seconds": 5.0},
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.platform(),
+        "date": datetime.now().isoformat(timespec="seconds"),
+    }
+    engine.dispose()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
