@@ -69,6 +69,7 @@ def test_statement_values_shares_and_amounts_match_an_independent_computation(
     results = random_results(1, 200, datetime(2024, 7, 1))
     results.append(result("late", datetime(2024, 10, 1), {"alpha": 5.0}))  # outside Q3
     results.append(result("none", datetime(2024, 8, 1), {}))  # unattributed
+    results.append(result("first", datetime(2024, 7, 1), {"beta": 2.0}))  # on the start bound
     run_id = populate(engine, results)
     with session_scope(engine) as s:
         statement = build_statement(s, Q3, Decimal("250000.00"), "USD")
