@@ -1,0 +1,729 @@
+"""The `ledger` command: providers, shards, the gradient index, attribution, statements.
+
+Every command that writes does so in transactions; bad input gets a one-line error naming the
+file, line and field, a non-zero exit status, and nothing written.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from attribution import IndexConfig, IndexMismatchError, InputError, ProjectionConfig, ScoreConfig
+from attribution.config import DEFAULT_DAMPING_FACTOR, DEFAULT_K
+from ledger import render
+from ledger.db import database_url, has_ledger_tables, make_engine, session_scope, upgrade
+from ledger.errors import LedgerError
+
+FORMATS = click.Choice(["table", "json", "csv"])
+
+
+class Context:
+    def __init__(self, db: str | None, quiet: bool) -> None:
+        self.url = database_url(db)
+        self.quiet = quiet
+        self._engine: Engine | None = None
+
+    def engine(self, require_tables: bool = True) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.url)
+        if require_tables and not has_ledger_tables(self._engine):
+            raise LedgerError(f"the ledger at {self.url} is not initialised; run `ledger init`")
+        return self._engine
+
+    def echo(self, text: str = "") -> None:
+        if not self.quiet:
+            click.echo(text)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the errors a user can cause into one-line messages and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (InputError, LedgerError, IndexMismatchError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc).splitlines()[0]) from exc
+        except OperationalError as exc:
+            raise click.ClickException(f"database error: {str(exc.orig).strip()}") from exc
+
+    return wrapper
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    metavar="URL",
+    help="Ledger database URL (default: $LEDGER_DATABASE_URL "
+    "or sqlite:///ledger.db in the current directory).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summaries.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the commands do.")
+@click.version_option(package_name="provider-credit-ledger")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, quiet: bool, verbose: bool) -> None:
+    """Credit data providers for what a language model says, and turn it into statements.
+
+    \b
+    Typical session:
+      ledger init
+      ledger providers add stellar-press
+      ledger shards add shards/stellar-press.jsonl --provider stellar-press
+      ledger index --model model/
+      ledger attribute --outputs queries.jsonl
+      ledger report --period 2024-Q3 --pool 250000 --currency USD
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if quiet:
+        os.environ["LEDGER_QUIET"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar per job is ours; no loader bars
+    ctx.obj = Context(db, quiet)
+
+
+@cli.command()
+@pass_ctx
+@user_errors
+def init(ctx: Context) -> None:
+    """Create the ledger database, or upgrade it to the newest schema.
+
+    Example: `ledger init` (SQLite file ledger.db here), or
+    `ledger --db postgresql://user@host/ledger init`.
+    """
+    upgrade(ctx.engine(require_tables=False))
+    ctx.echo(f"ledger ready at {ctx.url}")
+
+
+# --- providers and shards ----------------------------------------------------------------------
+
+
+@cli.group()
+def providers() -> None:
+    """Data providers who are credited."""
+
+
+@providers.command("add")
+@click.argument("names", nargs=-1, required=True)
+@pass_ctx
+@user_errors
+def providers_add(ctx: Context, names: tuple[str, ...]) -> None:
+    """Register providers by name. Example: `ledger providers add stellar-press`."""
+    from ledger.registry import add_provider
+
+    with session_scope(ctx.engine()) as session:
+        for name in names:
+            add_provider(session, name)
+    ctx.echo(f"added {len(names)} provider(s)")
+
+
+@providers.command("list")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@pass_ctx
+@user_errors
+def providers_list(ctx: Context, fmt: str) -> None:
+    """List providers with their shard counts."""
+    from ledger.registry import list_providers, list_shards
+
+    with session_scope(ctx.engine()) as session:
+        shards = list_shards(session)
+        rows = [
+            {
+                "provider": p.name,
+                "shards": sum(s.provider_id == p.id for s in shards),
+                "rows": sum(s.row_count for s in shards if s.provider_id == p.id),
+            }
+            for p in list_providers(session)
+        ]
+    _emit(rows, fmt, right=("shards", "rows"))
+
+
+@cli.group()
+def shards() -> None:
+    """Training shards (jsonl or parquet files with a `text` field), each of one provider."""
+
+
+@shards.command("add")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--provider", required=True, help="The registered provider who licensed them.")
+@pass_ctx
+@user_errors
+def shards_add(ctx: Context, paths: tuple[str, ...], provider: str) -> None:
+    """Register training shards; every row is checked and the sha256 recorded.
+
+    A shard whose content changes later is refused by `ledger index`.
+    Example: `ledger shards add shards/a.jsonl shards/b.parquet --provider stellar-press`.
+    """
+    from ledger.jobs import register_shards
+
+    added = register_shards(ctx.engine(), list(paths), provider)
+    ctx.echo(
+        f"registered {len(added)} shard(s) for {provider}: {sum(s.row_count for s in added)} rows"
+    )
+
+
+@shards.command("list")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@pass_ctx
+@user_errors
+def shards_list(ctx: Context, fmt: str) -> None:
+    """List registered shards with provider, rows and sha256."""
+    from ledger.registry import list_shards
+
+    with session_scope(ctx.engine()) as session:
+        rows = [
+            {
+                "path": s.path,
+                "provider": s.provider.name,
+                "rows": s.row_count,
+                "sha256": s.sha256[:16],
+            }
+            for s in list_shards(session)
+        ]
+    _emit(rows, fmt, right=("rows",))
+
+
+# --- index and attribution ---------------------------------------------------------------------
+
+
+@cli.command("index")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Local Hugging Face causal LM directory (safetensors).",
+)
+@click.option(
+    "--out",
+    "out_root",
+    default="indexes",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory that holds gradient indexes.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["pca", "random"]),
+    default=ProjectionConfig.kind,
+    show_default=True,
+    help="LoGra projection initialisation.",
+)
+@click.option(
+    "--k-in",
+    type=int,
+    default=DEFAULT_K,
+    show_default=True,
+    help="Projected input dimension per layer.",
+)
+@click.option(
+    "--k-out",
+    type=int,
+    default=DEFAULT_K,
+    show_default=True,
+    help="Projected output-gradient dimension per layer.",
+)
+@click.option(
+    "--modules",
+    multiple=True,
+    metavar="GLOB",
+    help="Track only layers whose name matches (repeatable).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--damping",
+    type=float,
+    default=DEFAULT_DAMPING_FACTOR,
+    show_default=True,
+    help="Damping factor: λ = factor × mean eigenvalue of each layer's Fisher.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Storage precision of projected gradients.",
+)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option(
+    "--max-length", type=int, default=128, show_default=True, help="Tokens per training chunk."
+)
+@pass_ctx
+@user_errors
+def index_cmd(
+    ctx: Context,
+    model_dir: str,
+    out_root: str,
+    kind: str,
+    k_in: int,
+    k_out: int,
+    modules: tuple[str, ...],
+    seed: int,
+    damping: float,
+    dtype: str,
+    batch_size: int,
+    max_length: int,
+) -> None:
+    """Build the gradient index of every registered shard (resumes after a kill).
+
+    Example: `ledger index --model model/ --kind pca --k-in 16 --k-out 16`.
+    """
+    from ledger.jobs import build_ledger_index
+
+    for name, value in (
+        ("--k-in", k_in),
+        ("--k-out", k_out),
+        ("--batch-size", batch_size),
+        ("--max-length", max_length),
+    ):
+        if value < 1:
+            raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
+    if damping <= 0:
+        raise click.BadParameter(f"must be positive, got {damping}", param_hint="--damping")
+    config = IndexConfig(
+        projection=ProjectionConfig(
+            kind=kind, k_in=k_in, k_out=k_out, seed=seed, modules=tuple(modules)
+        ),
+        dtype=dtype,
+        damping_factor=damping,
+    )
+    index = build_ledger_index(
+        ctx.engine(),
+        model_dir,
+        Path(out_root),
+        config,
+        max_length=max_length,
+        batch_size=batch_size,
+        show_progress=not ctx.quiet,
+    )
+    ctx.echo(f"index {index.id[:16]}: {index.rows} examples × {index.dim} dims at {index.root}")
+
+
+@cli.command()
+@click.option(
+    "--outputs",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="JSONL of served outputs: id, timestamp, prompt, completion[, weight|revenue].",
+)
+@click.option("--index", "index_ref", help="Index id (or prefix) or path; default the newest.")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    help="Model directory (default: the one the index was built from).",
+)
+@click.option(
+    "--top-k",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Training examples kept per output for audit.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Outputs scored per pass over the index and written per transaction.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@pass_ctx
+@user_errors
+def attribute(
+    ctx: Context,
+    outputs: str,
+    index_ref: str | None,
+    model_dir: str | None,
+    top_k: int,
+    batch_size: int,
+    fmt: str,
+) -> None:
+    """Attribute served outputs to providers and record the credits.
+
+    Re-running on the same file changes nothing; a killed run resumes.
+    Example: `ledger attribute --outputs queries.jsonl`.
+    """
+    from ledger.jobs import attribute_outputs
+
+    if top_k < 1 or batch_size < 1:
+        raise click.BadParameter("--top-k and --batch-size must be positive")
+    summary = attribute_outputs(
+        ctx.engine(),
+        outputs,
+        index_ref=index_ref,
+        model_dir=model_dir,
+        config=ScoreConfig(top_k=top_k),
+        batch_size=batch_size,
+        show_progress=not ctx.quiet,
+    )
+    if fmt == "json":
+        click.echo(render.to_json(summary.as_dict()))
+        return
+    ctx.echo(
+        f"run {summary.run_id[:16]} over index {summary.index_id[:16]}: "
+        f"{summary.queries} outputs, {summary.attributed} attributed, "
+        f"{summary.skipped} skipped as already done, {summary.unattributed} unattributed"
+    )
+
+
+# --- statements --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--period",
+    required=True,
+    help="2024-Q3, 2024-07, 2024-H1, 2024, or 2024-07-01..2024-10-01 (end exclusive).",
+)
+@click.option("--pool", help="Royalty pool to allocate, e.g. 250000 or 1999.50.")
+@click.option("--currency", default="USD", show_default=True)
+@click.option("--min-payout", help="Smaller amounts are carried forward to the next statement.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
+@click.option("--finalize", is_flag=True, help="Close the statement: it can never change again.")
+@pass_ctx
+@user_errors
+def report(
+    ctx: Context,
+    period: str,
+    pool: str | None,
+    currency: str,
+    min_payout: str | None,
+    fmt: str,
+    out: str | None,
+    finalize: bool,
+) -> None:
+    """The value statement of a period: per provider value, share and royalty amount.
+
+    A draft is rebuilt from the current credits each time; a final statement is shown as it was.
+    Example: `ledger report --period 2024-Q3 --pool 250000 --currency USD`.
+    """
+    from ledger.money import parse_amount
+    from ledger.periods import parse_period
+    from ledger.statements import build_statement, finalize_statement, find_statement
+
+    p = parse_period(period)
+    pool_amount = parse_amount(pool, currency) if pool is not None else None
+    minimum = parse_amount(min_payout, currency) if min_payout is not None else None
+    with session_scope(ctx.engine()) as session:
+        statement = find_statement(session, p)
+        if statement is None or statement.status != "final":
+            statement = build_statement(session, p, pool_amount, currency, minimum)
+        elif pool_amount is not None and (
+            statement.currency != currency.upper()
+            or statement.pool_minor != _minor(pool_amount, currency)
+        ):
+            raise LedgerError(
+                f"statement {statement.id} for {p.label} is final with another "
+                "pool; it cannot change"
+            )
+        if finalize:
+            finalize_statement(session, statement.id)
+        _render_statement(session, statement.id, fmt, out)
+
+
+def _minor(amount: Any, currency: str) -> int:
+    from ledger.money import to_minor
+
+    return to_minor(amount, currency.upper())
+
+
+def _render_statement(session: Any, statement_id: int, fmt: str, out: str | None) -> None:
+    from ledger.statements import statement_rows, statement_summary
+
+    rows = statement_rows(session, statement_id)
+    summary = statement_summary(session, statement_id)
+    if fmt in ("csv", "parquet"):
+        text = render.write_frame(rows, fmt, out)
+    elif fmt == "json":
+        text = render.to_json({"statement": summary, "lines": rows.to_dicts()})
+    else:
+        text = _statement_text(summary, rows.to_dicts())
+    if text is not None and out and fmt in ("json", "table"):
+        Path(out).write_text(text + "\n")
+    elif text is not None:
+        click.echo(text)
+
+
+def _statement_text(s: dict, lines: list[dict]) -> str:
+    head = [
+        f"Statement {s['id']} for {s['period']} [{s['status']}]  "
+        f"{s['period_start']:%Y-%m-%d} to {s['period_end']:%Y-%m-%d} (exclusive)"
+    ]
+    head.append(f"Queries: {s['queries']} credited, {s['unattributed_queries']} unattributed")
+    if s["pool"] is not None:
+        head.append(
+            f"Pool: {s['pool']} {s['currency']}"
+            + (f"  minimum payout {s['min_payout']}" if s["min_payout"] else "")
+        )
+    cols = ["provider", "value", "share"]
+    rows = [{**r, "value": f"{r['value']:.6f}", "share": f"{100 * r['share']:.2f}%"} for r in lines]
+    if s["pool"] is not None:
+        cols += ["amount", "payable"]
+    body = render.table(rows, cols, right=("value", "share", "amount", "payable"))
+    foot = []
+    if s["pool"] is not None:
+        from ledger.money import format_minor
+
+        total = sum(r["amount_minor"] or 0 for r in lines)
+        foot.append(
+            f"Total amount: {format_minor(total, s['currency'])} {s['currency']}"
+            + (" (= pool)" if total == s["pool_minor"] else " (≠ pool!)")
+        )
+    for adj in s["adjustments"]:
+        foot.append(
+            f"Adjustment {adj['id']}: {adj['provider']} {adj['amount']} — corrects "
+            f"statement {adj['corrects_statement_id']} ({adj['corrects_period']}): "
+            f"{adj['reason']}"
+        )
+    runs = ", ".join(f"{r['run_id'][:16]} (index {r['index_id'][:16]})" for r in s["runs"])
+    foot.append(f"Rests on runs: {runs or '(none)'}")
+    return "\n".join(head + ["", body, ""] + foot)
+
+
+@cli.group()
+def statements() -> None:
+    """List, finalise and adjust value statements."""
+
+
+@statements.command("list")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@pass_ctx
+@user_errors
+def statements_list(ctx: Context, fmt: str) -> None:
+    """All statements, oldest period first."""
+    from ledger.money import format_minor
+    from ledger.statements import list_statements
+
+    with session_scope(ctx.engine()) as session:
+        rows = [
+            {
+                "id": s.id,
+                "period": s.period_label,
+                "status": s.status,
+                "pool": None if s.pool_minor is None else format_minor(s.pool_minor, s.currency),
+                "currency": s.currency,
+                "queries": s.query_count,
+            }
+            for s in list_statements(session)
+        ]
+    _emit(rows, fmt, right=("id", "pool", "queries"))
+
+
+@statements.command("finalize")
+@click.argument("statement")
+@pass_ctx
+@user_errors
+def statements_finalize(ctx: Context, statement: str) -> None:
+    """Close a statement (by id or period label); it can never change afterwards."""
+    from ledger.statements import finalize_statement
+
+    with session_scope(ctx.engine()) as session:
+        s = finalize_statement(session, _statement_id(session, statement))
+        ctx.echo(f"statement {s.id} for {s.period_label} is final")
+
+
+@statements.command("adjust")
+@click.option("--corrects", required=True, help="The final statement (id or period) corrected.")
+@click.option("--provider", required=True)
+@click.option("--amount", required=True, help="Positive: owed to the provider; negative: back.")
+@click.option("--reason", required=True)
+@pass_ctx
+@user_errors
+def statements_adjust(ctx: Context, corrects: str, provider: str, amount: str, reason: str) -> None:
+    """Correct a final statement with an entry on the next open statement."""
+    from ledger.money import parse_amount
+    from ledger.statements import add_adjustment, get_statement
+
+    with session_scope(ctx.engine()) as session:
+        target = get_statement(session, _statement_id(session, corrects))
+        adj = add_adjustment(
+            session, target.id, provider, parse_amount(amount, target.currency), reason
+        )
+        ctx.echo(f"adjustment {adj.id} recorded on statement {adj.statement_id}")
+
+
+def _statement_id(session: Any, ref: str) -> int:
+    from ledger.periods import parse_period
+    from ledger.statements import find_statement
+
+    if ref.isdigit():
+        return int(ref)
+    found = find_statement(session, parse_period(ref))
+    if found is None:
+        raise LedgerError(f"no statement for period {ref}")
+    return found.id
+
+
+# --- runs, verification, explanation -----------------------------------------------------------
+
+
+@cli.group()
+def runs() -> None:
+    """Attribution runs and their manifests."""
+
+
+@runs.command("list")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@pass_ctx
+@user_errors
+def runs_list(ctx: Context, fmt: str) -> None:
+    """All attribution runs, oldest first."""
+    import json
+
+    from ledger.recording import list_runs
+
+    with session_scope(ctx.engine()) as session:
+        rows = [
+            {
+                "run": r.id[:16],
+                "index": r.index_id[:16],
+                "status": r.status,
+                "started": r.started_at,
+                "queries_file": json.loads(r.manifest).get("queries_file", {}).get("name"),
+            }
+            for r in list_runs(session)
+        ]
+    _emit(rows, fmt)
+
+
+@runs.command("show")
+@click.argument("run_id")
+@pass_ctx
+@user_errors
+def runs_show(ctx: Context, run_id: str) -> None:
+    """The manifest of a run (id or prefix) and of the index it used, as JSON."""
+    import json
+
+    from ledger.jobs import _resolve_run_id
+    from ledger.recording import get_run
+
+    with session_scope(ctx.engine()) as session:
+        run = get_run(session, _resolve_run_id(session, run_id))
+        doc = {
+            "run": json.loads(run.manifest),
+            "status": run.status,
+            "started_at": run.started_at,
+            "finished_at": run.finished_at,
+            "index": {"path": run.index.path, "manifest": json.loads(run.index.manifest)},
+        }
+    click.echo(render.to_json(doc))
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option(
+    "--outputs",
+    type=click.Path(dir_okay=False),
+    help="The run's queries file (default: its file name, here).",
+)
+@click.option(
+    "--sample", type=int, default=8, show_default=True, help="Outputs re-computed and compared."
+)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@pass_ctx
+@user_errors
+def verify(ctx: Context, run_id: str, outputs: str | None, sample: int, fmt: str) -> None:
+    """Re-check a run from its manifest: hashes of index, model and queries, and a sample of
+    outputs re-computed and compared with the ledger. Exit status 1 on any disagreement."""
+    from ledger.jobs import verify_run
+
+    v = verify_run(ctx.engine(), run_id, outputs, sample=sample)
+    if fmt == "json":
+        click.echo(render.to_json(v.as_dict()))
+    else:
+        for name, ok in v.checks.items():
+            click.echo(f"{'ok  ' if ok else 'FAIL'} {name}")
+        click.echo(
+            f"{'ok  ' if v.agreeing == v.sampled else 'FAIL'} re-computed "
+            f"{v.agreeing}/{v.sampled} outputs agree "
+            f"(largest credit difference {v.max_credit_difference:.3g})"
+        )
+    if not v.ok:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--query", "query_id", required=True, help="The output's id.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@pass_ctx
+@user_errors
+def explain(ctx: Context, query_id: str, fmt: str) -> None:
+    """The providers and top training examples behind one output."""
+    from ledger.recording import query_explanation
+
+    with session_scope(ctx.engine()) as session:
+        e = query_explanation(session, query_id)
+    if fmt == "json":
+        click.echo(render.to_json(e))
+        return
+    click.echo(
+        f"Output {e['external_id']} served {e['served_at']:%Y-%m-%d %H:%M:%S} UTC, "
+        f"weight {e['weight']}, run {e['run_id'][:16]}"
+        + ("  (unattributed: no positive influence)" if e["unattributed"] else "")
+    )
+    click.echo("")
+    click.echo(
+        render.table(
+            [{"provider": c["provider"], "credit": f"{c['credit']:.4f}"} for c in e["credits"]],
+            right=("credit",),
+        )
+    )
+    click.echo("")
+    click.echo(
+        render.table(e["top"], ["rank", "provider", "example_id", "score"], right=("rank", "score"))
+    )
+
+
+@cli.command()
+@click.argument("directory", default="demo-workspace", type=click.Path(file_okay=False))
+@pass_ctx
+@user_errors
+def demo(ctx: Context, directory: str) -> None:
+    """Build a complete demo workspace and run the main job in it (no network, ~1 minute).
+
+    A generated corpus of several providers, a tiny GPT-2 trained on it, shards registered,
+    the index built, sampled outputs attributed, and the 2024-Q3 statement printed.
+    """
+    from ledger.demo import run_demo
+
+    run_demo(Path(directory), quiet=ctx.quiet)
+
+
+def _emit(rows: list[dict], fmt: str, right: tuple[str, ...] = ()) -> None:
+    if fmt == "json":
+        click.echo(render.to_json(rows))
+    elif fmt == "csv":
+        import polars as pl
+
+        click.echo(pl.DataFrame(rows).write_csv() if rows else "", nl=False)
+    else:
+        click.echo(render.table(rows, right=right))
+
+
+def main() -> None:
+    cli(prog_name="ledger")

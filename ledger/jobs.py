@@ -1,0 +1,407 @@
+"""The long-running jobs behind the command line: registering shards, building the gradient
+index over the ledger's shards, and attributing served outputs into the ledger.
+
+Each job validates all of its input before writing anything, and writes in transactions, so a
+bad input or a crash leaves the ledger as it was and a re-run neither loses nor double-counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from datetime import UTC
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from attribution import GradientIndex, IndexConfig, ScoreConfig
+from attribution.data import Query, ShardSpec, count_shard_rows, read_queries, sha256_file
+from attribution.language import (
+    check_model_matches,
+    index_language_model,
+    model_info,
+    shards_info,
+)
+from attribution.lm import lm_loss, load_causal_lm, query_batches
+from attribution.manifest import code_version, package_versions, seal, write_json
+from attribution.progress import progress
+from attribution.scoring import score_queries
+from attribution.types import InputError
+from ledger import models as m
+from ledger.db import session_scope
+from ledger.errors import ConflictError, LedgerError, NotFoundError
+from ledger.recording import (
+    ProviderCredit,
+    QueryRecord,
+    QueryResult,
+    TopExample,
+    already_recorded,
+    finish_run,
+    record_results,
+    start_run,
+    to_utc_naive,
+    weight_to_micros,
+)
+from ledger.registry import add_shard, get_provider, list_shards, register_index
+
+log = logging.getLogger(__name__)
+
+SOURCE_FILE = "source.json"  # local paths an index was built from; not part of its manifest
+
+
+def register_shards(engine: Engine, paths: list[str], provider: str) -> list[m.Shard]:
+    """Validate every row of every shard, then register them all in one transaction."""
+    specs = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(path, None, None, "shard file not found")
+        rows = count_shard_rows(path)  # reads every row: malformed lines fail here
+        specs.append((os.path.abspath(path), sha256_file(path), rows))
+    with session_scope(engine) as session:
+        get_provider(session, provider)
+        return [add_shard(session, path, sha, provider, rows) for path, sha, rows in specs]
+
+
+def ledger_shards(session: Session) -> list[ShardSpec]:
+    """The registered shards as attribution specs, refusing any whose content has changed."""
+    shards = list_shards(session)
+    if not shards:
+        raise LedgerError("no training shards registered; add some with `ledger shards add`")
+    specs = []
+    for shard in shards:
+        if not os.path.isfile(shard.path):
+            raise InputError(shard.path, None, None, "registered shard file is missing")
+        digest = sha256_file(shard.path)
+        if digest != shard.sha256:
+            raise ConflictError(
+                f"shard {shard.path}: content changed since it was registered "
+                f"(sha256 {shard.sha256[:12]}, now {digest[:12]}); register it under a new path"
+            )
+        specs.append(ShardSpec(shard.path, shard.provider.name, _shard_name(shard.path), digest))
+    return specs
+
+
+def _shard_name(path: str) -> str:
+    """A short, stable shard name for example ids: the file name (and a path hash if needed)."""
+    return os.path.basename(path)
+
+
+def index_directory(
+    root: Path,
+    model_dir: str,
+    shards: list[ShardSpec],
+    config: IndexConfig,
+    max_length: int,
+    batch_size: int,
+) -> Path:
+    """Where the index of these inputs lives: a directory named by their fingerprint, so a
+    re-run resumes it and other inputs never reuse it."""
+    key = json.dumps(
+        {
+            "model": model_info(model_dir),
+            "data": shards_info(shards, max_length, batch_size),
+            "config": config.to_dict(),
+        },
+        sort_keys=True,
+    )
+    return root / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def build_ledger_index(
+    engine: Engine,
+    model_dir: str,
+    root: Path,
+    config: IndexConfig,
+    *,
+    max_length: int,
+    batch_size: int,
+    show_progress: bool,
+) -> GradientIndex:
+    """Build (or resume) the index of every registered shard and record it in the ledger."""
+    with session_scope(engine) as session:
+        shards = ledger_shards(session)
+    load_causal_lm(model_dir)  # fail early, before any file is written, on a bad model
+    out = index_directory(root, model_dir, shards, config, max_length, batch_size)
+    index = index_language_model(
+        model_dir,
+        shards,
+        out,
+        config,
+        max_length=max_length,
+        batch_size=batch_size,
+        show_progress=show_progress,
+    )
+    write_json(
+        out / SOURCE_FILE,
+        {"model_dir": os.path.abspath(model_dir), "shards": [s.path for s in shards]},
+    )
+    with session_scope(engine) as session:
+        register_index(session, index.id, str(out.resolve()), index.manifest)
+    return index
+
+
+def open_ledger_index(session: Session, index_ref: str | None) -> GradientIndex:
+    """The index named by id (or a prefix of it) or path; by default the newest registered."""
+    if index_ref and os.path.isdir(index_ref):
+        index = GradientIndex.open(index_ref)
+        if session.get(m.GradientIndex, index.id) is None:
+            raise NotFoundError(f"index {index_ref} is not registered in this ledger")
+        return index
+    stmt = select(m.GradientIndex).order_by(m.GradientIndex.created_at.desc())
+    if index_ref:
+        stmt = stmt.where(m.GradientIndex.id.startswith(index_ref.lower()))
+    row = session.scalars(stmt).first()
+    if row is None:
+        raise NotFoundError(
+            f"no gradient index {index_ref!r} in the ledger"
+            if index_ref
+            else "no gradient index in the ledger; build one with `ledger index --model DIR`"
+        )
+    return GradientIndex.open(row.path)
+
+
+def index_model_dir(index: GradientIndex) -> str | None:
+    source = index.root / SOURCE_FILE
+    return json.loads(source.read_text())["model_dir"] if source.exists() else None
+
+
+@dataclass
+class AttributeSummary:
+    run_id: str
+    index_id: str
+    queries: int
+    attributed: int
+    skipped: int
+    unattributed: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_manifest(index: GradientIndex, queries_path: str, config: ScoreConfig) -> dict:
+    """The manifest of an attribution run: everything needed to re-run and verify it."""
+    score = {k: v for k, v in asdict(config).items() if k not in ("memory_budget_mb", "dense")}
+    return seal(
+        {
+            "kind": "attribution-run",
+            "index_id": index.id,
+            "model": {
+                k: index.manifest["model"].get(k) for k in ("weights_sha256", "tokenizer_sha256")
+            },
+            "queries_file": {
+                "name": os.path.basename(queries_path),
+                "sha256": sha256_file(queries_path),
+            },
+            "score": score,
+            "credit": "w_q * positive RelatIF sum per provider / positive sum over all providers",
+            "packages": package_versions(),
+            "code_version": code_version(),
+        }
+    )
+
+
+def check_known_queries(session: Session, queries: list[Query], path: str) -> None:
+    """Refuse queries whose id the ledger already holds with another time, weight or text."""
+    by_id = {q.id: q for q in queries}
+    table = m.Query.__table__
+    ids = list(by_id)
+    for start in range(0, len(ids), 500):
+        rows = session.execute(
+            select(
+                table.c.external_id, table.c.served_at, table.c.weight_micros, table.c.text_sha256
+            ).where(table.c.external_id.in_(ids[start : start + 500]))
+        )
+        for ext, served_at, weight, text in rows:
+            q = by_id[ext]
+            for field, old, new in (
+                ("timestamp", served_at, to_utc_naive(q.timestamp)),
+                ("weight", weight, weight_to_micros(q.weight, ext)),
+                ("prompt", text, q.text_sha256),
+            ):
+                if old != new:
+                    raise InputError(
+                        path,
+                        None,
+                        field,
+                        f"query {ext!r} is already in the ledger with another "
+                        f"{field if field != 'prompt' else 'prompt/completion'}",
+                    )
+
+
+def query_results(index: GradientIndex, queries: list[Query], result) -> list[QueryResult]:
+    """Ledger rows of scored queries: credits w_q · share, and the top examples."""
+    shares = result.shares()
+    unattributed = result.unattributed()
+    meta = index.metadata.select("example_id", "shard", "provider")
+    out = []
+    for qi, q in enumerate(queries):
+        record = QueryRecord(q.id, q.timestamp.astimezone(UTC), q.weight, q.text_sha256)
+        credits, top = [], []
+        if not unattributed[qi]:
+            w = float(q.weight)
+            credits = [
+                ProviderCredit(p, float(result.positive[qi, j]), w * float(shares[qi, j]))
+                for j, p in enumerate(result.providers)
+                if result.positive[qi, j] > 0
+            ]
+        rank = 0
+        for row, score in zip(result.top_rows[qi], result.top_scores[qi], strict=True):
+            if row < 0:
+                continue
+            rank += 1
+            ex = meta.row(int(row), named=True)
+            top.append(
+                TopExample(
+                    rank, ex["example_id"], ex["shard"], int(row), ex["provider"], float(score)
+                )
+            )
+        out.append(QueryResult(record, credits, top, bool(unattributed[qi])))
+    return out
+
+
+def attribute_outputs(
+    engine: Engine,
+    outputs: str,
+    *,
+    index_ref: str | None = None,
+    model_dir: str | None = None,
+    config: ScoreConfig | None = None,
+    batch_size: int = 64,
+    show_progress: bool = True,
+) -> AttributeSummary:
+    """Attribute every served output in `outputs` (jsonl) and record credits in the ledger.
+
+    One transaction per batch; (run, query) pairs already recorded are skipped, so a killed run
+    resumes and a repeated run changes nothing.
+    """
+    config = config or ScoreConfig()
+    queries = read_queries(outputs)  # every line is validated before anything is written
+    if not queries:
+        raise InputError(outputs, None, None, "no queries in the file")
+    with session_scope(engine) as session:
+        index = open_ledger_index(session, index_ref)
+        check_known_queries(session, queries, outputs)
+    model_dir = model_dir or index_model_dir(index)
+    if model_dir is None:
+        raise LedgerError("the index does not record its model; pass --model DIR")
+    check_model_matches(model_dir, index)
+    manifest = run_manifest(index, outputs, config)
+    with session_scope(engine) as session:
+        start_run(session, manifest["id"], index.id, manifest)
+        done = already_recorded(session, manifest["id"], [q.id for q in queries])
+    todo = [q for q in queries if q.id not in done]
+    unattributed = 0
+    if todo:
+        model, tokenizer = load_causal_lm(model_dir)
+        max_length = int(index.manifest["data"].get("max_length", 128))
+        starts = range(0, len(todo), batch_size)
+        for start in progress(starts, desc="attributing", enabled=show_progress, unit="batch"):
+            group = todo[start : start + batch_size]
+            batches = query_batches(group, tokenizer, max_length, batch_size=16)
+            result = score_queries(model, lm_loss, batches, index, config)
+            unattributed += int(np.sum(result.unattributed()))
+            with session_scope(engine) as session:
+                record_results(session, manifest["id"], query_results(index, group, result))
+    with session_scope(engine) as session:
+        finish_run(session, manifest["id"])
+    return AttributeSummary(
+        manifest["id"], index.id, len(queries), len(todo), len(done), unattributed
+    )
+
+
+@dataclass
+class Verification:
+    run_id: str
+    checks: dict[str, bool]
+    sampled: int
+    agreeing: int
+    max_credit_difference: float
+
+    @property
+    def ok(self) -> bool:
+        return all(self.checks.values()) and self.agreeing == self.sampled
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def verify_run(
+    engine: Engine,
+    run_id: str,
+    outputs: str | None = None,
+    *,
+    model_dir: str | None = None,
+    sample: int = 8,
+    tolerance: float = 1e-6,
+) -> Verification:
+    """Re-check a run from its manifest: ids, file hashes, model, and a re-computed sample."""
+    from attribution.manifest import verify_id
+    from ledger.recording import get_run, query_explanation
+
+    with session_scope(engine) as session:
+        run = get_run(session, _resolve_run_id(session, run_id))
+        manifest = json.loads(run.manifest)
+        index_path, index_id, run_id = run.index.path, run.index_id, run.id
+    index = GradientIndex.open(index_path)
+    outputs = outputs or manifest["queries_file"]["name"]
+    if not os.path.isfile(outputs):
+        raise InputError(outputs, None, None, "queries file of the run not found (pass --outputs)")
+    checks = {
+        "run manifest id": verify_id(manifest) and manifest["id"] == run_id,
+        "index manifest id": verify_id(index.manifest) and index.id == index_id,
+        "index blocks sha256": [sha256_file(f) for f in index.block_files()]
+        == [b["sha256"] for b in index.manifest["blocks"]],
+        "queries file sha256": sha256_file(outputs) == manifest["queries_file"]["sha256"],
+    }
+    model_dir = model_dir or index_model_dir(index)
+    try:
+        check_model_matches(model_dir, index)
+        checks["model weights and tokenizer"] = True
+    except InputError:
+        checks["model weights and tokenizer"] = False
+        return Verification(run_id, checks, 0, 0, float("nan"))
+    queries = read_queries(outputs)
+    rng = np.random.default_rng(0)
+    picked = sorted(rng.choice(len(queries), size=min(sample, len(queries)), replace=False))
+    group = [queries[i] for i in picked]
+    config = ScoreConfig(**manifest["score"])
+    model, tokenizer = load_causal_lm(model_dir)
+    max_length = int(index.manifest["data"].get("max_length", 128))
+    result = score_queries(
+        model, lm_loss, query_batches(group, tokenizer, max_length, 16), index, config
+    )
+    fresh = query_results(index, group, result)
+    agreeing, compared, worst = 0, 0, 0.0
+    with session_scope(engine) as session:
+        for qr in fresh:
+            stored = query_explanation(session, qr.query.external_id)
+            if stored["run_id"] != run_id:
+                continue  # superseded by a later run, whose numbers are not this run's
+            compared += 1
+            old = {c["provider"]: c["credit"] for c in stored["credits"]}
+            new = {c.provider: c.credit for c in qr.credits}
+            diff = max(
+                (abs(old.get(p, 0.0) - new.get(p, 0.0)) for p in old.keys() | new.keys()),
+                default=0.0,
+            )
+            worst = max(worst, diff)
+            same_top = [t["row"] for t in stored["top"]] == [t.row for t in qr.top]
+            if diff <= tolerance * max(1.0, float(qr.query.weight)) and same_top:
+                agreeing += 1
+    return Verification(run_id, checks, compared, agreeing, worst)
+
+
+def _resolve_run_id(session: Session, ref: str) -> str:
+    ids = session.scalars(
+        select(m.AttributionRun.id).where(m.AttributionRun.id.startswith(ref.lower()))
+    ).all()
+    if len(ids) > 1:
+        raise LedgerError(f"run id prefix {ref!r} is ambiguous ({len(ids)} runs)")
+    if not ids:
+        raise NotFoundError(f"unknown attribution run {ref!r}")
+    return ids[0]

@@ -1,0 +1,68 @@
+"""Plain-text, CSV, JSON and Parquet renderings of ledger tables for the command line."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def table(
+    rows: list[dict[str, Any]], columns: list[str] | None = None, right: tuple[str, ...] = ()
+) -> str:
+    """An aligned text table; `right` names columns aligned right (numbers)."""
+    if not rows:
+        return "(none)"
+    columns = columns or list(rows[0])
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if c in right else v.ljust(w)
+            for v, w, c in zip(values, widths, columns, strict=True)
+        ).rstrip()
+
+    out = [line(columns), line(["-" * w for w in widths])]
+    out.extend(line(row) for row in cells)
+    return "\n".join(out)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal | Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=_json_default)
+
+
+def write_frame(frame: pl.DataFrame, fmt: str, out: str | None) -> str | None:
+    """CSV or Parquet of a frame, to `out` (or CSV text returned for stdout)."""
+    if fmt == "parquet":
+        if not out:
+            raise ValueError("--format parquet needs --out FILE")
+        frame.write_parquet(out)
+        return None
+    text = frame.write_csv()
+    if out:
+        Path(out).write_text(text)
+        return None
+    return text
