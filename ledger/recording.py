@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
-from sqlalchemy import Float, insert, select, update
+from sqlalchemy import Float, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger import models as m
@@ -323,17 +323,24 @@ def record_results(
         for ext, (served_at, weight_micros, text_sha) in wanted.items()
         if ext not in known
     ]
+    query_id = {ext: row[0] for ext, row in known.items()}
+    # Only queries seen before can already have a result for this run.
+    done = already_recorded(session, run_id, list(known)) if known else set()
     if new_queries:
+        qt = m.Query.__table__
+        # Ids are increasing, so the new rows are those above the current maximum; reading them
+        # back by id range is much cheaper than looking each external id up again.
+        before = session.execute(select(func.max(qt.c.id))).scalar() or 0
         _bulk_insert(
             session,
-            m.Query.__table__,
+            qt,
             ["external_id", "served_at", "weight_micros", "text_sha256", "created_at"],
             new_queries,
         )
-        known.update(_query_ids(session, [q[0] for q in new_queries]))
-    query_id = {ext: row[0] for ext, row in known.items()}
+        for ext, qid in session.execute(select(qt.c.external_id, qt.c.id).where(qt.c.id > before)):
+            if ext in wanted and ext not in query_id:
+                query_id[ext] = qid
 
-    done = already_recorded(session, run_id, list(by_id))
     todo = [(query_id[ext], r) for ext, r in by_id.items() if ext not in done]
     if not todo:
         return 0
