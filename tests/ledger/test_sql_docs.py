@@ -46,7 +46,9 @@ def analyst_db(engine: Engine) -> Engine:
         statement = build_statement(s, parse_period("2024-Q3"), Decimal("250000"), "USD")
         finalize_statement(s, statement.id)
         build_statement(s, parse_period("2024-Q4"), Decimal("100000"), "USD")
-        add_adjustment(s, statement.id, "openwiki", Decimal("-12.50"), "query chat-0002 double-served")
+        add_adjustment(
+            s, statement.id, "openwiki", Decimal("-12.50"), "query chat-0002 double-served"
+        )
     return engine
 
 
