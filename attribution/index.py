@@ -47,13 +47,9 @@ from attribution.store import (
     save_projectors,
     write_block,
 )
-from attribution.types import Batch, LossFn
+from attribution.types import Batch, IndexMismatchError, LossFn
 
 log = logging.getLogger(__name__)
-
-
-class IndexMismatchError(ValueError):
-    """The index directory was started with other settings, another model or other data."""
 
 
 def _sha256(path: Path) -> str:

@@ -53,6 +53,9 @@ def load_causal_lm(
     downloaded. A tokenizer without a pad token gets its EOS token as pad.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress is shown by our own bars only
 
     model_dir = str(model_dir)
     if not os.path.isdir(model_dir):

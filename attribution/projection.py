@@ -8,6 +8,7 @@ matrix formed from projected activations, without ever building the n_out × n_i
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,10 +19,14 @@ from torch import nn
 from attribution.config import ProjectionConfig
 from attribution.types import Batch, LossFn
 
-try:  # GPT-2 style layers keep their weight transposed (n_in × n_out).
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but the core runs without
-    Conv1D = ()  # type: ignore[assignment]
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """A `transformers` Conv1D (GPT-2 style, weight kept transposed as n_in × n_out).
+
+    Looked up only if transformers is already imported: a model that has one imported it.
+    """
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ def layer_widths(module: nn.Module) -> tuple[int, int] | None:
     """(n_in, n_out) of a Linear or Conv1D layer, None for anything else."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if Conv1D and isinstance(module, Conv1D):
+    if _is_conv1d(module):
         n_in, n_out = module.weight.shape
         return int(n_in), int(n_out)
     return None

@@ -386,6 +386,9 @@ def train_tiny_lm(
 
 def write_workspace_model(model, tokenizer, out_dir: str | os.PathLike[str]) -> str:
     """Save model (safetensors) and tokenizer so `load_causal_lm(out_dir)` round-trips."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     out_dir = str(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

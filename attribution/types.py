@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported by whoever builds a Batch; the CLI need not pay for it
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Batch:
         return len(self.example_ids)
 
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+LossFn = Callable[["nn.Module", Batch], "torch.Tensor"]
 """A per-example loss: `loss_fn(model, batch) -> Tensor (B,)`.
 
 For training examples it is the loss the model was trained on (for language models the summed
@@ -51,3 +52,7 @@ class InputError(ValueError):
         if field is not None:
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")
+
+
+class IndexMismatchError(ValueError):
+    """The index directory was started with other settings, another model or other data."""

@@ -17,8 +17,14 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from attribution import IndexConfig, IndexMismatchError, InputError, ProjectionConfig, ScoreConfig
-from attribution.config import DEFAULT_DAMPING_FACTOR, DEFAULT_K
+from attribution.config import (
+    DEFAULT_DAMPING_FACTOR,
+    DEFAULT_K,
+    IndexConfig,
+    ProjectionConfig,
+    ScoreConfig,
+)
+from attribution.types import IndexMismatchError, InputError
 from ledger import render
 from ledger.db import database_url, has_ledger_tables, make_engine, session_scope, upgrade
 from ledger.errors import LedgerError
@@ -91,9 +97,6 @@ def cli(ctx: click.Context, db: str | None, quiet: bool, verbose: bool) -> None:
     )
     if quiet:
         os.environ["LEDGER_QUIET"] = "1"
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one progress bar per job is ours; no loader bars
     ctx.obj = Context(db, quiet)
 
 
