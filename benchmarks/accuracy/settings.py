@@ -1,0 +1,304 @@
+"""The two benchmark settings: a digits MLP and a tiny GPT-2 on a multi-provider corpus.
+
+A `Setting` holds everything the harness needs: training data in the fixed order the index sees
+it, queries, a deterministic `train(rows, seed)` recipe (the base model is `train(all, 0)`, and
+every retrain uses the very same recipe on a subset), and `evaluate(model)` giving each query's
+loss and predicted class. Sizes are small so that hundreds of retrains fit in minutes on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from attribution import Batch, LossFn
+from attribution.data import Query
+from attribution.lm import (
+    batch_from_token_ids,
+    iter_train_examples,
+    lm_loss,
+    query_batches,
+    train_batches,
+)
+
+
+@dataclass
+class Setting:
+    """A model family, its data and its training recipe."""
+
+    name: str
+    task: str
+    """"classification" (brittleness = prediction flips) or "lm" (brittleness = loss rise)."""
+    providers: np.ndarray
+    """(n_train,) provider name of every training example, in index row order."""
+    train_data: list[Batch]
+    """Training examples in index row order (re-iterable list)."""
+    query_data: list[Batch]
+    train_loss: LossFn
+    query_loss: LossFn
+    train: Callable[[np.ndarray, int], nn.Module]
+    """Deterministic recipe: (training rows, seed) → trained model in eval mode."""
+    evaluate: Callable[[nn.Module], np.ndarray]
+    """model → (2, n_queries): query losses, predicted classes (-1 for language models)."""
+    recipe: dict
+    """Everything that changes the ground truth; hashed into the cache keys."""
+    peer_train: list = field(default_factory=list)
+    """Training examples as single items for peer libraries' DataLoaders (row order)."""
+    peer_queries: list = field(default_factory=list)
+    collate: Callable | None = None
+    base: nn.Module | None = None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.providers)
+
+    @property
+    def n_queries(self) -> int:
+        return sum(len(b) for b in self.query_data)
+
+    @property
+    def fingerprint(self) -> str:
+        text = json.dumps({"name": self.name, **self.recipe}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def base_model(self) -> nn.Module:
+        if self.base is None:
+            self.base = self.train(np.arange(self.n_train), 0)
+        return self.base
+
+
+# ---------------------------------------------------------------- digits MLP
+
+
+def mlp_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-example cross-entropy, shape (B,)."""
+    x, y = batch.inputs
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def _mlp(seed: int, n_in: int, hidden: int, n_out: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
+
+
+def mlp_setting(
+    n_train: int = 400,
+    n_queries: int = 50,
+    hidden: int = 32,
+    steps: int = 300,
+    lr: float = 0.01,
+    weight_decay: float = 1e-3,
+    n_providers: int = 5,
+    provider_purity: float = 0.75,
+    seed: int = 0,
+) -> Setting:
+    """MLP 64→hidden→10 on scikit-learn's digits; full-batch Adam, so retrains are exact.
+
+    Provider p holds mostly digits {2p, 2p+1} (`provider_purity` of its examples); the rest are
+    assigned at random, so providers overlap.
+    """
+    from sklearn.datasets import load_digits
+
+    x_all, y_all = load_digits(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(y_all))
+    x_all = torch.tensor(x_all[order] / 16.0, dtype=torch.float32)
+    y_all = torch.tensor(y_all[order], dtype=torch.long)
+    x, y = x_all[:n_train], y_all[:n_train]
+    xq, yq = x_all[n_train : n_train + n_queries], y_all[n_train : n_train + n_queries]
+    rng = np.random.default_rng(seed + 1)
+    own = (y.numpy() // 2) % n_providers
+    rand = rng.integers(0, n_providers, n_train)
+    codes = np.where(rng.random(n_train) < provider_purity, own, rand)
+    providers = np.array([f"provider{c}" for c in codes])
+    recipe = dict(
+        n_train=n_train, n_queries=n_queries, hidden=hidden, steps=steps, lr=lr,
+        weight_decay=weight_decay, n_providers=n_providers, purity=provider_purity, seed=seed,
+    )  # fmt: skip
+
+    def train(rows: np.ndarray, run_seed: int) -> nn.Module:
+        model = _mlp(run_seed, x.shape[1], hidden, 10)
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        xs, ys = x[np.sort(rows)], y[np.sort(rows)]
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(xs), ys)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return model.eval()
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> np.ndarray:
+        logits = model(xq)
+        loss = nn.functional.cross_entropy(logits, yq, reduction="none")
+        return np.stack([loss.numpy(), logits.argmax(1).numpy()]).astype(np.float64)
+
+    def batches(xx, yy, prov, prefix, size=64) -> list[Batch]:
+        out = []
+        for i in range(0, len(yy), size):
+            n = len(yy[i : i + size])
+            out.append(
+                Batch(
+                    (xx[i : i + size], yy[i : i + size]),
+                    [f"{prefix}{j}" for j in range(i, i + n)],
+                    providers=list(prov[i : i + size]) if prov is not None else [],
+                    shards=["digits"] * n,
+                    token_counts=[1] * n,
+                )
+            )
+        return out
+
+    return Setting(
+        name="mlp-digits",
+        task="classification",
+        providers=providers,
+        train_data=batches(x, y, providers, "train"),
+        query_data=batches(xq, yq, None, "query"),
+        train_loss=mlp_loss,
+        query_loss=mlp_loss,
+        train=train,
+        evaluate=evaluate,
+        recipe=recipe,
+        peer_train=[(x[i], y[i]) for i in range(n_train)],
+        peer_queries=[(xq[i], yq[i]) for i in range(len(yq))],
+        collate=None,
+    )
+
+
+# ---------------------------------------------------------------- tiny GPT-2
+
+LM_PROVIDERS = ["astronomy", "cooking", "law", "medicine", "sailing", "gardening"]
+LM_OVERLAP_PAIRS = [("astronomy", "cooking"), ("law", "medicine")]
+
+
+def lm_setting(
+    workdir: Path,
+    docs_per_provider: int = 40,
+    queries_per_provider: int = 8,
+    overlap: float = 0.3,
+    n_embd: int = 24,
+    n_layer: int = 2,
+    max_length: int = 48,
+    epochs: int = 12,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Setting:
+    """GPT-2 (n_embd 24, 2 layers) on six providers: two overlapping pairs, two distinct ones.
+
+    Recipe: `epochs` passes over the rows in a seeded shuffled order, minibatches of
+    `batch_size`, AdamW on the mean token NLL. Queries are completions sampled from the base
+    model for prompts in each provider's style (`sample_queries`).
+    """
+    from attribution.synthetic import (
+        build_word_tokenizer,
+        make_corpus,
+        sample_queries,
+        tiny_gpt2_config,
+        write_shards,
+    )
+
+    corpus = make_corpus(
+        LM_PROVIDERS, docs_per_provider, seed=seed, overlap=overlap, overlap_pairs=LM_OVERLAP_PAIRS
+    )
+    texts = [t for docs in corpus.values() for t in docs]
+    tokenizer = build_word_tokenizer(texts)
+    shards = write_shards(corpus, Path(workdir) / "shards")
+    examples = list(iter_train_examples(shards, tokenizer, max_length))
+    tokens = [ids for _, _, ids in examples]
+    providers = np.array([shard.provider for _, shard, _ in examples])
+    config = tiny_gpt2_config(
+        len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=max_length
+    )
+    pad = tokenizer.pad_token_id
+    recipe = dict(
+        docs=docs_per_provider, queries=queries_per_provider, overlap=overlap, n_embd=n_embd,
+        n_layer=n_layer, max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
+        seed=seed,
+    )  # fmt: skip
+
+    def train(rows: np.ndarray, run_seed: int) -> nn.Module:
+        from transformers import GPT2LMHeadModel
+
+        torch.manual_seed(run_seed)
+        model = GPT2LMHeadModel(config)
+        model.train()
+        gen = torch.Generator().manual_seed(run_seed)
+        rows = np.sort(rows)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        for _ in range(epochs):
+            perm = rows[torch.randperm(len(rows), generator=gen).numpy()]
+            for i in range(0, len(perm), batch_size):
+                part = [tokens[j] for j in perm[i : i + batch_size]]
+                batch = batch_from_token_ids(part, pad)
+                loss = lm_loss(model, batch).sum() / sum(len(p) - 1 for p in part)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return model.eval()
+
+    holder: dict = {}
+
+    def evaluate(model: nn.Module) -> np.ndarray:
+        with torch.no_grad():
+            loss = torch.cat([lm_loss(model, b) for b in holder["queries"]])
+        return np.stack([loss.numpy(), -np.ones(len(loss))]).astype(np.float64)
+
+    setting = Setting(
+        name="gpt2-corpus",
+        task="lm",
+        providers=providers,
+        train_data=list(train_batches(shards, tokenizer, max_length, batch_size)),
+        query_data=[],
+        train_loss=lm_loss,
+        query_loss=lm_loss,
+        train=train,
+        evaluate=evaluate,
+        recipe=recipe,
+    )
+    base = setting.base_model()
+    rows = sample_queries(
+        base, tokenizer, corpus, queries_per_provider, seed=seed + 1,
+        start=datetime(2024, 7, 1, tzinfo=UTC), end=datetime(2024, 10, 1, tzinfo=UTC),
+    )  # fmt: skip
+    queries = [
+        Query(id=r["id"], timestamp=datetime(2024, 7, 1, tzinfo=UTC), prompt=r["prompt"],
+              completion=r["completion"])
+        for r in rows
+    ]  # fmt: skip
+    setting.query_data = list(query_batches(queries, tokenizer, max_length, batch_size))
+    holder["queries"] = setting.query_data
+    setting.recipe["queries_sha"] = hashlib.sha256(
+        json.dumps([(r["prompt"], r["completion"]) for r in rows]).encode()
+    ).hexdigest()[:16]
+    setting.query_hints = [r["provider_hint"] for r in rows]  # type: ignore[attr-defined]
+
+    def single(ids: list[int], labels: list[int]) -> dict:
+        return {"input_ids": ids, "labels": labels}
+
+    from attribution.lm import encode_query
+
+    setting.peer_train = [single(ids, ids) for ids in tokens]
+    setting.peer_queries = [single(*encode_query(q, tokenizer, max_length)) for q in queries]
+
+    def collate(items: list[dict]) -> dict:
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), pad, dtype=torch.long)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[i, :n] = torch.tensor(it["input_ids"])
+            labels[i, :n] = torch.tensor(it["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    setting.collate = collate
+    return setting
