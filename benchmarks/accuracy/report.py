@@ -1,0 +1,132 @@
+"""Markdown tables of an accuracy run (the JSON holds every number; this is the summary)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RATIONALE = Path(__file__).parent / "rationale.md"
+
+
+def _ms(d: dict | None) -> str:
+    if not d:
+        return "–"
+    return f"{d['mean']:.3f} ± {d['std']:.3f}"
+
+
+def _headline(s: dict) -> list[str]:
+    lines = [
+        "| method | LDS (raw) | LDS (RelatIF) | provider Spearman (raw / RelatIF, positive part) "
+        "| provider top-1 (raw / RelatIF, positive part) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in s["methods"].items():
+        p = m["provider"]
+        rho = " / ".join(
+            f"{p[v]['spearman']['mean']:.3f}" if v in p else "–"
+            for v in ("raw-positive", "relatif-positive")
+        )
+        top = " / ".join(
+            f"{p[v]['top1']:.2f}" if v in p else "–" for v in ("raw-positive", "relatif-positive")
+        )
+        label = name
+        if "damping_factor" in m:
+            label += f" (factor {m['damping_factor']:g})"
+        lines.append(f"| {label} | {_ms(m['lds'])} | {_ms(m['lds_relatif'])} | {rho} | {top} |")
+    return lines
+
+
+def _sweep(s: dict) -> list[str]:
+    factors = sorted({r["damping_factor"] for r in s["sweep"]})
+    head = "| index | dim | storage (KiB) | logging (s) | " + " | ".join(
+        f"LDS @ {f:g}" for f in factors
+    )
+    lines = [head + " |", "|---|---|---|---|" + "---|" * len(factors)]
+    rows: dict[str, dict] = {}
+    for r in s["sweep"]:
+        rows.setdefault(r["index"], {"r": r, "lds": {}})["lds"][r["damping_factor"]] = r["lds"]
+    for label, v in rows.items():
+        r = v["r"]
+        best = max(v["lds"].values(), key=lambda d: d["mean"])["mean"]
+        cells = []
+        for f in factors:
+            m = v["lds"][f]["mean"]
+            cells.append(f"**{m:.3f}**" if m == best else f"{m:.3f}")
+        lines.append(
+            f"| {label} | {r['dim']} | {r['storage_bytes'] / 1024:.0f} | {r['log_seconds']:.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
+def _relatif_sweep(s: dict) -> list[str]:
+    factors = sorted({r["damping_factor"] for r in s["sweep"]})
+    lines = ["| index | " + " | ".join(f"RelatIF LDS @ {f:g}" for f in factors) + " |",
+             "|---|" + "---|" * len(factors)]  # fmt: skip
+    rows: dict[str, dict] = {}
+    for r in s["sweep"]:
+        rows.setdefault(r["index"], {})[r["damping_factor"]] = r["lds_relatif"]["mean"]
+    for label, v in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{v[f]:.3f}" for f in factors) + " |")
+    return lines
+
+
+def _providers(s: dict) -> list[str]:
+    variants = ("raw-signed", "raw-positive", "relatif-signed", "relatif-positive")
+    lines = ["| method | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for name, m in s["methods"].items():
+        p = m["provider"]
+        cells = [
+            f"{p[v]['spearman']['mean']:.3f} ± {p[v]['spearman']['std']:.2f}, top-1 "
+            f"{p[v]['top1']:.2f}" if v in p else "–"
+            for v in variants
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _brittle(s: dict) -> list[str]:
+    b = s["brittleness"]
+    what = "share of predictions flipped" if s["task"] == "classification" else "mean loss rise"
+    lines = [f"{what}, {len(b['queries'])} queries, retrained without the top-k examples:", "",
+             "| method | " + " | ".join(f"k={k}" for k in b["ks"]) + " |",
+             "|---|" + "---|" * len(b["ks"])]  # fmt: skip
+    for name, per_k in b["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{per_k[str(k)]:.3f}" for k in b["ks"]) + " |")
+    return lines
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    out = ["# Counterfactual accuracy of the attribution core", "",
+           f"Command: `{report['command']}` — {report['seconds']:.0f} s on "
+           f"{report['machine']['cpus']} thread(s), torch {report['machine']['torch']}.", "",
+           "LDS: Spearman, across random half-subsets, between summed scores and the retrained "
+           "models' negative query loss (mean ± std over queries). Provider: per query, "
+           "Spearman across providers between credit and the loss rise when the provider is "
+           "removed; top-1 = the most-credited provider is the one whose removal hurts most.",
+           ""]  # fmt: skip
+    for s in report["settings"]:
+        d = s["defaults"]
+        out += [f"## {s['setting']} ({s['n_train']} training examples, {s['n_queries']} queries, "
+                f"{len(s['providers'])} providers)", "",
+                f"Plan: {s['plan']}. Defaults under test: kind `{d['kind']}`, k={d['k']}, "
+                f"damping factor {d['damping_factor']:g}. Setting took {s['seconds']:.0f} s "
+                f"({s['retrains_this_run']} retrains this run).", "", "### Headline", ""]  # fmt: skip
+        out += _headline(s)
+        out += ["", "### Projection size, damping, storage (raw-influence LDS)", ""]
+        out += _sweep(s)
+        out += ["", "### Same sweep, RelatIF scores", ""]
+        out += _relatif_sweep(s)
+        out += ["", "### Provider credit variants (Spearman ± std, top-1)", ""]
+        out += _providers(s)
+        out += ["", "### Brittleness", ""]
+        out += _brittle(s)
+        out += ["", "### Peers", ""]
+        for name, st in s["peers"].items():
+            detail = st.get("error", "")
+            out.append(f"- {name}: {st['status']} ({st['seconds']:.1f} s){' — ' + detail if detail else ''}")
+        out += [f"- library scoring path vs re-damped scores, max relative difference: "
+                f"{s['library_vs_redamped_max_rel_diff']:.1e}", ""]  # fmt: skip
+    if RATIONALE.exists():
+        out += ["", RATIONALE.read_text().strip(), ""]
+    path.write_text("\n".join(out) + "\n")

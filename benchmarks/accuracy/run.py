@@ -1,0 +1,245 @@
+"""Counterfactual accuracy of the attribution core against baselines and peer libraries.
+
+    python -m benchmarks.accuracy.run            # full run (ground truth cached after the first)
+    python -m benchmarks.accuracy.run --quick    # small run, for a check of the pipeline
+
+Writes benchmarks/results/accuracy.json and accuracy.md (or *-quick.* with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribution.config import DEFAULT_DAMPING_FACTOR, DEFAULT_K, ProjectionConfig
+from benchmarks.accuracy import methods
+from benchmarks.accuracy.metrics import (
+    lds_per_query,
+    mean_std,
+    provider_agreement,
+    provider_credit,
+)
+from benchmarks.accuracy.peers import PEERS, run_peer
+from benchmarks.accuracy.plan import FULL, QUICK, Plan
+from benchmarks.accuracy.report import write_markdown
+from benchmarks.accuracy.retrain import (
+    CACHE_DIR,
+    RetrainCache,
+    lds_subsets,
+    provider_removal,
+    removal_outputs,
+    set_threads,
+    subset_losses,
+)
+from benchmarks.accuracy.settings import Setting, lm_setting, mlp_setting
+
+log = logging.getLogger("benchmarks.accuracy")
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+FACTORS = (1e-3, 1e-2, 0.1, 1.0, 10.0)
+KS = (4, 8, 16, 32)
+DEFAULT_KIND = ProjectionConfig().kind
+
+
+def _lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> dict:
+    return mean_std(lds_per_query(scores, masks, losses))
+
+
+def _provider_variants(scores_raw, scores_rel, setting: Setting, names, rises) -> dict:
+    """Provider-level agreement of the credit variants: raw/RelatIF × signed/positive."""
+    out = {}
+    for label, s in (("raw", scores_raw), ("relatif", scores_rel)):
+        if s is None:
+            continue
+        for part in ("signed", "positive"):
+            credit = provider_credit(s, setting.providers, names, positive=part == "positive")
+            out[f"{label}-{part}"] = provider_agreement(credit, rises)
+    return out
+
+
+def _brittleness(
+    cache: RetrainCache, rankings: dict[str, np.ndarray | None], plan: Plan, setting: Setting
+) -> dict:
+    """Remove each method's top-k examples for a query, retrain (seed 0), measure the effect.
+
+    Classification: share of queries whose predicted class flips (queries the base model gets
+    right). Language model: mean rise of the query loss. `random` removes k random rows.
+    """
+    base = cache.outputs(np.arange(setting.n_train), 0)
+    if setting.task == "classification":
+        labels = np.concatenate([b.inputs[1].numpy() for b in setting.query_data])
+        queries = np.nonzero(base[1] == labels)[0][: plan.brittle_queries]
+    else:
+        queries = np.arange(min(plan.brittle_queries, setting.n_queries))
+    out: dict = {"queries": queries.tolist(), "ks": list(plan.brittle_ks), "methods": {}}
+    rng = np.random.default_rng(7)
+    random_rows = {
+        (q, k): rng.choice(setting.n_train, k, replace=False)
+        for q in queries
+        for k in plan.brittle_ks
+    }
+    for name, scores in rankings.items():
+        per_k = {}
+        for k in plan.brittle_ks:
+            effects = []
+            for q in queries:
+                removed = (
+                    random_rows[(q, k)] if scores is None else np.argsort(-scores[q])[:k]
+                )
+                after = removal_outputs(cache, removed, seed=0)
+                if setting.task == "classification":
+                    effects.append(float(after[1, q] != base[1, q]))
+                else:
+                    effects.append(float(after[0, q] - base[0, q]))
+            per_k[str(k)] = float(np.mean(effects))
+        out["methods"][name] = per_k
+        log.info("%s brittleness %s: %s", setting.name, name, per_k)
+    cache.save()
+    return out
+
+
+def evaluate_setting(
+    setting: Setting, plan: Plan, workdir: Path, peers: list[str], quick: bool
+) -> dict:
+    t0 = time.perf_counter()
+    cache = RetrainCache(setting)
+    masks = lds_subsets(setting.n_train, plan.lds_subsets)
+    losses = subset_losses(cache, masks, list(plan.lds_seeds))
+    names, rises, _ = provider_removal(cache, list(plan.provider_seeds))
+    truth_seconds = cache.seconds
+    log.info("%s: ground truth ready (%d retrains now, %.0fs)", setting.name, cache.trained,
+             truth_seconds)  # fmt: skip
+
+    ks = (8, 16) if quick else KS
+    builds = [methods.build(setting, "identity", 0, "float32", workdir)]
+    for kind in ("pca", "random"):
+        builds += [methods.build(setting, kind, k, "float32", workdir) for k in ks]
+    builds.append(methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float16", workdir))
+
+    sweep = []
+    for b in builds:
+        for factor in FACTORS:
+            raw = methods.influence_scores(b, factor, relatif=False)
+            rel = methods.influence_scores(b, factor, relatif=True)
+            sweep.append({
+                "index": b.label, "kind": b.kind, "k": b.k, "dtype": b.dtype, "dim": b.dim,
+                "storage_bytes": b.storage_bytes, "log_seconds": round(b.log_seconds, 2),
+                "damping_factor": factor, "lds": _lds(raw, masks, losses),
+                "lds_relatif": _lds(rel, masks, losses),
+            })  # fmt: skip
+        log.info("%s: %s swept", setting.name, b.label)
+
+    by_label = {b.label: b for b in builds}
+    identity = by_label["identity-float32"]
+    exact_rows = [r for r in sweep if r["index"] == identity.label]
+    best_exact = max(exact_rows, key=lambda r: r["lds"]["mean"])
+    default_label = f"{DEFAULT_KIND}-k{DEFAULT_K}-float32"
+    default = by_label[default_label]
+
+    scores = {
+        "logra (defaults)": (
+            methods.influence_scores(default, DEFAULT_DAMPING_FACTOR, False),
+            methods.influence_scores(default, DEFAULT_DAMPING_FACTOR, True),
+        ),
+        "exact damped Fisher": (
+            methods.influence_scores(identity, best_exact["damping_factor"], False),
+            methods.influence_scores(identity, best_exact["damping_factor"], True),
+        ),
+        "gradient dot product": (methods.grad_dot_scores(identity), None),
+    }
+    # The library's own scoring path at the index's damping must agree with the re-damped one.
+    check = methods.library_scores(
+        methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir / "check",
+                      damping=DEFAULT_DAMPING_FACTOR), relatif=True)  # fmt: skip
+    agree = float(
+        np.abs(check - scores["logra (defaults)"][1]).max()
+        / np.abs(scores["logra (defaults)"][1]).max()
+    )
+    peer_status = {}
+    for peer in peers:
+        s, status = run_peer(peer, setting, workdir)
+        peer_status[peer] = status
+        if s is not None:
+            scores[peer] = (s, None)
+
+    methods_table = {}
+    for name, (raw, rel) in scores.items():
+        methods_table[name] = {
+            "lds": _lds(raw, masks, losses),
+            "lds_relatif": _lds(rel, masks, losses) if rel is not None else None,
+            "provider": _provider_variants(raw, rel, setting, names, rises),
+        }
+    methods_table["exact damped Fisher"]["damping_factor"] = best_exact["damping_factor"]
+
+    rankings: dict[str, np.ndarray | None] = {
+        "logra (defaults)": scores["logra (defaults)"][0],
+        "exact damped Fisher": scores["exact damped Fisher"][0],
+        "gradient dot product": scores["gradient dot product"][0],
+    }
+    if "kronfluence-ekfac" in scores:
+        rankings["kronfluence-ekfac"] = scores["kronfluence-ekfac"][0]
+    rankings["random"] = None
+    brittle = _brittleness(cache, rankings, plan, setting)
+
+    return {
+        "setting": setting.name,
+        "task": setting.task,
+        "recipe": setting.recipe,
+        "n_train": setting.n_train,
+        "n_queries": setting.n_queries,
+        "providers": names,
+        "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(plan).items()},
+        "defaults": {"kind": DEFAULT_KIND, "k": DEFAULT_K, "damping_factor": DEFAULT_DAMPING_FACTOR},
+        "library_vs_redamped_max_rel_diff": agree,
+        "sweep": sweep,
+        "methods": methods_table,
+        "peers": peer_status,
+        "brittleness": brittle,
+        "retrains_this_run": cache.trained,
+        "retrain_seconds_this_run": round(cache.seconds, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small plan, results *-quick.*")
+    parser.add_argument("--settings", default="mlp,lm", help="comma list of mlp, lm")
+    parser.add_argument("--no-peers", action="store_true", help="skip peer libraries")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("kronfluence", "logix", "LogIX", "httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    set_threads()
+    plans = QUICK if args.quick else FULL
+    workdir = CACHE_DIR / ("work-quick" if args.quick else "work")
+    peers = [] if args.no_peers else list(PEERS)
+    start = time.perf_counter()
+    results = []
+    for which in args.settings.split(","):
+        setting = mlp_setting() if which == "mlp" else lm_setting(workdir / "gpt2-data")
+        results.append(evaluate_setting(setting, plans[setting.name], workdir, peers, args.quick))
+    report = {
+        "command": "python -m benchmarks.accuracy.run" + (" --quick" if args.quick else ""),
+        "seconds": round(time.perf_counter() - start, 1),
+        "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__},  # fmt: skip
+        "settings": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "accuracy-quick" if args.quick else "accuracy"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(report, RESULTS / f"{stem}.md")
+    log.info("done in %.0fs: %s", report["seconds"], RESULTS / f"{stem}.md")
+    return report
+
+
+if __name__ == "__main__":
+    main()
