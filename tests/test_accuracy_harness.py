@@ -1,0 +1,78 @@
+"""The accuracy harness's core functions on tiny cases (no cache, a few seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from benchmarks.accuracy import methods
+from benchmarks.accuracy.metrics import (
+    lds_per_query,
+    provider_agreement,
+    provider_credit,
+    rankdata,
+    spearman,
+)
+from benchmarks.accuracy.retrain import RetrainCache, lds_subsets, subset_losses
+from benchmarks.accuracy.settings import mlp_setting
+
+
+def test_spearman_and_ranks_match_scipy_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.integers(0, 6, 30).astype(float)  # many ties
+        b = a + rng.normal(size=30)
+        np.testing.assert_allclose(rankdata(a), stats.rankdata(a))
+        assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_lds_is_one_for_an_exactly_additive_model_and_signs_follow_the_loss() -> None:
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(4, 40))
+    masks = lds_subsets(40, 25)
+    # A training example with a positive score lowers the query's loss: loss = -Σ scores.
+    losses = -(masks.astype(float) @ scores.T) + 3.0
+    np.testing.assert_allclose(lds_per_query(scores, masks, losses), 1.0)
+    np.testing.assert_allclose(lds_per_query(-scores, masks, losses), -1.0)
+
+
+def test_provider_agreement_of_perfect_and_reversed_credit() -> None:
+    providers = np.array(["a", "b", "c", "a", "b", "c"])
+    scores = np.array([[3.0, 2.0, 1.0, 3.0, 2.0, -5.0]])
+    credit = provider_credit(scores, providers, ["a", "b", "c"], positive=True)
+    np.testing.assert_allclose(credit, [[6.0, 4.0, 1.0]])
+    rises = np.array([[0.9], [0.5], [0.1]])
+    good = provider_agreement(credit, rises)
+    assert good["spearman"]["mean"] == pytest.approx(1.0) and good["top1"] == 1.0
+    bad = provider_agreement(-credit, rises)
+    assert bad["spearman"]["mean"] == pytest.approx(-1.0) and bad["top1"] == 0.0
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest, and reproducibly, on one thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_exact_influence_predicts_retraining_on_a_tiny_mlp(tmp_path, one_thread) -> None:
+    """End to end on retrained models: the exact damped-Fisher scores rank subsets well, and
+    retraining is deterministic."""
+    setting = mlp_setting(n_train=80, n_queries=6, hidden=8, steps=150)
+    cache = RetrainCache(setting, root=None)
+    rows = np.arange(0, 80, 2)
+    np.testing.assert_array_equal(cache.outputs(rows, 0), setting.evaluate(setting.train(rows, 0)))
+    masks = lds_subsets(setting.n_train, 16)
+    losses = subset_losses(cache, masks, [0])
+    built = methods.build(setting, "identity", 0, "float32", tmp_path)
+    exact = lds_per_query(methods.influence_scores(built, 1.0, relatif=False), masks, losses)
+    shuffled = lds_per_query(
+        np.random.default_rng(0).normal(size=(6, 80)), masks, losses
+    )
+    assert np.nanmean(exact) > 0.4
+    assert np.nanmean(exact) > np.nanmean(shuffled) + 0.3
