@@ -1,0 +1,276 @@
+"""The real `ledger` entry point, driven as a user would (subprocesses), on SQLite and on
+PostgreSQL: init → providers → shards → index → attribute → report, and what must not happen."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from attribution.synthetic import (
+    TOPICS,
+    build_word_tokenizer,
+    make_corpus,
+    sample_queries,
+    tiny_gpt2_config,
+    train_tiny_lm,
+    write_jsonl,
+    write_shards,
+    write_workspace_model,
+)
+from ledger.db import make_engine
+
+PROVIDERS = {"stellar": "astronomy", "galley": "cooking", "statute": "law"}
+LEDGER = [sys.executable, "-c", "from ledger.cli import main; main()"]
+
+
+def ledger(cwd: Path, url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LEDGER_QUIET": "1"}
+    proc = subprocess.run(
+        [*LEDGER, "--db", url, *args], cwd=cwd, env=env, text=True, capture_output=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ledger {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Model, shards and queries of three providers with distinct topics, built in code."""
+    root = tmp_path_factory.mktemp("workspace")
+    topics = {name: TOPICS[t] for name, t in PROVIDERS.items()}
+    corpus = make_corpus(topics, docs_per_provider=20, seed=5)
+    texts = [t for docs in corpus.values() for t in docs]
+    tokenizer = build_word_tokenizer(texts)
+    config = tiny_gpt2_config(len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=48)
+    model = train_tiny_lm(texts, tokenizer, config, steps=120, batch_size=16, seed=0)
+    write_workspace_model(model, tokenizer, root / "model")
+    write_shards(corpus, root / "shards")
+    rows = sample_queries(
+        model,
+        tokenizer,
+        make_corpus(topics, 20, seed=6),
+        n_per_provider=3,
+        seed=1,
+        start=datetime(2024, 7, 1, tzinfo=UTC),
+        end=datetime(2024, 10, 1, tzinfo=UTC),
+    )
+    rows[0]["revenue"] = "2.50"  # a weighted output
+    write_jsonl(rows, root / "queries.jsonl")
+    return root
+
+
+def ledger_counts(url: str) -> dict[str, int]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {
+                t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
+                for t in (
+                    "providers",
+                    "shards",
+                    "gradient_indexes",
+                    "attribution_runs",
+                    "queries",
+                    "query_results",
+                    "credits",
+                    "top_examples",
+                    "statements",
+                    "statement_lines",
+                )
+            }
+    finally:
+        engine.dispose()
+
+
+def test_pipeline_credits_planted_providers_is_idempotent_and_pays_the_pool(
+    workspace: Path, db_url: str, tmp_path: Path
+) -> None:
+    cwd, url = workspace, db_url
+    ledger(cwd, url, "init")
+    ledger(cwd, url, "providers", "add", *PROVIDERS)
+    for name in PROVIDERS:
+        ledger(cwd, url, "shards", "add", f"shards/{name}-000.jsonl", "--provider", name)
+    listed = json.loads(ledger(cwd, url, "providers", "list", "--format", "json").stdout)
+    assert [p["provider"] for p in listed] == sorted(PROVIDERS)
+    assert all(p["shards"] == 1 and p["rows"] == 20 for p in listed)
+
+    out = tmp_path / "indexes"
+    ledger(
+        cwd,
+        url,
+        "index",
+        "--model",
+        "model",
+        "--out",
+        str(out),
+        "--k-in",
+        "8",
+        "--k-out",
+        "8",
+        "--max-length",
+        "48",
+    )
+    first = json.loads(
+        ledger(cwd, url, "attribute", "--outputs", "queries.jsonl", "--format", "json").stdout
+    )
+    queries = [json.loads(line) for line in (cwd / "queries.jsonl").read_text().splitlines()]
+    assert first["queries"] == len(queries) == first["attributed"] + first["unattributed"]
+
+    # Planted providers: each output's largest credit goes to the provider it imitates
+    # (read through the licensing view, as an analyst would; `explain` shows the same).
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        credits = conn.execute(
+            text(
+                "SELECT query_external_id, provider, credit FROM query_credits "
+                "ORDER BY query_external_id, credit DESC"
+            )
+        ).all()
+    engine.dispose()
+    by_query: dict[str, list[tuple[str, float]]] = {}
+    for ext, provider, credit in credits:
+        by_query.setdefault(ext, []).append((provider, credit))
+    hits = sum(by_query.get(q["id"], [("", 0)])[0][0] == q["provider_hint"] for q in queries)
+    assert hits >= 0.8 * len(queries)
+    for q in queries:
+        weight = Decimal(q.get("revenue", "1"))
+        assert abs(sum(c for _, c in by_query.get(q["id"], [])) - float(weight)) < 1e-9
+    e = json.loads(
+        ledger(cwd, url, "explain", "--query", queries[0]["id"], "--format", "json").stdout
+    )
+    assert [c["provider"] for c in e["credits"]] == [p for p, _ in by_query[queries[0]["id"]]]
+    assert len(e["top"]) == 10 and e["top"][0]["rank"] == 1
+
+    report_args = [
+        "report",
+        "--period",
+        "2024-Q3",
+        "--pool",
+        "1000.00",
+        "--currency",
+        "USD",
+        "--format",
+        "json",
+    ]
+    statement = json.loads(ledger(cwd, url, *report_args).stdout)
+    amounts = [Decimal(line["amount"]) for line in statement["lines"]]
+    assert sum(amounts) == Decimal("1000.00")
+    assert sum(line["amount_minor"] for line in statement["lines"]) == 100000
+    assert statement["statement"]["runs"][0]["run_id"] == first["run_id"]
+    shares = {line["provider"]: line["share"] for line in statement["lines"]}
+    assert abs(sum(shares.values()) - 1) < 1e-12
+
+    # Re-running attribute changes nothing: same run, everything skipped, same statement.
+    before = ledger_counts(url)
+    again = json.loads(
+        ledger(cwd, url, "attribute", "--outputs", "queries.jsonl", "--format", "json").stdout
+    )
+    assert again["run_id"] == first["run_id"]
+    assert again["attributed"] == 0 and again["skipped"] == len(queries)
+    assert ledger_counts(url) == before
+    assert json.loads(ledger(cwd, url, *report_args).stdout)["lines"] == statement["lines"]
+
+    verified = ledger(
+        cwd, url, "verify", first["run_id"][:12], "--outputs", "queries.jsonl", "--sample", "3"
+    )
+    assert "re-computed 3/3 outputs agree" in verified.stdout
+
+    csv = ledger(cwd, url, "report", "--period", "2024-Q3", "--format", "csv").stdout
+    assert csv.splitlines()[0].startswith("provider,value,share")
+    ledger(cwd, url, "report", "--period", "2024-Q3", "--pool", "1000.00", "--finalize")
+    refused = ledger(cwd, url, "report", "--period", "2024-Q3", "--pool", "999.00", check=False)
+    assert refused.returncode != 0 and "final" in refused.stderr
+
+
+def test_bad_input_is_refused_with_one_line_and_nothing_written(
+    workspace: Path, db_url: str, tmp_path: Path
+) -> None:
+    cwd, url = workspace, db_url
+    ledger(cwd, url, "init")
+    ledger(cwd, url, "providers", "add", "stellar")
+    before = ledger_counts(url)
+
+    good = (cwd / "queries.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([good[0], good[1], '{"id": "x", "timestamp": ', *good[2:]]) + "\n")
+    cases = [
+        (["attribute", "--outputs", str(bad)], "line 3"),
+        (["report", "--period", "2024-Q5"], "2024-Q5"),
+        (["shards", "add", "shards/galley-000.jsonl", "--provider", "nobody"], "nobody"),
+        (["providers", "add", "stellar"], "already exists"),
+        (["report", "--period", "2024-Q3", "--pool", "10.001"], "10.001"),
+    ]
+    missing_ts = tmp_path / "missing.jsonl"
+    row = json.loads(good[1])
+    del row["timestamp"]
+    missing_ts.write_text(good[0] + "\n" + json.dumps(row) + "\n")
+    cases.append((["attribute", "--outputs", str(missing_ts)], "line 2, field 'timestamp'"))
+    for args, expected in cases:
+        proc = ledger(cwd, url, *args, check=False)
+        assert proc.returncode != 0, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error:"), proc.stderr
+        assert expected in lines[0], (args, lines[0])
+        assert "Traceback" not in proc.stderr
+    assert ledger_counts(url) == before
+
+
+def test_changed_shard_is_refused_by_index(workspace: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    shard = tmp_path / "s.jsonl"
+    shard.write_text((workspace / "shards" / "stellar-000.jsonl").read_text())
+    ledger(tmp_path, url, "init")
+    ledger(tmp_path, url, "providers", "add", "stellar")
+    ledger(tmp_path, url, "shards", "add", str(shard), "--provider", "stellar")
+    shard.write_text(shard.read_text() + '{"text": "a new row"}\n')
+    proc = ledger(
+        tmp_path,
+        url,
+        "index",
+        "--model",
+        str(workspace / "model"),
+        "--out",
+        str(tmp_path / "idx"),
+        check=False,
+    )
+    assert proc.returncode != 0 and "content changed" in proc.stderr
+    assert not (tmp_path / "idx").exists()
+
+
+def test_uninitialised_ledger_says_how_to_start(tmp_path: Path) -> None:
+    proc = ledger(tmp_path, f"sqlite:///{tmp_path / 'new.db'}", "providers", "list", check=False)
+    assert proc.returncode != 0 and "ledger init" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["init"],
+        ["providers", "add"],
+        ["shards", "add"],
+        ["index"],
+        ["attribute"],
+        ["report"],
+        ["statements", "finalize"],
+        ["statements", "adjust"],
+        ["runs", "show"],
+        ["verify"],
+        ["explain"],
+        ["demo"],
+    ],
+)
+def test_every_command_explains_itself(command: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*LEDGER, *command, "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0
+    assert "Usage:" in proc.stdout and len(proc.stdout.splitlines()) > 4
