@@ -138,7 +138,7 @@ def run_demo(
             f"ledger verify {summary.run_id[:16]} --outputs queries.jsonl",
             "ledger report --period 2024-Q3 --pool 250000 --currency USD --format csv",
             "ledger attribute --outputs queries.jsonl   # again: nothing changes",
-            "sqlite3 ledger.db 'SELECT * FROM statement_lines_named'",
+            'ledger sql "SELECT provider, share, amount FROM statement_lines_named"',
         ):
             say(f"  {line}")
     return {
