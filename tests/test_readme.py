@@ -1,0 +1,69 @@
+"""The README's Python examples run as written."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from attribution.synthetic import (
+    TOPICS,
+    build_word_tokenizer,
+    make_corpus,
+    sample_queries,
+    tiny_gpt2_config,
+    train_tiny_lm,
+    write_jsonl,
+    write_shards,
+    write_workspace_model,
+)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_the_two_setup_commands() -> None:
+    text = README.read_text()
+    assert "pip install torch==2.13.0 && pip install -e . && ledger demo" in text
+    assert "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest" in text
+    assert "python -m pytest" in (README.parent / ".ci" / "run").read_text()
+
+
+def test_generic_api_example_runs(capsys) -> None:
+    exec(compile(python_blocks()[0], "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "['north', 'south']" in out
+
+
+def test_language_model_example_runs(tmp_path, monkeypatch, capsys) -> None:
+    topics = {"stellar-press": TOPICS["astronomy"], "kitchen-table": TOPICS["cooking"]}
+    corpus = make_corpus(topics, docs_per_provider=8, seed=0)
+    texts = [t for docs in corpus.values() for t in docs]
+    tokenizer = build_word_tokenizer(texts)
+    config = tiny_gpt2_config(len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=64)
+    model = train_tiny_lm(texts, tokenizer, config, steps=5, batch_size=4, seed=0)
+    write_workspace_model(model, tokenizer, tmp_path / "model")
+    write_shards(corpus, tmp_path / "shards")
+    write_jsonl(
+        sample_queries(
+            model,
+            tokenizer,
+            corpus,
+            1,
+            seed=0,
+            start=datetime(2024, 7, 1, tzinfo=UTC),
+            end=datetime(2024, 8, 1, tzinfo=UTC),
+        ),
+        tmp_path / "queries.jsonl",
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LEDGER_QUIET", "1")
+    exec(compile(python_blocks()[1], "README.md", "exec"), {})
+    shares = eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(shares) == {"stellar-press", "kitchen-table"}
+    assert sum(shares.values()) == pytest.approx(1.0)
