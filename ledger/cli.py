@@ -60,7 +60,8 @@ def user_errors(fn: Callable) -> Callable:
         except (InputError, LedgerError, IndexMismatchError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc).splitlines()[0]) from exc
         except OperationalError as exc:
-            raise click.ClickException(f"database error: {str(exc.orig).strip()}") from exc
+            detail = str(exc.orig).strip().splitlines()[0]
+            raise click.ClickException(f"database error: {detail}") from exc
 
     return wrapper
 

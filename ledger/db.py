@@ -15,9 +15,11 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import guards
+from ledger.errors import LedgerError
 
 DEFAULT_URL = "sqlite:///ledger.db"
 ENV_VAR = "LEDGER_DATABASE_URL"
@@ -32,7 +34,15 @@ def database_url(explicit: str | None) -> str:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for `url`; SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
-    engine = create_engine(url, **kwargs)
+    try:
+        engine = create_engine(url, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise LedgerError(
+            f"no database driver for {url.split(':', 1)[0]} ({exc.name} is not installed); "
+            "for PostgreSQL: pip install 'provider-credit-ledger[postgres]'"
+        ) from exc
+    except ArgumentError as exc:
+        raise LedgerError(f"invalid database URL {url!r}: {exc}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
     return engine

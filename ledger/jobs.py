@@ -20,7 +20,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from attribution import GradientIndex, IndexConfig, ScoreConfig
-from attribution.data import Query, ShardSpec, count_shard_rows, read_queries, sha256_file
+from attribution.data import Query, ShardSpec, read_queries, read_shard_texts, sha256_file
 from attribution.language import (
     check_model_matches,
     index_language_model,
@@ -60,7 +60,7 @@ def register_shards(engine: Engine, paths: list[str], provider: str) -> list[m.S
     for path in paths:
         if not os.path.isfile(path):
             raise InputError(path, None, None, "shard file not found")
-        rows = count_shard_rows(path)  # reads every row: malformed lines fail here
+        rows = sum(1 for _ in read_shard_texts(path))  # every row is validated here
         specs.append((os.path.abspath(path), sha256_file(path), rows))
     with session_scope(engine) as session:
         get_provider(session, provider)

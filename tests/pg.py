@@ -50,15 +50,15 @@ class PostgresServer:
     user: str = "postgres"
 
     def url(self, database: str = "postgres") -> str:
-        """SQLAlchemy URL (psycopg2) of `database` on this server."""
-        return f"postgresql+psycopg2://{self.user}@{self.host}:{self.port}/{database}"
+        """SQLAlchemy URL (psycopg 3) of `database` on this server."""
+        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{database}"
 
     def create_database(self, prefix: str = "test") -> str:
         """Create a new empty database and return its URL."""
-        import psycopg2
+        import psycopg
 
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-        conn = psycopg2.connect(host=self.host, port=self.port, user=self.user, dbname="postgres")
+        conn = psycopg.connect(host=self.host, port=self.port, user=self.user, dbname="postgres")
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
@@ -69,10 +69,10 @@ class PostgresServer:
 
     def drop_database(self, url: str) -> None:
         """Drop a database created by `create_database` (closing its connections)."""
-        import psycopg2
+        import psycopg
 
         name = url.rsplit("/", 1)[1]
-        conn = psycopg2.connect(host=self.host, port=self.port, user=self.user, dbname="postgres")
+        conn = psycopg.connect(host=self.host, port=self.port, user=self.user, dbname="postgres")
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
@@ -171,16 +171,16 @@ def _start_server() -> tuple[PostgresServer, Path]:
 
 
 def _wait_ready(server: PostgresServer, timeout: float = 30.0) -> None:
-    import psycopg2
+    import psycopg
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            psycopg2.connect(
+            psycopg.connect(
                 host=server.host, port=server.port, user=server.user, dbname="postgres"
             ).close()
             return
-        except psycopg2.OperationalError:
+        except psycopg.OperationalError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
