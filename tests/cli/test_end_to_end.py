@@ -7,27 +7,15 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from attribution.synthetic import (
-    TOPICS,
-    build_word_tokenizer,
-    make_corpus,
-    sample_queries,
-    tiny_gpt2_config,
-    train_tiny_lm,
-    write_jsonl,
-    write_shards,
-    write_workspace_model,
-)
 from ledger.db import make_engine
+from tests.cli.workspace import PROVIDERS
 
-PROVIDERS = {"stellar": "astronomy", "galley": "cooking", "statute": "law"}
 LEDGER = [sys.executable, "-c", "from ledger.cli import main; main()"]
 
 
@@ -39,32 +27,6 @@ def ledger(cwd: Path, url: str, *args: str, check: bool = True) -> subprocess.Co
     if check and proc.returncode != 0:
         raise AssertionError(f"ledger {' '.join(args)} failed:\n{proc.stderr}")
     return proc
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """Model, shards and queries of three providers with distinct topics, built in code."""
-    root = tmp_path_factory.mktemp("workspace")
-    topics = {name: TOPICS[t] for name, t in PROVIDERS.items()}
-    corpus = make_corpus(topics, docs_per_provider=20, seed=5)
-    texts = [t for docs in corpus.values() for t in docs]
-    tokenizer = build_word_tokenizer(texts)
-    config = tiny_gpt2_config(len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=48)
-    model = train_tiny_lm(texts, tokenizer, config, steps=120, batch_size=16, seed=0)
-    write_workspace_model(model, tokenizer, root / "model")
-    write_shards(corpus, root / "shards")
-    rows = sample_queries(
-        model,
-        tokenizer,
-        make_corpus(topics, 20, seed=6),
-        n_per_provider=3,
-        seed=1,
-        start=datetime(2024, 7, 1, tzinfo=UTC),
-        end=datetime(2024, 10, 1, tzinfo=UTC),
-    )
-    rows[0]["revenue"] = "2.50"  # a weighted output
-    write_jsonl(rows, root / "queries.jsonl")
-    return root
 
 
 def ledger_counts(url: str) -> dict[str, int]:
@@ -208,6 +170,11 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(
         (["providers", "add", "stellar"], "already exists"),
         (["report", "--period", "2024-Q3", "--pool", "10.001"], "10.001"),
     ]
+    bad_shard = tmp_path / "bad-shard.jsonl"
+    bad_shard.write_text('{"text": "fine"}\n{"text": 5}\n')
+    cases.append(
+        (["shards", "add", str(bad_shard), "--provider", "stellar"], "line 2, field 'text'")
+    )
     missing_ts = tmp_path / "missing.jsonl"
     row = json.loads(good[1])
     del row["timestamp"]
