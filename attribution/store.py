@@ -149,6 +149,15 @@ class GradientIndex:
     def layer_names(self) -> list[str]:
         return [layer["name"] for layer in self.build["layers"]]
 
+    def rows_metadata(self, rows: np.ndarray | list[int]) -> pl.DataFrame:
+        """Metadata of just these rows (read by a filtered scan, not the whole table)."""
+        wanted = pl.Series("row", np.unique(np.asarray(rows, dtype=np.int64)), dtype=pl.UInt32)
+        return (
+            pl.scan_parquet(self.root / METADATA_FILE)
+            .filter(pl.col("row").is_in(wanted.implode()))
+            .collect()
+        )
+
     @property
     def self_influence(self) -> np.ndarray:
         return self.metadata_columns(["self_influence"])["self_influence"].to_numpy()

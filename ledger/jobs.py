@@ -237,7 +237,8 @@ def query_results(index: GradientIndex, queries: list[Query], result) -> list[Qu
     """Ledger rows of scored queries: credits w_q · share, and the top examples."""
     shares = result.shares()
     unattributed = result.unattributed()
-    meta = index.metadata.select("example_id", "shard", "provider")
+    top_rows = result.top_rows[result.top_rows >= 0]
+    meta = {r["row"]: r for r in index.rows_metadata(top_rows).iter_rows(named=True)}
     out = []
     for qi, q in enumerate(queries):
         record = QueryRecord(q.id, q.timestamp.astimezone(UTC), q.weight, q.text_sha256)
@@ -254,7 +255,7 @@ def query_results(index: GradientIndex, queries: list[Query], result) -> list[Qu
             if row < 0:
                 continue
             rank += 1
-            ex = meta.row(int(row), named=True)
+            ex = meta[int(row)]
             top.append(
                 TopExample(
                     rank, ex["example_id"], ex["shard"], int(row), ex["provider"], float(score)
