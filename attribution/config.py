@@ -10,8 +10,8 @@ ProjectionKind = Literal["random", "pca", "identity"]
 StorageDType = Literal["float32", "float16"]
 
 # Defaults chosen from the counterfactual accuracy measurements (benchmarks/results/accuracy.md).
-DEFAULT_K = 16
-DEFAULT_DAMPING_FACTOR = 0.1
+DEFAULT_K = 32
+DEFAULT_DAMPING_FACTOR = 1.0
 
 
 @dataclass(frozen=True)
