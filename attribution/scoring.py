@@ -3,13 +3,14 @@
 influence(q, i) = Σ_l q_lᵀ (F_l + λ_l I)⁻¹ g_{i,l}: queries are preconditioned once, then each
 block of training rows costs one matrix product. RelatIF divides by sqrt(self-influence);
 provider sums keep the positive part. Memory is bounded by the block size (from a budget), not
-by the number of training rows; the next block is read while the current one is scored.
+by the number of training rows. Rows are multiplied straight from the memory-mapped block files
+(float16 rows through a small conversion buffer); the kernel is asked to read the next chunk's
+files ahead while the current one is scored.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -104,64 +105,62 @@ class ScoreResult:
         return ~(self.positive.sum(axis=1) > 0)
 
 
-def _chunks(index: GradientIndex, rows_per_chunk: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Consecutive (first row, float32 array) chunks assembled from the block files."""
-    pending: list[np.ndarray] = []
-    pending_rows, start = 0, 0
-    for path in index.block_files():
-        mm = np.load(path, mmap_mode="r")
+def _chunks(index: GradientIndex, rows_per_chunk: int) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """Consecutive (first row, parts) chunks of `rows_per_chunk` rows (fewer in the last one).
+
+    `parts` are row ranges of the block files, memory-mapped copy-on-write (never written), in
+    their stored dtype; nothing is copied here. A mapping is released once the chunks using it
+    are dropped, so resident pages never accumulate. Before a chunk is yielded, the kernel is
+    told to read ahead the files of the following chunk (the IO overlaps the scoring).
+    """
+    files = index.block_files()
+    rows_per_block = max(int(index.build["config"].get("rows_per_block", 1)), 1)
+    ahead = -(-rows_per_chunk // rows_per_block) + 1  # files spanned by one chunk, plus one
+    advised = 0
+    parts: list[np.ndarray] = []
+    filled, start = 0, 0
+    for number, path in enumerate(files):
+        while advised < min(len(files), number + 1 + ahead):
+            _read_ahead(files[advised])
+            advised += 1
+        mm = np.load(path, mmap_mode="c")
         offset = 0
         while offset < mm.shape[0]:
-            take = min(rows_per_chunk - pending_rows, mm.shape[0] - offset)
-            pending.append(np.array(mm[offset : offset + take], dtype=np.float32))
-            pending_rows += take
+            take = min(rows_per_chunk - filled, mm.shape[0] - offset)
+            parts.append(mm[offset : offset + take])
+            filled += take
             offset += take
-            if pending_rows == rows_per_chunk:
-                yield start, pending[0] if len(pending) == 1 else np.concatenate(pending)
-                start += pending_rows
-                pending, pending_rows = [], 0
-        del mm  # release the mapping: resident pages never accumulate
-    if pending:
-        yield start, pending[0] if len(pending) == 1 else np.concatenate(pending)
+            if filled == rows_per_chunk:
+                yield start, parts
+                start += filled
+                parts, filled = [], 0
+        del mm
+    if parts:
+        yield start, parts
 
 
-def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
-    """Run `it` in a background thread, `depth` items ahead (IO overlaps compute)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    failure: list[BaseException] = []
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            failure.append(exc)
-        finally:
-            q.put(done)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
+def _read_ahead(path: os.PathLike) -> None:
+    """Ask the kernel to start reading a file into the page cache (no-op where unsupported)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
     try:
-        while (item := q.get()) is not done:
-            yield item
-        if failure:
-            raise failure[0]
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
     finally:
-        stop.set()
+        os.close(fd)
 
 
 def rows_per_chunk(n_queries: int, dim: int, budget_mb: int) -> int:
     """Rows of one block so that its scores and gradients fit the memory budget."""
-    per_row = 4 * (2 * n_queries + 2 * dim)  # scores, their positive part, two gradient chunks
+    # scores, their positive part (or provider-sorted copy), the chunk's mapped gradient rows
+    # and headroom for the next chunk's read-ahead
+    per_row = 4 * (2 * n_queries + 2 * dim)
     return max(1, (budget_mb << 20) // per_row)
 
 
@@ -211,6 +210,30 @@ def score(
     )
 
 
+def _add_provider_sums(
+    st: np.ndarray, codes: np.ndarray, signed: np.ndarray, positive: np.ndarray
+) -> None:
+    """Add Σ_{rows i of provider p} st[i] (and of max(st[i], 0)) to signed[:, p] (positive).
+
+    `st` is a (rows, queries) float32 score chunk, `codes` the rows' provider numbers. Rows are
+    grouped by provider (a stable sort, skipped when they already come in runs, as rows of one
+    shard do) and each group is summed in one `np.add.reduceat`: sequential, single-threaded
+    and deterministic, with no per-row work in Python.
+    """
+    change = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+    sorted_copy = change.size + 1 > max(64, codes.size // 64)
+    if sorted_copy:  # many short runs: group them by a stable sort (a copy of the scores)
+        order = np.argsort(codes, kind="stable")
+        codes = codes[order]
+        st = st[order]
+        change = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    run_codes = codes[starts]
+    np.add.at(signed.T, run_codes, np.add.reduceat(st, starts, axis=0))
+    pos = np.maximum(st, 0, out=st) if sorted_copy else np.maximum(st, 0)
+    np.add.at(positive.T, run_codes, np.add.reduceat(pos, starts, axis=0))
+
+
 def _score_pass(
     index: GradientIndex,
     query_grads: np.ndarray,
@@ -226,21 +249,33 @@ def _score_pass(
     top_scores = torch.full((n_q, k), -torch.inf, dtype=torch.float32)
     top_rows = torch.full((n_q, k), -1, dtype=torch.int64)
     dense = np.empty((n_q, index.rows), np.float32) if config.dense else None
-    chunk = rows_per_chunk(n_q, index.dim, config.memory_budget_mb)
-    for start, block in _prefetch(_chunks(index, chunk)):
-        r = block.shape[0]
-        s = q @ torch.from_numpy(block).T  # (n_q, r)
-        s *= torch.from_numpy(inv_sqrt[start : start + r].astype(np.float32))
-        onehot = torch.zeros(r, n_providers, dtype=torch.float32)
-        onehot[torch.arange(r), torch.from_numpy(codes[start : start + r])] = 1.0
-        signed += (s @ onehot).double().numpy()
-        positive += (s.clamp(min=0) @ onehot).double().numpy()
+    chunk = min(rows_per_chunk(n_q, index.dim, config.memory_budget_mb), max(index.rows, 1))
+    # Scores are computed transposed, (rows, queries): block @ qᵀ writes each block's scores
+    # into contiguous rows of one reused buffer, and per-provider sums become sums of row runs.
+    qt = q.T.contiguous()  # (D, n_q)
+    scores = torch.empty(chunk, n_q, dtype=torch.float32)
+    convert: np.ndarray | None = None  # float32 rows of a lower-precision part
+    for start, parts in _chunks(index, chunk):
+        r = 0
+        for part in parts:
+            n = part.shape[0]
+            if part.dtype != np.float32:
+                if convert is None or convert.shape[0] < n:
+                    convert = np.empty((n, index.dim), np.float32)
+                np.copyto(convert[:n], part)
+                part = convert[:n]
+            torch.mm(torch.from_numpy(part), qt, out=scores[r : r + n])
+            r += n
+        del parts, part  # drop the mappings before the next chunk is mapped
+        st = scores[:r]  # (r, n_q)
+        st *= torch.from_numpy(inv_sqrt[start : start + r].astype(np.float32))[:, None]
+        _add_provider_sums(st.numpy(), codes[start : start + r], signed, positive)
         if dense is not None:
-            dense[:, start : start + r] = s.numpy()
+            dense[:, start : start + r] = st.T.numpy()
         kk = min(k, r)
-        bs, bi = torch.topk(s, kk, dim=1)
-        merged_s = torch.cat([top_scores, bs], dim=1)
-        merged_r = torch.cat([top_rows, bi + start], dim=1)
+        bs, bi = torch.topk(st, kk, dim=0)  # (kk, n_q)
+        merged_s = torch.cat([top_scores, bs.T], dim=1)
+        merged_r = torch.cat([top_rows, bi.T + start], dim=1)
         order = torch.argsort(merged_s, dim=1, descending=True, stable=True)[:, :k]
         top_scores = torch.gather(merged_s, 1, order)
         top_rows = torch.gather(merged_r, 1, order)
@@ -249,10 +284,9 @@ def _score_pass(
 
 
 def top_examples(index: GradientIndex, result: ScoreResult, query: int) -> pl.DataFrame:
-    """The audit table of one query: rank, row, example id, shard, provider, score."""
+    """The audit table of one query: rank, row, score, example id, shard, provider."""
     rows = result.top_rows[query]
     keep = rows >= 0
-    meta = index.metadata.select("row", "example_id", "shard", "provider")
     picked = pl.DataFrame(
         {
             "rank": np.arange(1, keep.sum() + 1),
@@ -260,7 +294,8 @@ def top_examples(index: GradientIndex, result: ScoreResult, query: int) -> pl.Da
             "score": result.top_scores[query][keep],
         }
     )
-    return picked.join(meta.with_columns(pl.col("row").cast(pl.UInt32)), on="row", how="left")
+    meta = index.rows_metadata(rows[keep]).select("row", "example_id", "shard", "provider")
+    return picked.join(meta, on="row", how="left")
 
 
 def score_queries(
