@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy.run            # full run (ground truth cached after the first)
     python -m benchmarks.accuracy.run --quick    # small run, for a check of the pipeline
 
-Writes benchmarks/results/accuracy.json and accuracy.md (or *-quick.* with --quick).
+Writes benchmarks/results/accuracy.json and accuracy.md (--quick: into the cache folder).
 """
 
 from __future__ import annotations
@@ -233,11 +233,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch": torch.__version__},  # fmt: skip
         "settings": results,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    # A quick run is a pipeline check: its numbers stay out of the committed results.
+    out_dir = CACHE_DIR if args.quick else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "accuracy-quick" if args.quick else "accuracy"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_markdown(report, RESULTS / f"{stem}.md")
-    log.info("done in %.0fs: %s", report["seconds"], RESULTS / f"{stem}.md")
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(report, out_dir / f"{stem}.md")
+    log.info("done in %.0fs: %s", report["seconds"], out_dir / f"{stem}.md")
     return report
 
 
