@@ -71,8 +71,6 @@ def test_exact_influence_predicts_retraining_on_a_tiny_mlp(tmp_path, one_thread)
     losses = subset_losses(cache, masks, [0])
     built = methods.build(setting, "identity", 0, "float32", tmp_path)
     exact = lds_per_query(methods.influence_scores(built, 1.0, relatif=False), masks, losses)
-    shuffled = lds_per_query(
-        np.random.default_rng(0).normal(size=(6, 80)), masks, losses
-    )
+    shuffled = lds_per_query(np.random.default_rng(0).normal(size=(6, 80)), masks, losses)
     assert np.nanmean(exact) > 0.4
     assert np.nanmean(exact) > np.nanmean(shuffled) + 0.3

@@ -8,8 +8,8 @@ text. Peers track the same layers as the project's index.
 from __future__ import annotations
 
 import copy
-import os
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +30,7 @@ def linearised(model: nn.Module) -> nn.Module:
     from transformers.pytorch_utils import Conv1D
 
     model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
+    for _, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Conv1D):
                 n_in, n_out = child.weight.shape
@@ -145,8 +145,9 @@ def logix_scores(setting: Setting, workdir: Path, rank: int = 16) -> np.ndarray:
 
 
 def _logix_in_cwd(setting: Setting, model: nn.Module, names: list[str], rank: int) -> np.ndarray:
-    import logix
     from logix.config import LoRAConfig
+
+    import logix
 
     logix._LOGIX_INSTANCE = None  # one run per setting in this process
     run = logix.init(project="bench", config=None)

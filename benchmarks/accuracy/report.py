@@ -78,7 +78,9 @@ def _providers(s: dict) -> list[str]:
         p = m["provider"]
         cells = [
             f"{p[v]['spearman']['mean']:.3f} ± {p[v]['spearman']['std']:.2f}, top-1 "
-            f"{p[v]['top1']:.2f}" if v in p else "–"
+            f"{p[v]['top1']:.2f}"
+            if v in p
+            else "–"
             for v in variants
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -124,7 +126,9 @@ def write_markdown(report: dict, path: Path) -> None:
         out += ["", "### Peers", ""]
         for name, st in s["peers"].items():
             detail = st.get("error", "")
-            out.append(f"- {name}: {st['status']} ({st['seconds']:.1f} s){' — ' + detail if detail else ''}")
+            out.append(
+                f"- {name}: {st['status']} ({st['seconds']:.1f} s){' — ' + detail if detail else ''}"
+            )
         out += [f"- library scoring path vs re-damped scores, max relative difference: "
                 f"{s['library_vs_redamped_max_rel_diff']:.1e}", ""]  # fmt: skip
     if RATIONALE.exists():

@@ -27,7 +27,9 @@ class RetrainCache:
 
     def __init__(self, setting: Setting, root: Path | None = CACHE_DIR) -> None:
         self.setting = setting
-        self.path = None if root is None else Path(root) / f"{setting.name}-{setting.fingerprint}.npz"
+        self.path = (
+            None if root is None else Path(root) / f"{setting.name}-{setting.fingerprint}.npz"
+        )
         self.entries: dict[str, np.ndarray] = {}
         if self.path is not None and self.path.exists():
             with np.load(self.path) as data:

@@ -90,9 +90,7 @@ def _brittleness(
         for k in plan.brittle_ks:
             effects = []
             for q in queries:
-                removed = (
-                    random_rows[(q, k)] if scores is None else np.argsort(-scores[q])[:k]
-                )
+                removed = random_rows[(q, k)] if scores is None else np.argsort(-scores[q])[:k]
                 after = removal_outputs(cache, removed, seed=0)
                 if setting.task == "classification":
                     effects.append(float(after[1, q] != base[1, q]))
@@ -196,7 +194,11 @@ def evaluate_setting(
         "n_queries": setting.n_queries,
         "providers": names,
         "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(plan).items()},
-        "defaults": {"kind": DEFAULT_KIND, "k": DEFAULT_K, "damping_factor": DEFAULT_DAMPING_FACTOR},
+        "defaults": {
+            "kind": DEFAULT_KIND,
+            "k": DEFAULT_K,
+            "damping_factor": DEFAULT_DAMPING_FACTOR,
+        },
         "library_vs_redamped_max_rel_diff": agree,
         "sweep": sweep,
         "methods": methods_table,
@@ -229,8 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": "python -m benchmarks.accuracy.run" + (" --quick" if args.quick else ""),
         "seconds": round(time.perf_counter() - start, 1),
-        "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},  # fmt: skip
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },  # fmt: skip
         "settings": results,
     }
     # A quick run is a pipeline check: its numbers stay out of the committed results.
