@@ -1,0 +1,242 @@
+"""Logging throughput of the gradient index build vs a plain training step, same model and batches.
+
+Model: a randomly initialised GPT-2 (transformers `GPT2LMHeadModel`, eager attention, dropout 0)
+of 6 layers × 512 wide, 8 heads, vocabulary 8,192, float32; batches of 8 sequences × 128
+tokens of random token ids (every token real). The loss is `attribution.lm.lm_loss`.
+
+- training step: forward + backward (weight gradients) + `torch.optim.AdamW` step, in train
+  mode, on a copy of the model;
+- logging pass: what `attribution.build_index` runs per batch with the default `IndexConfig`
+  (PCA projections, k = 16 per side, every Conv1D layer, tied head skipped):
+  `attribution.index._log_gradients` over the same batches into a fresh index directory,
+  i.e. `projected_gradients` (forward + backward with frozen parameters, projected hooks,
+  per-example Kronecker products), conversion to the storage dtype, and the block writes;
+  measured with float32 storage (the default) and float16 storage;
+- reported separately: the PCA statistics first pass (`make_projectors`: raw activation and
+  output-gradient covariances in float64, then the eigendecompositions) and the index
+  finalisation (curvature fit, self-influence, metadata, manifest).
+
+Throughput is tokens per second (batch × sequence length per batch); the ratio is logging ÷
+training (target ≥ 1.0). Passes alternate (train, log float32, log float16) for each repeat;
+medians are reported.
+
+    python -m benchmarks.logging_throughput
+    python -m benchmarks.logging_throughput --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    fmt,
+    machine_info,
+    print_table,
+    summary,
+    timed,
+    write_results,
+)
+
+NAME = "logging_throughput"
+
+
+def make_model(args: argparse.Namespace) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(args.seed)
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=args.seq,
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    model = GPT2LMHeadModel(config).float()
+    model.eval()
+    return model
+
+
+def make_batches(args: argparse.Namespace) -> list:
+    from attribution.lm import batch_from_token_ids
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    batches = []
+    for b in range(args.batches):
+        ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).tolist()
+        batch = batch_from_token_ids(ids)
+        batch.example_ids = [f"b{b}-{i}" for i in range(args.batch)]
+        batch.providers = [f"provider-{i % 4}" for i in range(args.batch)]
+        batch.shards = ["bench"] * args.batch
+        batches.append(batch)
+    return batches
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=4, help="batches per timed pass")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.layers, args.width, args.heads, args.seq, args.vocab = 2, 64, 2, 32, 512
+        args.batch, args.batches, args.repeats = 4, 2, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from attribution.config import IndexConfig
+    from attribution.index import _finalise, _layout, _log_gradients, make_projectors
+    from attribution.lm import lm_loss
+    from attribution.manifest import write_json
+    from attribution.projection import projected_gradients
+    from attribution.store import BUILD_FILE, PROJECTIONS_FILE, save_projectors
+
+    model = make_model(args)
+    batches = make_batches(args)
+    tokens = args.batch * args.seq * args.batches
+    configs = {"float32": IndexConfig(), "float16": IndexConfig(dtype="float16")}
+    default = IndexConfig()
+
+    # PCA statistics first pass (default config), timed once.
+    t_pca, (layers, projectors) = timed(
+        lambda: make_projectors(model, lm_loss, batches, default, show_progress=False)
+    )
+
+    train_model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
+
+    def train_pass() -> None:
+        for batch in batches:
+            loss = lm_loss(train_model, batch).sum() / (args.batch * args.seq)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    scratch = Path(tempfile.mkdtemp(prefix="ledger-bench-logging-"))
+
+    def log_pass(dtype: str) -> None:
+        root = scratch / f"log-{dtype}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        _log_gradients(model, lm_loss, batches, root, layers, projectors, configs[dtype], False)
+
+    try:
+        # Warm-up: one step of each kind.
+        loss = lm_loss(train_model, batches[0]).sum() / (args.batch * args.seq)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        projected_gradients(model, lm_loss, batches[0], layers, projectors)
+
+        times: dict[str, list[float]] = {"train": [], "log_float32": [], "log_float16": []}
+        for _ in range(args.repeats):
+            times["train"].append(timed(train_pass)[0])
+            times["log_float32"].append(timed(lambda: log_pass("float32"))[0])
+            times["log_float16"].append(timed(lambda: log_pass("float16"))[0])
+
+        # Index finalisation (curvature, self-influence, metadata, manifest) of the float32 run.
+        root = scratch / "log-float32"
+        save_projectors(root / PROJECTIONS_FILE, projectors)
+        layout = _layout(projectors)
+        fingerprint = {"config": default.to_dict(), "model": {"benchmark": True}, "data": {}}
+        build = {
+            "fingerprint": fingerprint,
+            "layers": layout,
+            "dim": layout[-1]["stop"],
+            "config": default.to_dict(),
+        }
+        write_json(root / BUILD_FILE, build)
+        t_final, index = timed(lambda: _finalise(root, build, default, fingerprint))
+        dim, rows = index.dim, index.rows
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    rate = {k: tokens / float(np.median(v)) for k, v in times.items()}
+    ratio32 = rate["log_float32"] / rate["train"]
+    ratio16 = rate["log_float16"] / rate["train"]
+    per_repeat32 = [t / lg for t, lg in zip(times["train"], times["log_float32"], strict=True)]
+    per_repeat16 = [t / lg for t, lg in zip(times["train"], times["log_float16"], strict=True)]
+    n_params = sum(p.numel() for p in model.parameters())
+
+    payload = {
+        "machine": machine_info(),
+        "setup": {
+            "model": "GPT2LMHeadModel, random init, eager attention, dropout 0, float32",
+            "layers": args.layers,
+            "width": args.width,
+            "heads": args.heads,
+            "vocab": args.vocab,
+            "parameters": n_params,
+            "seq": args.seq,
+            "batch": args.batch,
+            "batches_per_pass": args.batches,
+            "tokens_per_pass": tokens,
+            "repeats": args.repeats,
+            "index_config": default.to_dict(),
+            "tracked_layers": len(layers),
+            "index_dim": dim,
+            "rows": rows,
+            "train_step": "lm_loss sum / tokens, backward, AdamW(lr=1e-4) step, zero_grad",
+            "logging_pass": "attribution.index._log_gradients (projected_gradients + block writes)",
+            "order": "per repeat: train pass, log float32 pass, log float16 pass",
+        },
+        "seconds_per_pass": {k: summary(v) for k, v in times.items()},
+        "tokens_per_s": rate,
+        "ratio_log_float32_over_train": ratio32,
+        "ratio_log_float16_over_train": ratio16,
+        "ratio_per_repeat": {"float32": per_repeat32, "float16": per_repeat16},
+        "pca_first_pass": {"seconds": t_pca, "tokens_per_s": tokens / t_pca},
+        "finalise": {"seconds": t_final},
+        "target": 1.0,
+        "meets_target": bool(ratio32 >= 1.0),
+    }
+    print(
+        f"\nGPT-2 {args.layers}×{args.width} ({n_params / 1e6:.1f}M parameters), "
+        f"batch {args.batch} × {args.seq} tokens, {args.batches} batches per pass, "
+        f"{torch.get_num_threads()} torch threads, medians of {args.repeats}"
+    )
+    print_table(
+        [
+            ("training step (fwd+bwd+AdamW)", fmt(rate["train"], 0), "1.000"),
+            ("logging pass, float32 storage", fmt(rate["log_float32"], 0), fmt(ratio32)),
+            ("logging pass, float16 storage", fmt(rate["log_float16"], 0), fmt(ratio16)),
+            (
+                "PCA statistics first pass",
+                fmt(tokens / t_pca, 0),
+                fmt(tokens / t_pca / rate["train"]),
+            ),
+            ("finalise (curvature, manifest)", f"{t_final:.2f} s", ""),
+        ],
+        header=("", "tokens/s", "÷ training"),
+    )
+    path = write_results(NAME, payload, quick=args.quick)
+    print(f"written {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
