@@ -8,10 +8,12 @@ from typing import Literal
 
 ProjectionKind = Literal["random", "pca", "identity"]
 StorageDType = Literal["float32", "float16"]
+CurvatureKind = Literal["ekfac", "full"]
 
 # Defaults chosen from the counterfactual accuracy measurements (benchmarks/results/accuracy.md).
 DEFAULT_K = 32
-DEFAULT_DAMPING_FACTOR = 1.0
+DEFAULT_CURVATURE = "ekfac"
+DEFAULT_DAMPING_FACTOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class IndexConfig:
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     dtype: StorageDType = "float32"
     """Storage precision of the projected gradients; curvature is always float64 when built."""
+    curvature: CurvatureKind = DEFAULT_CURVATURE
+    """`ekfac`: Kronecker-factored eigenbasis with corrected eigenvalues; `full`: the dense
+    projected empirical Fisher (see attribution/curvature.py)."""
     damping_factor: float = DEFAULT_DAMPING_FACTOR
     """λ_l = damping_factor × mean eigenvalue of the layer's projected Fisher."""
     rows_per_block: int = 1024
@@ -70,6 +75,7 @@ class IndexConfig:
         return IndexConfig(
             projection=ProjectionConfig(**p),
             dtype=d["dtype"],
+            curvature=d.get("curvature", "full"),
             damping_factor=d["damping_factor"],
             rows_per_block=d["rows_per_block"],
         )

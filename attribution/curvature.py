@@ -1,17 +1,30 @@
-"""Projected empirical Fisher per layer, its eigendecomposition, damping and preconditioning.
+"""Projected Fisher per layer, its eigendecomposition, damping and preconditioning.
 
-F_l = mean_i g_{i,l} g_{i,l}ᵀ; λ_l = damping_factor × mean eigenvalue of F_l; a query is
-preconditioned as (F_l + λ_l I)⁻¹ q_l, computed through the eigenbasis.
+Two curvature kinds, both built from the stored per-example projected gradients g_{i,l}:
+
+- `full`: the projected empirical Fisher F_l = mean_i g_{i,l} g_{i,l}ᵀ, eigendecomposed.
+- `ekfac`: an eigenbasis that is a Kronecker product Q_out ⊗ Q_in, from the factors
+  Σ_i G_i G_iᵀ and Σ_i G_iᵀ G_i of the per-example gradient matrices G_i (k_out × k_in), with
+  the eigenvalues corrected to the gradients' actual second moments in that basis (as in
+  EKFAC, George et al. 2018). Its d eigenvalues are each estimated from all examples, so it
+  stays well conditioned when there are fewer examples than dimensions, where the full
+  Fisher is rank-deficient and its inverse leans on damping alone.
+
+Either way F_l = V diag(eigvals) Vᵀ, λ_l = damping_factor × mean eigenvalue, and a query is
+preconditioned as (F_l + λ_l I)⁻¹ q_l through the eigenbasis.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+CurvatureKind = Literal["ekfac", "full"]
 
 # Fisher accumulators of layers summed per pass stay below this many bytes (float64).
 FISHER_PASS_BYTES = 1 << 30
@@ -19,11 +32,12 @@ FISHER_PASS_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class LayerSlice:
-    """Where a layer's projected gradient lies in the concatenated row."""
+    """Where a layer's projected gradient lies in the concatenated row, and its (k_out, k_in)."""
 
     name: str
     start: int
     stop: int
+    shape: tuple[int, int] | None = None
 
     @property
     def dim(self) -> int:
@@ -32,15 +46,37 @@ class LayerSlice:
 
 @dataclass
 class LayerCurvature:
-    """Eigendecomposition F = V diag(eigvals) Vᵀ of one layer and its damping λ."""
+    """F = V diag(eigvals) Vᵀ of one layer and its damping λ.
+
+    V is either dense (`eigvecs`, d × d, columns are eigenvectors) or the Kronecker product
+    `q_out ⊗ q_in` of two small orthogonal matrices, never formed.
+    """
 
     eigvals: np.ndarray  # (d,) float64
-    eigvecs: np.ndarray  # (d, d) float64, columns are eigenvectors
+    eigvecs: np.ndarray | None  # (d, d) float64, or None when Kronecker-factored
     damping: float
+    q_out: np.ndarray | None = None  # (k_out, k_out)
+    q_in: np.ndarray | None = None  # (k_in, k_in)
 
     def inverse_diagonal(self) -> np.ndarray:
         """1 / (eigvals + λ), the damped inverse in the eigenbasis."""
         return 1.0 / (np.maximum(self.eigvals, 0.0) + self.damping)
+
+    def rotate(self, g: np.ndarray) -> np.ndarray:
+        """(n, d) → (n, d): coordinates in the eigenbasis, Vᵀ g."""
+        if self.eigvecs is not None:
+            return g @ self.eigvecs
+        k_out, k_in = self.q_out.shape[0], self.q_in.shape[0]
+        m = g.reshape(-1, k_out, k_in)
+        return np.matmul(np.matmul(self.q_out.T, m), self.q_in).reshape(g.shape[0], -1)
+
+    def unrotate(self, z: np.ndarray) -> np.ndarray:
+        """(n, d) → (n, d): V z."""
+        if self.eigvecs is not None:
+            return z @ self.eigvecs.T
+        k_out, k_in = self.q_out.shape[0], self.q_in.shape[0]
+        m = z.reshape(-1, k_out, k_in)
+        return np.matmul(np.matmul(self.q_out, m), self.q_in.T).reshape(z.shape[0], -1)
 
 
 class Curvature:
@@ -59,8 +95,8 @@ class Curvature:
         g = np.asarray(g, dtype=np.float64)
         out = np.empty_like(g)
         for s, c in zip(self.slices, self.layers, strict=True):
-            z = g[:, s.start : s.stop] @ c.eigvecs
-            out[:, s.start : s.stop] = (z * c.inverse_diagonal()) @ c.eigvecs.T
+            z = c.rotate(g[:, s.start : s.stop])
+            out[:, s.start : s.stop] = c.unrotate(z * c.inverse_diagonal())
         return out
 
     def self_influence(self, g: np.ndarray) -> np.ndarray:
@@ -68,16 +104,28 @@ class Curvature:
         g = np.asarray(g, dtype=np.float64)
         total = np.zeros(g.shape[0], dtype=np.float64)
         for s, c in zip(self.slices, self.layers, strict=True):
-            z = g[:, s.start : s.stop] @ c.eigvecs
+            z = c.rotate(g[:, s.start : s.stop])
             total += (z * z) @ c.inverse_diagonal()
         return total
+
+    def with_damping(self, factor: float) -> Curvature:
+        """The same eigenbasis and eigenvalues with λ_l = factor × mean eigenvalue."""
+        layers = [
+            LayerCurvature(c.eigvals, c.eigvecs, _damping(c.eigvals, factor), c.q_out, c.q_in)
+            for c in self.layers
+        ]
+        return Curvature(self.slices, layers)
 
     def save(self, path: Path) -> None:
         tensors = {}
         for s, c in zip(self.slices, self.layers, strict=True):
             tensors[f"{s.name}.eigvals"] = c.eigvals
-            tensors[f"{s.name}.eigvecs"] = np.ascontiguousarray(c.eigvecs)
             tensors[f"{s.name}.damping"] = np.array([c.damping], dtype=np.float64)
+            if c.eigvecs is not None:
+                tensors[f"{s.name}.eigvecs"] = np.ascontiguousarray(c.eigvecs)
+            else:
+                tensors[f"{s.name}.q_out"] = np.ascontiguousarray(c.q_out)
+                tensors[f"{s.name}.q_in"] = np.ascontiguousarray(c.q_in)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(path)
@@ -87,64 +135,116 @@ class Curvature:
         t = load_file(str(path))
         layers = [
             LayerCurvature(
-                t[f"{s.name}.eigvals"], t[f"{s.name}.eigvecs"], float(t[f"{s.name}.damping"][0])
+                t[f"{s.name}.eigvals"],
+                t.get(f"{s.name}.eigvecs"),
+                float(t[f"{s.name}.damping"][0]),
+                t.get(f"{s.name}.q_out"),
+                t.get(f"{s.name}.q_in"),
             )
             for s in slices
         ]
         return Curvature(slices, layers)
 
 
-def _pass_groups(slices: list[LayerSlice], budget: int) -> list[list[LayerSlice]]:
-    """Split layers into groups whose Fisher accumulators fit the memory budget together."""
+def _damping(eigvals: np.ndarray, factor: float) -> float:
+    mean = float(np.maximum(eigvals, 0.0).mean())
+    # A layer whose gradients are all zero still needs a positive damping.
+    return factor * mean if mean > 0 else 1.0
+
+
+def _pass_groups(
+    slices: list[LayerSlice], size: Callable[[LayerSlice], int], budget: int
+) -> list[list[LayerSlice]]:
+    """Split layers into groups whose accumulators fit the memory budget together."""
     groups: list[list[LayerSlice]] = [[]]
     used = 0
     for s in slices:
-        size = s.dim * s.dim * 8
-        if groups[-1] and used + size > budget:
+        if groups[-1] and used + size(s) > budget:
             groups.append([])
             used = 0
         groups[-1].append(s)
-        used += size
+        used += size(s)
     return groups
 
 
+BlockSource = Callable[[], Iterable[np.ndarray]]
+
+
 def fit_curvature(
-    blocks: Iterable[np.ndarray] | None,
+    block_source: BlockSource,
     slices: list[LayerSlice],
     damping_factor: float,
+    kind: CurvatureKind = "ekfac",
     *,
-    block_source=None,
     budget_bytes: int = FISHER_PASS_BYTES,
 ) -> Curvature:
-    """Projected empirical Fisher from gradient rows, eigendecomposed and damped.
-
-    `block_source()` returns a fresh iterable of (n, D) row blocks; several passes are made when
-    all layers' accumulators would not fit `budget_bytes` at once. `blocks` may be given instead
-    for a single pass.
-    """
+    """Curvature of each layer from gradient rows; `block_source()` returns a fresh iterable of
+    (n, D) row blocks (passes are streamed, never all rows in memory)."""
     if damping_factor <= 0:
         raise ValueError(f"damping factor must be positive, got {damping_factor}")
-    if block_source is None:
-        materialised = list(blocks or [])
-        block_source = lambda: materialised  # noqa: E731
+    if kind == "full":
+        fitted = _fit_full(block_source, slices, budget_bytes)
+    elif kind == "ekfac":
+        fitted = _fit_ekfac(block_source, slices)
+    else:
+        raise ValueError(f"unknown curvature kind '{kind}' (ekfac or full)")
+    return Curvature(slices, fitted).with_damping(damping_factor)
+
+
+def _fit_full(source: BlockSource, slices: list[LayerSlice], budget: int) -> list[LayerCurvature]:
     fitted: dict[str, LayerCurvature] = {}
-    for group in _pass_groups(slices, budget_bytes):
-        acc = {s.name: np.zeros((s.dim, s.dim), dtype=np.float64) for s in group}
+    for group in _pass_groups(slices, lambda s: s.dim * s.dim * 8, budget):
+        acc = {s.name: np.zeros((s.dim, s.dim)) for s in group}
         n = 0
-        for block in block_source():
+        for block in source():
             b = np.asarray(block, dtype=np.float64)
             for s in group:
                 g = b[:, s.start : s.stop]
                 acc[s.name] += g.T @ g
             n += b.shape[0]
-        if n == 0:
-            raise ValueError("curvature needs at least one training example")
+        _require_rows(n)
         for s in group:
             fisher = acc[s.name] / n
             eigvals, eigvecs = np.linalg.eigh((fisher + fisher.T) / 2)
-            eigvals = np.maximum(eigvals, 0.0)
-            mean = float(eigvals.mean())
-            # A layer whose gradients are all zero still needs a positive damping.
-            damping = damping_factor * mean if mean > 0 else 1.0
-            fitted[s.name] = LayerCurvature(eigvals, eigvecs, damping)
-    return Curvature(slices, [fitted[s.name] for s in slices])
+            fitted[s.name] = LayerCurvature(np.maximum(eigvals, 0.0), eigvecs, 0.0)
+    return [fitted[s.name] for s in slices]
+
+
+def _fit_ekfac(source: BlockSource, slices: list[LayerSlice]) -> list[LayerCurvature]:
+    for s in slices:
+        if s.shape is None or s.shape[0] * s.shape[1] != s.dim:
+            raise ValueError(f"layer '{s.name}': EKFAC needs the (k_out, k_in) shape")
+    left = {s.name: np.zeros((s.shape[0], s.shape[0])) for s in slices}
+    right = {s.name: np.zeros((s.shape[1], s.shape[1])) for s in slices}
+    n = 0
+    for block in source():
+        b = np.asarray(block, dtype=np.float64)
+        for s in slices:
+            m = b[:, s.start : s.stop].reshape(-1, *s.shape)
+            left[s.name] += np.einsum("nab,ncb->ac", m, m)
+            right[s.name] += np.einsum("nab,nac->bc", m, m)
+        n += b.shape[0]
+    _require_rows(n)
+    layers = []
+    for s in slices:
+        q_out = _eigenbasis(left[s.name])
+        q_in = _eigenbasis(right[s.name])
+        layers.append(LayerCurvature(np.zeros(s.dim), None, 0.0, q_out, q_in))
+    second = {s.name: np.zeros(s.dim) for s in slices}
+    for block in source():
+        b = np.asarray(block, dtype=np.float64)
+        for s, c in zip(slices, layers, strict=True):
+            second[s.name] += (c.rotate(b[:, s.start : s.stop]) ** 2).sum(axis=0)
+    for s, c in zip(slices, layers, strict=True):
+        c.eigvals = second[s.name] / n
+    return layers
+
+
+def _eigenbasis(m: np.ndarray) -> np.ndarray:
+    _, vecs = np.linalg.eigh((m + m.T) / 2)
+    return vecs
+
+
+def _require_rows(n: int) -> None:
+    if n == 0:
+        raise ValueError("curvature needs at least one training example")

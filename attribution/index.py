@@ -240,7 +240,7 @@ def _finalise(root: Path, build: dict, config: IndexConfig, fingerprint: dict) -
         for path in grad_files:
             yield np.load(path, mmap_mode="r")
 
-    curvature = fit_curvature(None, slices, config.damping_factor, block_source=source)
+    curvature = fit_curvature(source, slices, config.damping_factor, config.curvature)
     curvature.save(root / CURVATURE_FILE)
     self_inf = np.concatenate([curvature.self_influence(b) for b in source()])
     meta = pl.concat([pl.read_parquet(block_paths(root, i)[1]) for i in blocks])

@@ -97,7 +97,10 @@ def load_projectors(path: Path, names: list[str]) -> list[LayerProjector]:
 
 
 def layer_slices(layers: list[dict]) -> list[LayerSlice]:
-    return [LayerSlice(layer["name"], layer["start"], layer["stop"]) for layer in layers]
+    return [
+        LayerSlice(layer["name"], layer["start"], layer["stop"], (layer["k_out"], layer["k_in"]))
+        for layer in layers
+    ]
 
 
 @dataclass

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from attribution.config import (
+    DEFAULT_CURVATURE,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_K,
     IndexConfig,
@@ -250,6 +251,13 @@ def shards_list(ctx: Context, fmt: str) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--curvature",
+    type=click.Choice(["ekfac", "full"]),
+    default=DEFAULT_CURVATURE,
+    show_default=True,
+    help="Kronecker-factored eigenbasis with corrected eigenvalues, or the full Fisher.",
+)
+@click.option(
     "--damping",
     type=float,
     default=DEFAULT_DAMPING_FACTOR,
@@ -278,6 +286,7 @@ def index_cmd(
     k_out: int,
     modules: tuple[str, ...],
     seed: int,
+    curvature: str,
     damping: float,
     dtype: str,
     batch_size: int,
@@ -304,6 +313,7 @@ def index_cmd(
             kind=kind, k_in=k_in, k_out=k_out, seed=seed, modules=tuple(modules)
         ),
         dtype=dtype,
+        curvature=curvature,
         damping_factor=damping,
     )
     index = build_ledger_index(

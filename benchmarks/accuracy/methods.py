@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from attribution import IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
-from attribution.curvature import Curvature, LayerCurvature
+from attribution.curvature import Curvature
 from attribution.scoring import query_gradients
 from attribution.store import GradientIndex
 from benchmarks.accuracy.settings import Setting
@@ -66,12 +66,8 @@ def build(
 
 
 def redamped(curvature: Curvature, factor: float) -> Curvature:
-    """The same eigendecomposition with λ_l = factor × mean eigenvalue of each layer."""
-    layers = []
-    for c in curvature.layers:
-        mean = float(np.maximum(c.eigvals, 0.0).mean())
-        layers.append(LayerCurvature(c.eigvals, c.eigvecs, factor * mean if mean > 0 else 1.0))
-    return Curvature(curvature.slices, layers)
+    """The same eigenbasis and eigenvalues with λ_l = factor × mean eigenvalue of each layer."""
+    return curvature.with_damping(factor)
 
 
 def influence_scores(built: BuiltIndex, factor: float, relatif: bool) -> np.ndarray:

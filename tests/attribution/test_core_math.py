@@ -84,6 +84,7 @@ def test_full_dimension_scores_equal_explicit_damped_fisher_formula(tmp_path, ca
     queries = make_batches(n=5, seed=11)
     config = IndexConfig(
         projection=ProjectionConfig(kind=kind, k_in=10_000, k_out=10_000),
+        curvature="full",
         damping_factor=0.3,
         rows_per_block=4,
     )
@@ -112,6 +113,7 @@ def test_self_influence_relatif_and_provider_sums_equal_dense_numpy(tmp_path) ->
     queries = lm_batches(n=6, seed=5)
     config = IndexConfig(
         projection=ProjectionConfig(kind="random", k_in=4, k_out=3),
+        curvature="full",
         damping_factor=0.05,
         rows_per_block=5,
     )
@@ -168,3 +170,38 @@ def test_float16_storage_changes_scores_by_less_than_one_percent(tmp_path) -> No
         _, q = query_gradients(model, lm_loss, queries, index)
         results[dtype] = score(index, q, ScoreConfig(dense=True)).dense
     assert rel_err(results["float16"], results["float32"]) < 1e-2
+
+
+def ekfac_reference(train: np.ndarray, queries: np.ndarray, layers: list[dict], factor: float):
+    """EKFAC built explicitly: V = Q_out ⊗ Q_in from Σ G Gᵀ and Σ Gᵀ G, eigenvalues the second
+    moments of Vᵀ g, F = V diag(d) Vᵀ, then a dense solve. (scores (Q, N), self-influence)."""
+    scores = np.zeros((queries.shape[0], train.shape[0]))
+    self_inf = np.zeros(train.shape[0])
+    for layer in layers:
+        k_out, k_in, a, b = layer["k_out"], layer["k_in"], layer["start"], layer["stop"]
+        g, q = train[:, a:b], queries[:, a:b]
+        mats = g.reshape(-1, k_out, k_in)
+        left = sum(m @ m.T for m in mats)
+        right = sum(m.T @ m for m in mats)
+        v = np.kron(np.linalg.eigh(left)[1], np.linalg.eigh(right)[1])
+        d = ((g @ v) ** 2).mean(axis=0)
+        damped = v @ np.diag(d) @ v.T + factor * d.mean() * np.eye(len(d))
+        scores += q @ np.linalg.solve(damped, g.T)
+        self_inf += np.einsum("nd,dn->n", g, np.linalg.solve(damped, g.T))
+    return scores, self_inf
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+def test_ekfac_scores_equal_an_explicitly_built_ekfac_matrix(tmp_path, case) -> None:
+    make_model, loss_fn, make_batches = CASES[case]
+    model, batches = make_model(), make_batches()
+    queries = make_batches(n=5, seed=13)
+    config = IndexConfig(projection=ProjectionConfig(kind="random", k_in=3, k_out=2),
+                         curvature="ekfac", damping_factor=0.2, rows_per_block=6)
+    index = build_index(model, loss_fn, batches, tmp_path, config, show_progress=False)
+    _, q = query_gradients(model, loss_fn, queries, index)
+    result = score(index, q, ScoreConfig(relatif=False, dense=True))
+    g = np.concatenate([np.asarray(a, dtype=np.float64) for _, a in index.blocks()])
+    expected, expected_self = ekfac_reference(g, q, index.build["layers"], 0.2)
+    assert rel_err(result.dense, expected) < 1e-5
+    np.testing.assert_allclose(index.self_influence, expected_self, rtol=1e-6)
