@@ -74,3 +74,22 @@ def test_exact_influence_predicts_retraining_on_a_tiny_mlp(tmp_path, one_thread)
     shuffled = lds_per_query(np.random.default_rng(0).normal(size=(6, 80)), masks, losses)
     assert np.nanmean(exact) > 0.4
     assert np.nanmean(exact) > np.nanmean(shuffled) + 0.3
+
+
+def test_both_curvature_kinds_on_one_index_and_library_path_agrees(tmp_path, one_thread) -> None:
+    """An index carries its own curvature kind and the other one, fitted from the same rows;
+    the library's scoring at the index's damping equals the re-damped path."""
+    setting = mlp_setting(n_train=40, n_queries=3, hidden=8, steps=50)
+    built = methods.build(setting, "pca", 4, "float32", tmp_path)
+    assert set(built.curvatures) == set(methods.CURVATURE_KINDS)
+    config = built.index.config
+    assert built.curvatures[config.curvature] is built.index.curvature
+    factor = config.damping_factor
+    for relatif in (False, True):
+        lib = methods.library_scores(built, relatif=relatif)
+        red = methods.influence_scores(built, factor, relatif=relatif)
+        np.testing.assert_allclose(lib, red, rtol=1e-5, atol=1e-6 * np.abs(red).max())
+    ekfac = methods.influence_scores(built, 1.0, False, curvature_kind="ekfac")
+    full = methods.influence_scores(built, 1.0, False, curvature_kind="full")
+    assert ekfac.shape == full.shape == (3, 40)
+    assert not np.allclose(ekfac, full)

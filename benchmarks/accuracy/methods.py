@@ -1,9 +1,12 @@
 """Score matrices of the project's LoGra (through its public API) and of simple baselines.
 
-An index is built once per (projection kind, k, dtype); other damping factors reuse its
-eigendecomposition: λ_l = factor × mean eigenvalue, exactly as `fit_curvature` sets it, and
-scores then come from the core's own `score`. RelatIF divides by sqrt of the self-influence
-recomputed with the same damping (`Curvature.self_influence`).
+An index is built once per (projection kind, k, dtype) with the library's default curvature
+kind; the other kind is fitted from the same stored rows with the core's `fit_curvature`, so
+both curvature kinds are measured on identical gradients. Other damping factors reuse each
+curvature's eigendecomposition: λ_l = factor × mean eigenvalue, exactly as `fit_curvature` sets
+it (`Curvature.with_damping`), and scores then come from the core's own `score`. RelatIF
+divides by sqrt of the self-influence recomputed with the same curvature and damping
+(`Curvature.self_influence`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from attribution import IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
-from attribution.curvature import Curvature
+from attribution.config import DEFAULT_CURVATURE, DEFAULT_DAMPING_FACTOR
+from attribution.curvature import Curvature, fit_curvature
 from attribution.scoring import query_gradients
 from attribution.store import GradientIndex
 from benchmarks.accuracy.settings import Setting
@@ -37,14 +41,27 @@ class BuiltIndex:
     """Wall time of `build_index` (PCA pass, logging, curvature, self-influence)."""
     storage_bytes: int
     """Bytes of the stored projected gradients."""
+    curvatures: dict[str, Curvature] = dataclasses.field(default_factory=dict)
+    """Both curvature kinds of the same rows: the index's own, and the other one fitted."""
+    curvature_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Wall time of fitting the other kind (the index's own is inside `log_seconds`)."""
 
     @property
     def dim(self) -> int:
         return self.index.dim
 
 
+CURVATURE_KINDS = ("ekfac", "full")
+
+
 def build(
-    setting: Setting, kind: str, k: int, dtype: str, workdir: Path, damping: float = 0.1
+    setting: Setting,
+    kind: str,
+    k: int,
+    dtype: str,
+    workdir: Path,
+    damping: float = DEFAULT_DAMPING_FACTOR,
+    curvature: str = DEFAULT_CURVATURE,
 ) -> BuiltIndex:
     label = f"{kind}-k{k}-{dtype}" if kind != "identity" else f"identity-{dtype}"
     root = Path(workdir) / setting.name / label
@@ -52,6 +69,7 @@ def build(
     config = IndexConfig(
         projection=ProjectionConfig(kind=kind, k_in=k, k_out=k),
         dtype=dtype,
+        curvature=curvature,
         damping_factor=damping,
     )
     model = setting.base_model()
@@ -62,7 +80,17 @@ def build(
     seconds = time.perf_counter() - start
     _, q = query_gradients(model, setting.query_loss, setting.query_data, index)
     size = sum(p.stat().st_size for p in index.block_files())
-    return BuiltIndex(label, kind, k, dtype, index, q, seconds, size)
+    built = BuiltIndex(label, kind, k, dtype, index, q, seconds, size)
+    built.curvatures[curvature] = index.curvature
+    rows = index.dense().numpy()
+    for other in CURVATURE_KINDS:
+        if other not in built.curvatures:
+            start = time.perf_counter()
+            built.curvatures[other] = fit_curvature(
+                lambda: [rows], index.curvature.slices, damping, other
+            )
+            built.curvature_seconds[other] = time.perf_counter() - start
+    return built
 
 
 def redamped(curvature: Curvature, factor: float) -> Curvature:
@@ -70,9 +98,15 @@ def redamped(curvature: Curvature, factor: float) -> Curvature:
     return curvature.with_damping(factor)
 
 
-def influence_scores(built: BuiltIndex, factor: float, relatif: bool) -> np.ndarray:
-    """(n_queries, n_train) dense scores at damping `factor` (RelatIF or raw influence)."""
-    curvature = redamped(built.index.curvature, factor)
+def influence_scores(
+    built: BuiltIndex, factor: float, relatif: bool, curvature_kind: str | None = None
+) -> np.ndarray:
+    """(n_queries, n_train) dense scores at damping `factor` (RelatIF or raw influence), with
+    the curvature of `curvature_kind` (default: the index's own)."""
+    base = built.curvatures.get(curvature_kind) if curvature_kind else built.index.curvature
+    if base is None:
+        raise KeyError(f"no '{curvature_kind}' curvature on {built.label}")
+    curvature = redamped(base, factor)
     index = dataclasses.replace(built.index, curvature=curvature)
     raw = score(index, built.query_grads, ScoreConfig(relatif=False, dense=True, top_k=1)).dense
     raw = raw.astype(np.float64)

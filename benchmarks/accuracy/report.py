@@ -30,20 +30,24 @@ def _headline(s: dict) -> list[str]:
         )
         label = name
         if "damping_factor" in m:
-            label += f" (factor {m['damping_factor']:g})"
+            label += f", best factor {m['damping_factor']:g}"
         lines.append(f"| {label} | {_ms(m['lds'])} | {_ms(m['lds_relatif'])} | {rho} | {top} |")
     return lines
 
 
+def _row_label(r: dict) -> str:
+    return f"{r['index']} {r.get('curvature', 'full')}"
+
+
 def _sweep(s: dict) -> list[str]:
     factors = sorted({r["damping_factor"] for r in s["sweep"]})
-    head = "| index | dim | storage (KiB) | logging (s) | " + " | ".join(
+    head = "| index, curvature | dim | storage (KiB) | logging (s) | " + " | ".join(
         f"LDS @ {f:g}" for f in factors
     )
     lines = [head + " |", "|---|---|---|---|" + "---|" * len(factors)]
     rows: dict[str, dict] = {}
     for r in s["sweep"]:
-        rows.setdefault(r["index"], {"r": r, "lds": {}})["lds"][r["damping_factor"]] = r["lds"]
+        rows.setdefault(_row_label(r), {"r": r, "lds": {}})["lds"][r["damping_factor"]] = r["lds"]
     for label, v in rows.items():
         r = v["r"]
         best = max(v["lds"].values(), key=lambda d: d["mean"])["mean"]
@@ -61,11 +65,11 @@ def _sweep(s: dict) -> list[str]:
 
 def _relatif_sweep(s: dict) -> list[str]:
     factors = sorted({r["damping_factor"] for r in s["sweep"]})
-    lines = ["| index | " + " | ".join(f"RelatIF LDS @ {f:g}" for f in factors) + " |",
-             "|---|" + "---|" * len(factors)]  # fmt: skip
+    lines = ["| index, curvature | " + " | ".join(f"RelatIF LDS @ {f:g}" for f in factors)
+             + " |", "|---|" + "---|" * len(factors)]  # fmt: skip
     rows: dict[str, dict] = {}
     for r in s["sweep"]:
-        rows.setdefault(r["index"], {})[r["damping_factor"]] = r["lds_relatif"]["mean"]
+        rows.setdefault(_row_label(r), {})[r["damping_factor"]] = r["lds_relatif"]["mean"]
     for label, v in rows.items():
         lines.append(f"| {label} | " + " | ".join(f"{v[f]:.3f}" for f in factors) + " |")
     return lines
@@ -112,10 +116,14 @@ def write_markdown(report: dict, path: Path) -> None:
         out += [f"## {s['setting']} ({s['n_train']} training examples, {s['n_queries']} queries, "
                 f"{len(s['providers'])} providers)", "",
                 f"Plan: {s['plan']}. Defaults under test: kind `{d['kind']}`, k={d['k']}, "
-                f"damping factor {d['damping_factor']:g}. Setting took {s['seconds']:.0f} s "
+                f"curvature `{d.get('curvature', 'full')}`, damping factor "
+                f"{d['damping_factor']:g}. Setting took {s['seconds']:.0f} s "
                 f"({s['retrains_this_run']} retrains this run).", "", "### Headline", ""]  # fmt: skip
         out += _headline(s)
-        out += ["", "### Projection size, damping, storage (raw-influence LDS)", ""]
+        out += ["", "### Projection size, curvature kind, damping, storage (raw-influence LDS)",
+                "", "Each index is built once (logging time includes its own curvature, "
+                f"`{d.get('curvature', 'full')}`); the other kind is fitted from the same "
+                "stored rows. Bold: the best factor of the row.", ""]  # fmt: skip
         out += _sweep(s)
         out += ["", "### Same sweep, RelatIF scores", ""]
         out += _relatif_sweep(s)
@@ -129,7 +137,8 @@ def write_markdown(report: dict, path: Path) -> None:
             out.append(
                 f"- {name}: {st['status']} ({st['seconds']:.1f} s){' — ' + detail if detail else ''}"
             )
-        out += [f"- library scoring path vs re-damped scores, max relative difference: "
+        out += [f"- library scoring path (default index, `score`) vs re-damped scores at the "
+                f"default factor and curvature kind, max relative difference (raw and RelatIF): "
                 f"{s['library_vs_redamped_max_rel_diff']:.1e}", ""]  # fmt: skip
     if RATIONALE.exists():
         out += ["", RATIONALE.read_text().strip(), ""]

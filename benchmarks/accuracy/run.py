@@ -18,7 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.config import DEFAULT_DAMPING_FACTOR, DEFAULT_K, ProjectionConfig
+from attribution.config import (
+    DEFAULT_CURVATURE,
+    DEFAULT_DAMPING_FACTOR,
+    DEFAULT_K,
+    ProjectionConfig,
+)
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.metrics import (
     lds_per_query,
@@ -45,7 +50,10 @@ log = logging.getLogger("benchmarks.accuracy")
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 FACTORS = (1e-3, 1e-2, 0.1, 1.0, 3.0, 10.0)
 KS = (4, 8, 16, 32)
+PCA_KS = (4, 8, 16, 32, 64)
 DEFAULT_KIND = ProjectionConfig().kind
+EXACT_FULL = "exact damped Fisher (identity, full)"
+EXACT_EKFAC = "exact EKFAC (identity, ekfac)"
 
 
 def _lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> dict:
@@ -115,50 +123,67 @@ def evaluate_setting(
     log.info("%s: ground truth ready (%d retrains now, %.0fs)", setting.name, cache.trained,
              truth_seconds)  # fmt: skip
 
-    ks = (8, 16) if quick else KS
+    ks = {"pca": (8, 16), "random": (8, 16)} if quick else {"pca": PCA_KS, "random": KS}
+    # Every index is built with the library's defaults for curvature kind and damping; the
+    # other curvature kind is fitted from the same rows (methods.build), and both are swept.
     builds = [methods.build(setting, "identity", 0, "float32", workdir)]
     for kind in ("pca", "random"):
-        builds += [methods.build(setting, kind, k, "float32", workdir) for k in ks]
+        kind_ks = sorted(set(ks[kind]) | ({DEFAULT_K} if kind == DEFAULT_KIND else set()))
+        builds += [methods.build(setting, kind, k, "float32", workdir) for k in kind_ks]
     builds.append(methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float16", workdir))
 
     sweep = []
     for b in builds:
-        for factor in FACTORS:
-            raw = methods.influence_scores(b, factor, relatif=False)
-            rel = methods.influence_scores(b, factor, relatif=True)
-            sweep.append({
-                "index": b.label, "kind": b.kind, "k": b.k, "dtype": b.dtype, "dim": b.dim,
-                "storage_bytes": b.storage_bytes, "log_seconds": round(b.log_seconds, 2),
-                "damping_factor": factor, "lds": _lds(raw, masks, losses),
-                "lds_relatif": _lds(rel, masks, losses),
-            })  # fmt: skip
+        for curv in methods.CURVATURE_KINDS:
+            for factor in FACTORS:
+                raw = methods.influence_scores(b, factor, relatif=False, curvature_kind=curv)
+                rel = methods.influence_scores(b, factor, relatif=True, curvature_kind=curv)
+                sweep.append({
+                    "index": b.label, "kind": b.kind, "k": b.k, "dtype": b.dtype, "dim": b.dim,
+                    "curvature": curv, "storage_bytes": b.storage_bytes,
+                    "log_seconds": round(b.log_seconds, 2),
+                    "curvature_seconds": round(b.curvature_seconds.get(curv, 0.0), 2),
+                    "damping_factor": factor, "lds": _lds(raw, masks, losses),
+                    "lds_relatif": _lds(rel, masks, losses),
+                })  # fmt: skip
         log.info("%s: %s swept", setting.name, b.label)
 
     by_label = {b.label: b for b in builds}
     identity = by_label["identity-float32"]
-    exact_rows = [r for r in sweep if r["index"] == identity.label]
-    best_exact = max(exact_rows, key=lambda r: r["lds"]["mean"])
-    default_label = f"{DEFAULT_KIND}-k{DEFAULT_K}-float32"
-    default = by_label[default_label]
+    default = by_label[f"{DEFAULT_KIND}-k{DEFAULT_K}-float32"]
 
+    def best_factor(label: str, curv: str) -> float:
+        rows = [r for r in sweep if r["index"] == label and r["curvature"] == curv]
+        return max(rows, key=lambda r: r["lds"]["mean"])["damping_factor"]
+
+    def pair(b, factor: float, curv: str) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            methods.influence_scores(b, factor, False, curvature_kind=curv),
+            methods.influence_scores(b, factor, True, curvature_kind=curv),
+        )
+
+    full_logra = f"logra full Fisher, {DEFAULT_KIND} k={DEFAULT_K}"
+    best = {
+        full_logra: best_factor(default.label, "full"),
+        EXACT_FULL: best_factor(identity.label, "full"),
+        EXACT_EKFAC: best_factor(identity.label, "ekfac"),
+    }
+    # "logra (defaults)" is the library's own path: the default index (kind, k, curvature kind
+    # and damping from attribution/config.py) scored by `score`, RelatIF from the stored
+    # self-influence, with no re-damping.
+    library = (methods.library_scores(default, False), methods.library_scores(default, True))
     scores = {
-        "logra (defaults)": (
-            methods.influence_scores(default, DEFAULT_DAMPING_FACTOR, False),
-            methods.influence_scores(default, DEFAULT_DAMPING_FACTOR, True),
-        ),
-        "exact damped Fisher": (
-            methods.influence_scores(identity, best_exact["damping_factor"], False),
-            methods.influence_scores(identity, best_exact["damping_factor"], True),
-        ),
+        "logra (defaults)": library,
+        full_logra: pair(default, best[full_logra], "full"),
+        EXACT_FULL: pair(identity, best[EXACT_FULL], "full"),
+        EXACT_EKFAC: pair(identity, best[EXACT_EKFAC], "ekfac"),
         "gradient dot product": (methods.grad_dot_scores(identity), None),
     }
-    # The library's own scoring path at the index's damping must agree with the re-damped one.
-    check = methods.library_scores(
-        methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir / "check",
-                      damping=DEFAULT_DAMPING_FACTOR), relatif=True)  # fmt: skip
-    agree = float(
-        np.abs(check - scores["logra (defaults)"][1]).max()
-        / np.abs(scores["logra (defaults)"][1]).max()
+    # The library's scoring path at the index's damping must agree with the re-damped one.
+    redamped = pair(default, DEFAULT_DAMPING_FACTOR, DEFAULT_CURVATURE)
+    agree = max(
+        float(np.abs(lib - red).max() / np.abs(red).max())
+        for lib, red in zip(library, redamped, strict=True)
     )
     peer_status = {}
     for peer in peers:
@@ -174,12 +199,12 @@ def evaluate_setting(
             "lds_relatif": _lds(rel, masks, losses) if rel is not None else None,
             "provider": _provider_variants(raw, rel, setting, names, rises),
         }
-    methods_table["exact damped Fisher"]["damping_factor"] = best_exact["damping_factor"]
+    for name, factor in best.items():
+        methods_table[name]["damping_factor"] = factor
 
     rankings: dict[str, np.ndarray | None] = {
-        "logra (defaults)": scores["logra (defaults)"][0],
-        "exact damped Fisher": scores["exact damped Fisher"][0],
-        "gradient dot product": scores["gradient dot product"][0],
+        name: scores[name][0]
+        for name in ("logra (defaults)", EXACT_FULL, EXACT_EKFAC, "gradient dot product")
     }
     if "kronfluence-ekfac" in scores:
         rankings["kronfluence-ekfac"] = scores["kronfluence-ekfac"][0]
@@ -197,6 +222,7 @@ def evaluate_setting(
         "defaults": {
             "kind": DEFAULT_KIND,
             "k": DEFAULT_K,
+            "curvature": DEFAULT_CURVATURE,
             "damping_factor": DEFAULT_DAMPING_FACTOR,
         },
         "library_vs_redamped_max_rel_diff": agree,
