@@ -280,7 +280,7 @@ def pca_projectors(
     """Projectors from the top eigenvectors of each layer's KFAC factors.
 
     First pass: A_l = mean x xᵀ over real tokens, S_l = mean δ δᵀ; P_in = top-k_in eigenvectors
-    of A_l, P_out = top-k_out eigenvectors of S_l (as rows). Accumulated in float64.
+    of A_l, P_out = top-k_out eigenvectors of S_l (as rows). Summed across batches in float64.
     """
     specs = layer_specs(layers)
     cov_in = {s.name: torch.zeros(s.n_in, s.n_in, dtype=torch.float64) for s in specs}
@@ -296,10 +296,14 @@ def pca_projectors(
             mask = token_mask(batch, x)
             if mask is not None:
                 x, d = x * mask, d * mask
-            x2 = x.reshape(-1, s.n_in).double()
-            d2 = d.reshape(-1, s.n_out).double()
-            cov_in[s.name] += x2.T @ x2
-            cov_out[s.name] += d2.T @ d2
+            # Each batch's product in the activations' precision (at least float32), summed
+            # across batches in float64.
+            x2 = x.reshape(-1, s.n_in)
+            d2 = d.reshape(-1, s.n_out)
+            if x2.dtype not in (torch.float32, torch.float64):
+                x2, d2 = x2.float(), d2.float()
+            cov_in[s.name] += (x2.T @ x2).double()
+            cov_out[s.name] += (d2.T @ d2).double()
         count += len(batch)
     if count == 0:
         raise ValueError("PCA projections need data: the first pass saw no example")
