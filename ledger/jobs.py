@@ -72,6 +72,7 @@ def ledger_shards(session: Session) -> list[ShardSpec]:
     shards = list_shards(session)
     if not shards:
         raise LedgerError("no training shards registered; add some with `ledger shards add`")
+    names = _shard_names([s.path for s in shards])
     specs = []
     for shard in shards:
         if not os.path.isfile(shard.path):
@@ -82,13 +83,22 @@ def ledger_shards(session: Session) -> list[ShardSpec]:
                 f"shard {shard.path}: content changed since it was registered "
                 f"(sha256 {shard.sha256[:12]}, now {digest[:12]}); register it under a new path"
             )
-        specs.append(ShardSpec(shard.path, shard.provider.name, _shard_name(shard.path), digest))
+        specs.append(ShardSpec(shard.path, shard.provider.name, names[shard.path], digest))
     return specs
 
 
-def _shard_name(path: str) -> str:
-    """A short, stable shard name for example ids: the file name (and a path hash if needed)."""
-    return os.path.basename(path)
+def _shard_names(paths: list[str]) -> dict[str, str]:
+    """Short, stable shard names for example ids: the file name, with a hash of the full path
+    added where two registered shards share a file name."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        counts[os.path.basename(path)] = counts.get(os.path.basename(path), 0) + 1
+    return {
+        path: os.path.basename(path)
+        if counts[os.path.basename(path)] == 1
+        else f"{os.path.basename(path)}@{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+        for path in paths
+    }
 
 
 def index_directory(
