@@ -120,6 +120,12 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"{d['damping_factor']:g}. Setting took {s['seconds']:.0f} s "
                 f"({s['retrains_this_run']} retrains this run).", "", "### Headline", ""]  # fmt: skip
         out += _headline(s)
+        if s.get("paired_lds_vs_defaults"):
+            out += ["", "Raw-influence LDS difference per query against the defaults (mean ± "
+                    "paired standard error over queries):", "",
+                    "| comparison | ΔLDS |", "|---|---|"]  # fmt: skip
+            for label, d in s["paired_lds_vs_defaults"].items():
+                out.append(f"| {label} | {d['mean']:+.3f} ± {d['se']:.3f} |")
         out += ["", "### Projection size, curvature kind, damping, storage (raw-influence LDS)",
                 "", "Each index is built once (logging time includes its own curvature, "
                 f"`{d.get('curvature', 'full')}`); the other kind is fitted from the same "

@@ -60,6 +60,12 @@ def _lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> dict:
     return mean_std(lds_per_query(scores, masks, losses))
 
 
+def _paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean per-query LDS difference a − b with its paired standard error."""
+    d = (a - b)[~np.isnan(a - b)]
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))), "n": len(d)}
+
+
 def _provider_variants(scores_raw, scores_rel, setting: Setting, names, rises) -> dict:
     """Provider-level agreement of the credit variants: raw/RelatIF × signed/positive."""
     out = {}
@@ -179,6 +185,12 @@ def evaluate_setting(
         EXACT_EKFAC: pair(identity, best[EXACT_EKFAC], "ekfac"),
         "gradient dot product": (methods.grad_dot_scores(identity), None),
     }
+    larger = f"{DEFAULT_KIND}-k64-float32"
+    if larger in by_label and DEFAULT_K != 64:
+        # The next projection size up at the default curvature and damping, for the trade-off.
+        scores[f"logra k=64 ({DEFAULT_KIND}, {DEFAULT_CURVATURE}, factor "
+               f"{DEFAULT_DAMPING_FACTOR:g})"] = pair(
+            by_label[larger], DEFAULT_DAMPING_FACTOR, DEFAULT_CURVATURE)  # fmt: skip
     # The library's scoring path at the index's damping must agree with the re-damped one.
     redamped = pair(default, DEFAULT_DAMPING_FACTOR, DEFAULT_CURVATURE)
     agree = max(
@@ -201,6 +213,13 @@ def evaluate_setting(
         }
     for name, factor in best.items():
         methods_table[name]["damping_factor"] = factor
+    # Per-query LDS differences against the defaults (same queries, so paired errors).
+    per_query = {name: lds_per_query(raw, masks, losses) for name, (raw, _) in scores.items()}
+    paired = {
+        f"{name} − logra (defaults)": _paired(per_query[name], per_query["logra (defaults)"])
+        for name in per_query
+        if name != "logra (defaults)"
+    }
 
     rankings: dict[str, np.ndarray | None] = {
         name: scores[name][0]
@@ -228,6 +247,7 @@ def evaluate_setting(
         "library_vs_redamped_max_rel_diff": agree,
         "sweep": sweep,
         "methods": methods_table,
+        "paired_lds_vs_defaults": paired,
         "peers": peer_status,
         "brittleness": brittle,
         "retrains_this_run": cache.trained,
