@@ -20,14 +20,21 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from attribution import GradientIndex, IndexConfig, ScoreConfig
-from attribution.data import Query, ShardSpec, read_queries, read_shard_texts, sha256_file
+from attribution.data import (
+    Query,
+    ShardSpec,
+    read_jsonl,
+    read_queries,
+    read_shard_texts,
+    sha256_file,
+)
 from attribution.language import (
     check_model_matches,
     index_language_model,
     model_info,
     shards_info,
 )
-from attribution.lm import lm_loss, load_causal_lm, query_batches
+from attribution.lm import encode_query, lm_loss, load_causal_lm, query_batches
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
 from attribution.scoring import score_queries
@@ -236,11 +243,26 @@ def check_known_queries(session: Session, queries: list[Query], path: str) -> No
                 if old != new:
                     raise InputError(
                         path,
-                        None,
+                        query_lines(path).get(ext),
                         field,
                         f"query {ext!r} is already in the ledger with another "
                         f"{field if field != 'prompt' else 'prompt/completion'}",
                     )
+
+
+def query_lines(path: str) -> dict[str, int]:
+    """Line number of each query id in a queries file (for errors found after parsing)."""
+    return {str(obj.get("id")): line for line, obj in read_jsonl(path)}
+
+
+def check_encodable(queries: list[Query], tokenizer, max_length: int, path: str) -> None:
+    """Refuse, before anything is written, an output the tokenizer turns into no completion."""
+    for q in queries:
+        try:
+            encode_query(q, tokenizer, max_length)
+        except InputError as exc:
+            line = query_lines(path).get(q.id)
+            raise InputError(path, line, exc.field, exc.message) from exc
 
 
 def query_results(index: GradientIndex, queries: list[Query], result) -> list[QueryResult]:
@@ -301,6 +323,9 @@ def attribute_outputs(
     if model_dir is None:
         raise LedgerError("the index does not record its model; pass --model DIR")
     check_model_matches(model_dir, index)
+    model, tokenizer = load_causal_lm(model_dir)
+    max_length = int(index.manifest["data"].get("max_length", 128))
+    check_encodable(queries, tokenizer, max_length, outputs)
     manifest = run_manifest(index, outputs, config)
     with session_scope(engine) as session:
         start_run(session, manifest["id"], index.id, manifest)
@@ -308,8 +333,6 @@ def attribute_outputs(
     todo = [q for q in queries if q.id not in done]
     unattributed = 0
     if todo:
-        model, tokenizer = load_causal_lm(model_dir)
-        max_length = int(index.manifest["data"].get("max_length", 128))
         starts = range(0, len(todo), batch_size)
         for start in progress(starts, desc="attributing", enabled=show_progress, unit="batch"):
             group = todo[start : start + batch_size]

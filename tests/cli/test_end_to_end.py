@@ -140,6 +140,18 @@ def test_pipeline_credits_planted_providers_is_idempotent_and_pays_the_pool(
     assert ledger_counts(url) == before
     assert json.loads(ledger(cwd, url, *report_args).stdout)["lines"] == statement["lines"]
 
+    # Outputs that can only be judged against the model or the ledger are refused by line too.
+    lines = (cwd / "queries.jsonl").read_text().splitlines()
+    changed, blank = json.loads(lines[1]), json.loads(lines[2])
+    changed["timestamp"] = "2024-08-01T00:00:00Z"
+    blank["id"], blank["completion"] = "fresh", "   "
+    for row, field in ((changed, "timestamp"), (blank, "completion")):
+        bad = tmp_path / f"bad-{field}.jsonl"
+        bad.write_text(lines[0] + "\n" + json.dumps(row) + "\n")
+        proc = ledger(cwd, url, "attribute", "--outputs", str(bad), check=False)
+        assert proc.returncode != 0 and f"line 2, field '{field}'" in proc.stderr, proc.stderr
+    assert ledger_counts(url) == before
+
     verified = ledger(
         cwd, url, "verify", first["run_id"][:12], "--outputs", "queries.jsonl", "--sample", "3"
     )
