@@ -352,7 +352,7 @@ def index_cmd(
 @click.option(
     "--batch-size",
     type=int,
-    default=64,
+    default=256,
     show_default=True,
     help="Outputs scored per pass over the index and written per transaction.",
 )

@@ -304,7 +304,7 @@ def attribute_outputs(
     index_ref: str | None = None,
     model_dir: str | None = None,
     config: ScoreConfig | None = None,
-    batch_size: int = 64,
+    batch_size: int = 256,
     show_progress: bool = True,
 ) -> AttributeSummary:
     """Attribute every served output in `outputs` (jsonl) and record credits in the ledger.
