@@ -672,11 +672,14 @@ def verify(ctx: Context, run_id: str, outputs: str | None, sample: int, fmt: str
     else:
         for name, ok in v.checks.items():
             click.echo(f"{'ok  ' if ok else 'FAIL'} {name}")
-        click.echo(
-            f"{'ok  ' if v.agreeing == v.sampled else 'FAIL'} re-computed "
-            f"{v.agreeing}/{v.sampled} outputs agree "
-            f"(largest credit difference {v.max_credit_difference:.3g})"
-        )
+        if v.sampled == 0:
+            click.echo("FAIL no sampled output is still credited by this run (superseded)")
+        else:
+            click.echo(
+                f"{'ok  ' if v.agreeing == v.sampled else 'FAIL'} re-computed "
+                f"{v.agreeing}/{v.sampled} outputs agree "
+                f"(largest credit difference {v.max_credit_difference:.3g})"
+            )
     if not v.ok:
         raise SystemExit(1)
 

@@ -358,7 +358,8 @@ class Verification:
 
     @property
     def ok(self) -> bool:
-        return all(self.checks.values()) and self.agreeing == self.sampled
+        """Every check passed and at least one re-computed output matched the ledger."""
+        return all(self.checks.values()) and 0 < self.agreeing == self.sampled
 
     def as_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
