@@ -433,10 +433,11 @@ def report(
 ) -> None:
     """The value statement of a period: per provider value, share and royalty amount.
 
-    A draft is rebuilt from the current credits each time; a final statement is shown as it was.
+    A draft is rebuilt from the current credits each time (keeping its pool unless --pool is
+    given); a final statement is shown as it was.
     Example: `ledger report --period 2024-Q3 --pool 250000 --currency USD`.
     """
-    from ledger.money import parse_amount
+    from ledger.money import from_minor, parse_amount
     from ledger.periods import parse_period
     from ledger.statements import build_statement, finalize_statement, find_statement
 
@@ -445,6 +446,13 @@ def report(
     minimum = parse_amount(min_payout, currency) if min_payout is not None else None
     with session_scope(ctx.engine()) as session:
         statement = find_statement(session, p)
+        if statement is not None and statement.status != "final" and pool is None:
+            # Re-showing a draft keeps the pool it was built with.
+            if statement.pool_minor is not None:
+                currency = statement.currency
+                pool_amount = from_minor(statement.pool_minor, currency)
+                if statement.min_payout_minor is not None and minimum is None:
+                    minimum = from_minor(statement.min_payout_minor, currency)
         if statement is None or statement.status != "final":
             statement = build_statement(session, p, pool_amount, currency, minimum)
         elif pool_amount is not None and (
@@ -455,7 +463,7 @@ def report(
                 f"statement {statement.id} for {p.label} is final with another "
                 "pool; it cannot change"
             )
-        if finalize:
+        if finalize and statement.status != "final":
             finalize_statement(session, statement.id)
         _render_statement(session, statement.id, fmt, out)
 
@@ -480,7 +488,7 @@ def _render_statement(session: Any, statement_id: int, fmt: str, out: str | None
     if text is not None and out and fmt in ("json", "table"):
         Path(out).write_text(text + "\n")
     elif text is not None:
-        click.echo(text)
+        click.echo(text, nl=not text.endswith("\n"))
 
 
 def _statement_text(s: dict, lines: list[dict]) -> str:

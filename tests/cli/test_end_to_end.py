@@ -158,8 +158,12 @@ def test_pipeline_credits_planted_providers_is_idempotent_and_pays_the_pool(
     assert "re-computed 3/3 outputs agree" in verified.stdout
 
     csv = ledger(cwd, url, "report", "--period", "2024-Q3", "--format", "csv").stdout
-    assert csv.splitlines()[0].startswith("provider,value,share")
+    header, *rows = [line for line in csv.splitlines() if line]
+    assert header.startswith("provider,value,share,amount_minor")
+    # Shown again without --pool, the draft keeps its pool: amounts still sum to it.
+    assert sum(int(r.split(",")[3]) for r in rows) == 100000
     ledger(cwd, url, "report", "--period", "2024-Q3", "--pool", "1000.00", "--finalize")
+    ledger(cwd, url, "report", "--period", "2024-Q3", "--finalize")  # already final: shown
     refused = ledger(cwd, url, "report", "--period", "2024-Q3", "--pool", "999.00", check=False)
     assert refused.returncode != 0 and "final" in refused.stderr
 
