@@ -75,18 +75,24 @@ def index_language_model(
     max_length: int = 128,
     batch_size: int = 8,
     show_progress: bool = True,
+    loaded: tuple[object, object] | None = None,
+    info: dict | None = None,
 ) -> GradientIndex:
-    """Build (or resume) the gradient index of text shards for a local causal LM."""
+    """Build (or resume) the gradient index of text shards for a local causal LM.
+
+    `loaded` (model, tokenizer) and `info` (`model_info(model_dir)`) may be passed by a caller
+    that already has them, so the model is neither loaded nor hashed twice.
+    """
     if not shards:
         raise ValueError("no training shards to index")
-    model, tokenizer = load_causal_lm(model_dir)
+    model, tokenizer = loaded if loaded is not None else load_causal_lm(model_dir)
     return build_index(
         model,
         lm_loss,
         TextShards(shards, tokenizer, max_length, batch_size),
         out_dir,
         config,
-        model_info=model_info(model_dir),
+        model_info=info if info is not None else model_info(model_dir),
         data_info=shards_info(shards, max_length, batch_size),
         show_progress=show_progress,
     )

@@ -64,12 +64,8 @@ def precondition(index: GradientIndex, query_grads: np.ndarray) -> np.ndarray:
     return index.curvature.precondition(query_grads)
 
 
-def relatif(scores: np.ndarray, self_influence: np.ndarray) -> np.ndarray:
-    """RelatIF: influence / sqrt(self-influence) of each training example (column)."""
-    return scores * _inverse_sqrt(self_influence)
-
-
 def _inverse_sqrt(self_influence: np.ndarray) -> np.ndarray:
+    """RelatIF's column scale 1 / sqrt(self-influence); 0 where the self-influence is 0."""
     s = np.asarray(self_influence, dtype=np.float64)
     out = np.zeros_like(s)
     np.divide(1.0, np.sqrt(s, where=s > 0, out=np.zeros_like(s)), where=s > 0, out=out)

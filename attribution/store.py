@@ -179,16 +179,6 @@ class GradientIndex:
             yield start, arr
             start += arr.shape[0]
 
-    def gradients(self, rows: np.ndarray | list[int]) -> np.ndarray:
-        """The stored projected gradients of the given rows, as float32 (n, D)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((rows.shape[0], self.dim), dtype=np.float32)
-        for start, arr in self.blocks():
-            sel = np.nonzero((rows >= start) & (rows < start + arr.shape[0]))[0]
-            if sel.size:
-                out[sel] = arr[rows[sel] - start]
-        return out
-
     def dense(self) -> torch.Tensor:
         """Every stored gradient row as one float32 tensor; only for small indexes."""
         return torch.from_numpy(

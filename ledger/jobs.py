@@ -110,17 +110,17 @@ def _shard_names(paths: list[str]) -> dict[str, str]:
 
 def index_directory(
     root: Path,
-    model_dir: str,
+    info: dict,
     shards: list[ShardSpec],
     config: IndexConfig,
     max_length: int,
     batch_size: int,
 ) -> Path:
-    """Where the index of these inputs lives: a directory named by their fingerprint, so a
-    re-run resumes it and other inputs never reuse it."""
+    """Where the index of these inputs lives: a directory named by their fingerprint (`info` is
+    the model's `model_info`), so a re-run resumes it and other inputs never reuse it."""
     key = json.dumps(
         {
-            "model": model_info(model_dir),
+            "model": info,
             "data": shards_info(shards, max_length, batch_size),
             "config": config.to_dict(),
         },
@@ -142,8 +142,9 @@ def build_ledger_index(
     """Build (or resume) the index of every registered shard and record it in the ledger."""
     with session_scope(engine) as session:
         shards = ledger_shards(session)
-    load_causal_lm(model_dir)  # fail early, before any file is written, on a bad model
-    out = index_directory(root, model_dir, shards, config, max_length, batch_size)
+    loaded = load_causal_lm(model_dir)  # fails on a bad model before any file is written
+    info = model_info(model_dir)
+    out = index_directory(root, info, shards, config, max_length, batch_size)
     index = index_language_model(
         model_dir,
         shards,
@@ -152,6 +153,8 @@ def build_ledger_index(
         max_length=max_length,
         batch_size=batch_size,
         show_progress=show_progress,
+        loaded=loaded,
+        info=info,
     )
     write_json(
         out / SOURCE_FILE,
