@@ -9,11 +9,13 @@ from typing import Literal
 ProjectionKind = Literal["random", "pca", "identity"]
 StorageDType = Literal["float32", "float16"]
 CurvatureKind = Literal["ekfac", "full"]
+FisherLabels = Literal["sampled", "data"]
 
 # Defaults chosen from the counterfactual accuracy measurements (benchmarks/results/accuracy.md).
 DEFAULT_K = 32
 DEFAULT_CURVATURE = "ekfac"
-DEFAULT_DAMPING_FACTOR = 0.1
+DEFAULT_DAMPING_FACTOR = 0.01
+DEFAULT_FISHER_LABELS = "sampled"
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,14 @@ class IndexConfig:
     dtype: StorageDType = "float32"
     """Storage precision of the projected gradients; curvature is always float64 when built."""
     curvature: CurvatureKind = DEFAULT_CURVATURE
-    """`ekfac`: Kronecker-factored eigenbasis with corrected eigenvalues; `full`: the dense
-    projected empirical Fisher (see attribution/curvature.py)."""
+    """`ekfac`: the eigenbasis of the layer's projected KFAC factors with eigenvalues corrected
+    to the stored gradients; `full`: the dense projected empirical Fisher (see
+    attribution/curvature.py)."""
+    fisher_labels: FisherLabels = DEFAULT_FISHER_LABELS
+    """Labels of the first pass that estimates the KFAC factors (PCA directions and the EKFAC
+    eigenbasis): `sampled` draws each target from the model's own predictive distribution (the
+    true Fisher; needs a `fisher_loss`), `data` uses the training labels (empirical Fisher).
+    The stored gradients, and so the EKFAC eigenvalues, always use the training labels."""
     damping_factor: float = DEFAULT_DAMPING_FACTOR
     """λ_l = damping_factor × mean eigenvalue of the layer's projected Fisher."""
     rows_per_block: int = 1024
@@ -76,6 +84,7 @@ class IndexConfig:
             projection=ProjectionConfig(**p),
             dtype=d["dtype"],
             curvature=d.get("curvature", "full"),
+            fisher_labels=d.get("fisher_labels", "data"),
             damping_factor=d["damping_factor"],
             rows_per_block=d["rows_per_block"],
         )

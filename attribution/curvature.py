@@ -3,12 +3,15 @@
 Two curvature kinds, both built from the stored per-example projected gradients g_{i,l}:
 
 - `full`: the projected empirical Fisher F_l = mean_i g_{i,l} g_{i,l}ᵀ, eigendecomposed.
-- `ekfac`: an eigenbasis that is a Kronecker product Q_out ⊗ Q_in, from the factors
-  Σ_i G_i G_iᵀ and Σ_i G_iᵀ G_i of the per-example gradient matrices G_i (k_out × k_in), with
-  the eigenvalues corrected to the gradients' actual second moments in that basis (as in
-  EKFAC, George et al. 2018). Its d eigenvalues are each estimated from all examples, so it
-  stays well conditioned when there are fewer examples than dimensions, where the full
-  Fisher is rank-deficient and its inverse leans on damping alone.
+- `ekfac`: EKFAC (George et al. 2018) in the projected space. The eigenbasis is the Kronecker
+  product Q_out ⊗ Q_in of the eigenvectors of the layer's projected KFAC factors
+  P_out S P_outᵀ and P_in A P_inᵀ (S = Σ_t δ_t δ_tᵀ over output gradients, A = Σ_t x_t x_tᵀ
+  over inputs, token by token, from the index's first pass; see `IndexConfig.fisher_labels`).
+  Its eigenvalues are corrected to the stored gradients' second moments in that basis. Each
+  of its d eigenvalues is estimated from all examples, so it stays well conditioned when
+  there are fewer examples than dimensions, where the full Fisher is rank-deficient and its
+  inverse leans on damping alone. With PCA projections the projected factors are diagonal
+  (P holds their top eigenvectors), so the basis is the PCA basis itself.
 
 Either way F_l = V diag(eigvals) Vᵀ, λ_l = damping_factor × mean eigenvalue, and a query is
 preconditioned as (F_l + λ_l I)⁻¹ q_l through the eigenbasis.
@@ -168,6 +171,17 @@ def _pass_groups(
 
 
 BlockSource = Callable[[], Iterable[np.ndarray]]
+Bases = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Layer name → (Q_out, Q_in), the EKFAC eigenbasis."""
+
+
+def kfac_bases(factors: Iterable) -> Bases:
+    """(Q_out, Q_in) of each layer from its projected KFAC factors (`KfacFactors`, s and a)."""
+    return {
+        f.name: (_eigenbasis(np.asarray(f.s, dtype=np.float64)),
+                 _eigenbasis(np.asarray(f.a, dtype=np.float64)))
+        for f in factors
+    }  # fmt: skip
 
 
 def fit_curvature(
@@ -176,16 +190,18 @@ def fit_curvature(
     damping_factor: float,
     kind: CurvatureKind = "ekfac",
     *,
+    bases: Bases | None = None,
     budget_bytes: int = FISHER_PASS_BYTES,
 ) -> Curvature:
     """Curvature of each layer from gradient rows; `block_source()` returns a fresh iterable of
-    (n, D) row blocks (passes are streamed, never all rows in memory)."""
+    (n, D) row blocks (passes are streamed, never all rows in memory). `ekfac` needs the
+    layers' eigenbases (`kfac_bases` of the index's KFAC factors)."""
     if damping_factor <= 0:
         raise ValueError(f"damping factor must be positive, got {damping_factor}")
     if kind == "full":
         fitted = _fit_full(block_source, slices, budget_bytes)
     elif kind == "ekfac":
-        fitted = _fit_ekfac(block_source, slices)
+        fitted = _fit_ekfac(block_source, slices, bases)
     else:
         raise ValueError(f"unknown curvature kind '{kind}' (ekfac or full)")
     return Curvature(slices, fitted).with_damping(damping_factor)
@@ -210,31 +226,25 @@ def _fit_full(source: BlockSource, slices: list[LayerSlice], budget: int) -> lis
     return [fitted[s.name] for s in slices]
 
 
-def _fit_ekfac(source: BlockSource, slices: list[LayerSlice]) -> list[LayerCurvature]:
-    for s in slices:
-        if s.shape is None or s.shape[0] * s.shape[1] != s.dim:
-            raise ValueError(f"layer '{s.name}': EKFAC needs the (k_out, k_in) shape")
-    left = {s.name: np.zeros((s.shape[0], s.shape[0])) for s in slices}
-    right = {s.name: np.zeros((s.shape[1], s.shape[1])) for s in slices}
-    n = 0
-    for block in source():
-        b = np.asarray(block, dtype=np.float64)
-        for s in slices:
-            m = b[:, s.start : s.stop].reshape(-1, *s.shape)
-            left[s.name] += np.einsum("nab,ncb->ac", m, m)
-            right[s.name] += np.einsum("nab,nac->bc", m, m)
-        n += b.shape[0]
-    _require_rows(n)
+def _fit_ekfac(
+    source: BlockSource, slices: list[LayerSlice], bases: Bases | None
+) -> list[LayerCurvature]:
     layers = []
     for s in slices:
-        q_out = _eigenbasis(left[s.name])
-        q_in = _eigenbasis(right[s.name])
+        if bases is None or s.name not in bases:
+            raise ValueError(f"layer '{s.name}': EKFAC needs the eigenbasis of its KFAC factors")
+        q_out, q_in = bases[s.name]
+        if s.shape is None or q_out.shape[0] * q_in.shape[0] != s.dim:
+            raise ValueError(f"layer '{s.name}': eigenbasis does not match its {s.dim} dimensions")
         layers.append(LayerCurvature(np.zeros(s.dim), None, 0.0, q_out, q_in))
     second = {s.name: np.zeros(s.dim) for s in slices}
+    n = 0
     for block in source():
         b = np.asarray(block, dtype=np.float64)
         for s, c in zip(slices, layers, strict=True):
             second[s.name] += (c.rotate(b[:, s.start : s.stop]) ** 2).sum(axis=0)
+        n += b.shape[0]
+    _require_rows(n)
     for s, c in zip(slices, layers, strict=True):
         c.eigvals = second[s.name] / n
     return layers

@@ -20,13 +20,15 @@ import torch
 from torch import nn
 
 from attribution.config import IndexConfig
-from attribution.curvature import fit_curvature
+from attribution.curvature import fit_curvature, kfac_bases
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
 from attribution.projection import (
+    KfacFactors,
     LayerProjector,
     find_layers,
     identity_projectors,
+    kfac_factors,
     layer_specs,
     pca_projectors,
     projected_gradients,
@@ -35,6 +37,7 @@ from attribution.projection import (
 from attribution.store import (
     BUILD_FILE,
     CURVATURE_FILE,
+    FACTORS_FILE,
     MANIFEST_FILE,
     META_SCHEMA,
     METADATA_FILE,
@@ -43,7 +46,9 @@ from attribution.store import (
     block_paths,
     completed_blocks,
     layer_slices,
+    load_factors,
     load_projectors,
+    save_factors,
     save_projectors,
     write_block,
 )
@@ -94,20 +99,52 @@ def make_projectors(
     data: Iterable[Batch],
     config: IndexConfig,
     *,
+    fisher_loss: LossFn | None = None,
     show_progress: bool = True,
-) -> tuple[dict[str, nn.Module], list[LayerProjector]]:
-    """The tracked layers and their projectors (PCA makes a first pass over `data`)."""
+) -> tuple[dict[str, nn.Module], list[LayerProjector], list[KfacFactors]]:
+    """The tracked layers, their projectors and their projected KFAC factors.
+
+    One pass over `data` estimates the factors, with `fisher_loss` (labels drawn from the
+    model) when `config.fisher_labels` is "sampled", else with `loss_fn`. PCA projectors are
+    the factors' top eigenvectors; random and identity projectors need no data, and their
+    factors are accumulated already projected.
+    """
     layers = find_layers(model, config.projection)
-    if config.projection.kind == "random":
-        return layers, random_projectors(layer_specs(layers), config.projection)
-    if config.projection.kind == "identity":
-        return layers, identity_projectors(layer_specs(layers))
-    if config.projection.kind == "pca":
-        bar = lambda b: progress(b, desc="pca statistics", enabled=show_progress, unit="batch")  # noqa: E731
-        return layers, pca_projectors(model, loss_fn, data, layers, config.projection, bar)
-    raise ValueError(
-        f"unknown projection kind '{config.projection.kind}' (random, pca or identity)"
-    )
+    kind = config.projection.kind
+    if kind not in ("random", "pca", "identity"):
+        raise ValueError(f"unknown projection kind '{kind}' (random, pca or identity)")
+    first_pass_loss = _first_pass_loss(loss_fn, fisher_loss, config)
+    specs = layer_specs(layers)
+    projectors = random_projectors(specs, config.projection) if kind == "random" else None
+    bar = lambda b: progress(b, desc="kfac factors", enabled=show_progress, unit="batch")  # noqa: E731
+    was_training = model.training
+    model.eval()
+    try:
+        factors = kfac_factors(
+            model, first_pass_loss, data, layers, projectors, bar, seed=config.projection.seed
+        )
+    finally:
+        model.train(was_training)
+    if kind == "pca":
+        projectors = pca_projectors(factors, specs, config.projection)
+        factors = [f.projected(p) for f, p in zip(factors, projectors, strict=True)]
+    elif kind == "identity":
+        projectors = identity_projectors(specs)
+    return layers, projectors, factors
+
+
+def _first_pass_loss(loss_fn: LossFn, fisher_loss: LossFn | None, config: IndexConfig) -> LossFn:
+    if config.fisher_labels == "data":
+        return loss_fn
+    if config.fisher_labels != "sampled":
+        raise ValueError(f"unknown fisher_labels '{config.fisher_labels}' (sampled or data)")
+    if fisher_loss is None:
+        raise ValueError(
+            "fisher_labels='sampled' (the default) needs fisher_loss: a loss whose labels are "
+            "drawn from the model, e.g. attribution.fisher.sampled_cross_entropy(model(x)) or "
+            "attribution.lm.lm_fisher_loss; or set IndexConfig(fisher_labels='data')"
+        )
+    return fisher_loss
 
 
 def build_index(
@@ -117,13 +154,16 @@ def build_index(
     out_dir: str | Path,
     config: IndexConfig | None = None,
     *,
+    fisher_loss: LossFn | None = None,
     model_info: dict | None = None,
     data_info: dict | None = None,
     show_progress: bool = True,
 ) -> GradientIndex:
     """Build (or resume, or reopen) the gradient index of `data` in `out_dir`.
 
-    `data` yields `Batch`es in a fixed order and must be re-iterable. `model_info` and
+    `data` yields `Batch`es in a fixed order and must be re-iterable. `fisher_loss` is the
+    loss with labels drawn from the model (see `attribution.fisher`), used by the first pass
+    when `config.fisher_labels` is "sampled" (the default). `model_info` and
     `data_info` (hashes of weights, tokenizer, shards, the loss definition) go into the
     manifest and guard resumption: a directory started with other settings is refused.
     """
@@ -148,10 +188,11 @@ def build_index(
         projectors = load_projectors(root / PROJECTIONS_FILE, [b["name"] for b in build["layers"]])
         log.info("resuming index build in %s", root)
     else:
-        layers, projectors = make_projectors(
-            model, loss_fn, data, config, show_progress=show_progress
+        layers, projectors, factors = make_projectors(
+            model, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress
         )
         save_projectors(root / PROJECTIONS_FILE, projectors)
+        save_factors(root / FACTORS_FILE, factors)
         layout = _layout(projectors)
         build = {
             "fingerprint": fingerprint,
@@ -240,7 +281,8 @@ def _finalise(root: Path, build: dict, config: IndexConfig, fingerprint: dict) -
         for path in grad_files:
             yield np.load(path, mmap_mode="r")
 
-    curvature = fit_curvature(source, slices, config.damping_factor, config.curvature)
+    bases = kfac_bases(load_factors(root / FACTORS_FILE, [s.name for s in slices]))
+    curvature = fit_curvature(source, slices, config.damping_factor, config.curvature, bases=bases)
     curvature.save(root / CURVATURE_FILE)
     self_inf = np.concatenate([curvature.self_influence(b) for b in source()])
     meta = pl.concat([pl.read_parquet(block_paths(root, i)[1]) for i in blocks])
@@ -264,6 +306,7 @@ def _finalise(root: Path, build: dict, config: IndexConfig, fingerprint: dict) -
             "dim": build["dim"],
             "blocks": [{"file": p.name, "sha256": _sha256(p)} for p in grad_files],
             "projections_sha256": _sha256(root / PROJECTIONS_FILE),
+            "factors_sha256": _sha256(root / FACTORS_FILE),
             "curvature_sha256": _sha256(root / CURVATURE_FILE),
             "providers": sorted(meta["provider"].unique().to_list()),
             "packages": package_versions(),

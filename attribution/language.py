@@ -17,6 +17,7 @@ from attribution.index import build_index
 from attribution.lm import (
     hash_model_weights,
     hash_tokenizer,
+    lm_fisher_loss,
     lm_loss,
     load_causal_lm,
     query_batches,
@@ -92,6 +93,7 @@ def index_language_model(
         TextShards(shards, tokenizer, max_length, batch_size),
         out_dir,
         config,
+        fisher_loss=lm_fisher_loss,
         model_info=info if info is not None else model_info(model_dir),
         data_info=shards_info(shards, max_length, batch_size),
         show_progress=show_progress,

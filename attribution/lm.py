@@ -288,12 +288,26 @@ def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     `logits[:, :-1]` predict `labels[:, 1:]`; positions labelled -100 (padding, prompts) do
     not count. Computed in the model's dtype when it is float32 or float64, else in float32.
     """
+    return _token_nll(model, batch, sample=False)
+
+
+def lm_fisher_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """`lm_loss` with every counted target token drawn from the model's own next-token
+    distribution (the true Fisher's labels); positions labelled -100 still do not count."""
+    return _token_nll(model, batch, sample=True)
+
+
+def _token_nll(model: nn.Module, batch: Batch, sample: bool) -> torch.Tensor:
+    from attribution.fisher import sample_targets
+
     inputs = batch.inputs
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     shifted_logits = logits[:, :-1, :]
     targets = inputs["labels"][:, 1:].to(logits.device)
+    if sample:
+        targets = torch.where(targets != IGNORE_INDEX, sample_targets(shifted_logits), targets)
     token_nll = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),
         targets.reshape(-1),

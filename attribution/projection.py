@@ -269,52 +269,89 @@ def projected_gradients(
     return torch.cat(blocks, dim=1)
 
 
-def pca_projectors(
+@contextmanager
+def seeded_sampling(seed: int) -> Iterator[None]:
+    """Torch's global generators forked and seeded: labels a Fisher loss draws with the default
+    generator are the same on every run, and the caller's random state is left as it was."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class KfacFactors:
+    """A layer's token-level KFAC factors A = Σ_t x_t x_tᵀ and S = Σ_t δ_t δ_tᵀ (float64),
+    raw or in the projected space, summed over real tokens of `examples` examples."""
+
+    name: str
+    a: torch.Tensor
+    s: torch.Tensor
+    examples: int
+
+    def projected(self, projector: LayerProjector) -> KfacFactors:
+        """P_in A P_inᵀ and P_out S P_outᵀ of raw factors."""
+        p_in, p_out = projector.p_in.double(), projector.p_out.double()
+        return KfacFactors(self.name, p_in @ self.a @ p_in.T, p_out @ self.s @ p_out.T,
+                           self.examples)  # fmt: skip
+
+
+def kfac_factors(
     model: nn.Module,
     loss_fn: LossFn,
     batches: Iterable[Batch],
     layers: dict[str, nn.Module],
-    config: ProjectionConfig,
+    projectors: list[LayerProjector] | None = None,
     progress: Callable[[Iterable[Batch]], Iterable[Batch]] = lambda b: b,
-) -> list[LayerProjector]:
-    """Projectors from the top eigenvectors of each layer's KFAC factors.
+    seed: int = 0,
+) -> list[KfacFactors]:
+    """One pass over `batches`: every tracked layer's KFAC factors.
 
-    First pass: A_l = mean x xᵀ over real tokens, S_l = mean δ δᵀ; P_in = top-k_in eigenvectors
-    of A_l, P_out = top-k_out eigenvectors of S_l (as rows). Summed across batches in float64.
+    With `projectors`, activations and output gradients are projected first and the factors
+    are k × k; without, they are the raw n × n factors. Batch b runs under
+    `seeded_sampling(seed + b)`, so a loss that samples its labels is reproducible. Each
+    batch's product is taken in the activations' precision (at least float32) and summed in
+    float64.
     """
     specs = layer_specs(layers)
-    cov_in = {s.name: torch.zeros(s.n_in, s.n_in, dtype=torch.float64) for s in specs}
-    cov_out = {s.name: torch.zeros(s.n_out, s.n_out, dtype=torch.float64) for s in specs}
+    by_name = {p.name: p for p in projectors} if projectors is not None else None
+    keep = lambda n, t: t  # noqa: E731 - raw tensors
+    capture_in = (lambda n, t: by_name[n].project_inputs(t)) if by_name else keep
+    capture_out = (lambda n, t: by_name[n].project_output_grads(t)) if by_name else keep
+    sums: dict[str, list[torch.Tensor | int]] = {s.name: [0, 0] for s in specs}
     count = 0
-    keep = lambda n, t: t  # noqa: E731 - raw tensors for the covariance
-    for batch in progress(batches):
-        capture = Capture(layers, keep, keep)
-        with frozen_parameters(model), capture, torch.enable_grad():
+    for number, batch in enumerate(progress(batches)):
+        capture = Capture(layers, capture_in, capture_out)
+        with frozen_parameters(model), capture, torch.enable_grad(), seeded_sampling(seed + number):
             backward_per_example(model, loss_fn, batch)
         for s in specs:
             x, d = capture.pairs(s.name)
             mask = token_mask(batch, x)
             if mask is not None:
                 x, d = x * mask, d * mask
-            # Each batch's product in the activations' precision (at least float32), summed
-            # across batches in float64.
-            x2 = x.reshape(-1, s.n_in)
-            d2 = d.reshape(-1, s.n_out)
+            x2 = x.reshape(-1, x.shape[-1])
+            d2 = d.reshape(-1, d.shape[-1])
             if x2.dtype not in (torch.float32, torch.float64):
                 x2, d2 = x2.float(), d2.float()
-            cov_in[s.name] += (x2.T @ x2).double()
-            cov_out[s.name] += (d2.T @ d2).double()
+            sums[s.name][0] = (x2.T @ x2).double() + sums[s.name][0]
+            sums[s.name][1] = (d2.T @ d2).double() + sums[s.name][1]
         count += len(batch)
     if count == 0:
-        raise ValueError("PCA projections need data: the first pass saw no example")
+        raise ValueError("the KFAC factors need data: the first pass saw no example")
+    return [KfacFactors(s.name, sums[s.name][0], sums[s.name][1], count) for s in specs]
+
+
+def pca_projectors(
+    factors: list[KfacFactors], specs: list[LayerSpec], config: ProjectionConfig
+) -> list[LayerProjector]:
+    """Projectors from the top eigenvectors of each layer's raw KFAC factors: P_in = top-k_in
+    eigenvectors of A_l, P_out = top-k_out eigenvectors of S_l (as rows)."""
     projectors = []
-    for s in specs:
+    for f, s in zip(factors, specs, strict=True):
         k_in, k_out = config.dims_for(s.name, s.n_in, s.n_out)
         projectors.append(
             LayerProjector(
-                s.name,
-                _top_eigvecs(cov_in[s.name], k_in, s.name),
-                _top_eigvecs(cov_out[s.name], k_out, s.name),
+                s.name, _top_eigvecs(f.a, k_in, s.name), _top_eigvecs(f.s, k_out, s.name)
             )
         )
     return projectors

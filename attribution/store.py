@@ -3,6 +3,7 @@
 index_dir/
   build.json                 settings, layer layout, fingerprint of model and data
   projections.safetensors    P_in, P_out of every tracked layer
+  factors.safetensors        projected KFAC factors of every layer (the EKFAC eigenbasis)
   blocks/grads-NNNNNN.npy    projected gradients, rows = examples (memory-mapped)
   blocks/meta-NNNNNN.parquet example id, shard, provider, token count of those rows;
                              its presence marks the block complete
@@ -25,12 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attribution.config import IndexConfig
-from attribution.curvature import Curvature, LayerSlice
-from attribution.projection import LayerProjector
+from attribution.curvature import Bases, Curvature, LayerSlice, kfac_bases
+from attribution.projection import KfacFactors, LayerProjector
 
 BUILD_FILE = "build.json"
 MANIFEST_FILE = "manifest.json"
 PROJECTIONS_FILE = "projections.safetensors"
+FACTORS_FILE = "factors.safetensors"
 CURVATURE_FILE = "curvature.safetensors"
 METADATA_FILE = "metadata.parquet"
 BLOCKS_DIR = "blocks"
@@ -94,6 +96,24 @@ def load_projectors(path: Path, names: list[str]) -> list[LayerProjector]:
         raise FileNotFoundError(f"{path}: projections missing from the index")
     t = load_file(str(path))
     return [LayerProjector(n, t[f"{n}.p_in"], t[f"{n}.p_out"]) for n in names]
+
+
+def save_factors(path: Path, factors: list[KfacFactors]) -> None:
+    tensors = {}
+    for f in factors:
+        tensors[f"{f.name}.a"] = f.a.double().contiguous()
+        tensors[f"{f.name}.s"] = f.s.double().contiguous()
+        tensors[f"{f.name}.examples"] = torch.tensor([f.examples], dtype=torch.int64)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    _fsync_replace(tmp, path)
+
+
+def load_factors(path: Path, names: list[str]) -> list[KfacFactors]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: KFAC factors missing from the index")
+    t = load_file(str(path))
+    return [KfacFactors(n, t[f"{n}.a"], t[f"{n}.s"], int(t[f"{n}.examples"][0])) for n in names]
 
 
 def layer_slices(layers: list[dict]) -> list[LayerSlice]:
@@ -167,6 +187,14 @@ class GradientIndex:
 
     def projectors(self) -> list[LayerProjector]:
         return load_projectors(self.root / PROJECTIONS_FILE, self.layer_names)
+
+    def factors(self) -> list[KfacFactors]:
+        """Each layer's projected KFAC factors from the build's first pass."""
+        return load_factors(self.root / FACTORS_FILE, self.layer_names)
+
+    def bases(self) -> Bases:
+        """Each layer's EKFAC eigenbasis (Q_out, Q_in)."""
+        return kfac_bases(self.factors())
 
     def block_files(self) -> list[Path]:
         return [block_paths(self.root, i)[0] for i in range(self.build["blocks"])]

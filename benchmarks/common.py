@@ -210,11 +210,13 @@ def write_synthetic_index(root: Path, spec: dict, *, verbose: bool = True) -> Pa
     from attribution.config import IndexConfig, ProjectionConfig
     from attribution.index import _finalise, _layout
     from attribution.manifest import write_json
-    from attribution.projection import LayerProjector
+    from attribution.projection import KfacFactors, LayerProjector
     from attribution.store import (
         BUILD_FILE,
+        FACTORS_FILE,
         MANIFEST_FILE,
         PROJECTIONS_FILE,
+        save_factors,
         save_projectors,
         write_block,
     )
@@ -247,6 +249,11 @@ def write_synthetic_index(root: Path, spec: dict, *, verbose: bool = True) -> Pa
         for i in range(spec["layers"])
     ]
     save_projectors(root / PROJECTIONS_FILE, projectors)
+    # Gradients here are drawn independently per coordinate: their KFAC factors are diagonal.
+    eye = torch.eye(k, dtype=torch.float64)
+    save_factors(
+        root / FACTORS_FILE, [KfacFactors(p.name, eye, eye, spec["rows"]) for p in projectors]
+    )
     layout = _layout(projectors)
     fingerprint = {
         "config": config.to_dict(),

@@ -7,13 +7,14 @@ tokens of random token ids (every token real). The loss is `attribution.lm.lm_lo
 - training step: forward + backward (weight gradients) + `torch.optim.AdamW` step, in train
   mode, on a copy of the model;
 - logging pass: what `attribution.build_index` runs per batch with the default `IndexConfig`
-  (PCA projections, k = 16 per side, every Conv1D layer, tied head skipped):
+  (PCA projections, k = 32 per side, every Conv1D layer, tied head skipped):
   `attribution.index._log_gradients` over the same batches into a fresh index directory,
   i.e. `projected_gradients` (forward + backward with frozen parameters, projected hooks,
   per-example Kronecker products), conversion to the storage dtype, and the block writes;
   measured with float32 storage (the default) and float16 storage;
-- reported separately: the PCA statistics first pass (`make_projectors`: raw activation and
-  output-gradient covariances in float64, then the eigendecompositions) and the index
+- reported separately: the first pass (`make_projectors`: raw activation and output-gradient
+  KFAC factors in float64, output gradients from labels sampled from the model (the default
+  `fisher_labels="sampled"`), then the PCA eigendecompositions) and the index
   finalisation (curvature fit, self-influence, metadata, manifest).
 
 Throughput is tokens per second (batch × sequence length per batch); the ratio is logging ÷
@@ -112,10 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     from attribution.config import IndexConfig
     from attribution.index import _finalise, _layout, _log_gradients, make_projectors
-    from attribution.lm import lm_loss
+    from attribution.lm import lm_fisher_loss, lm_loss
     from attribution.manifest import write_json
     from attribution.projection import projected_gradients
-    from attribution.store import BUILD_FILE, PROJECTIONS_FILE, save_projectors
+    from attribution.store import (
+        BUILD_FILE,
+        FACTORS_FILE,
+        PROJECTIONS_FILE,
+        save_factors,
+        save_projectors,
+    )
 
     model = make_model(args)
     batches = make_batches(args)
@@ -124,8 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     default = IndexConfig()
 
     # PCA statistics first pass (default config), timed once.
-    t_pca, (layers, projectors) = timed(
-        lambda: make_projectors(model, lm_loss, batches, default, show_progress=False)
+    t_pca, (layers, projectors, factors) = timed(
+        lambda: make_projectors(
+            model, lm_loss, batches, default, fisher_loss=lm_fisher_loss, show_progress=False
+        )
     )
 
     train_model = copy.deepcopy(model).train()
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         root.mkdir(parents=True)
         _log_gradients(model, lm_loss, batches, root, layers, projectors, default, False)
         save_projectors(root / PROJECTIONS_FILE, projectors)
+        save_factors(root / FACTORS_FILE, factors)
         layout = _layout(projectors)
         fingerprint = {"config": default.to_dict(), "model": {"benchmark": True}, "data": {}}
         build = {

@@ -1,7 +1,7 @@
 """Score matrices of the project's LoGra (through its public API) and of simple baselines.
 
 An index is built once per (projection kind, k, dtype) with the library's default curvature
-kind; the other kind is fitted from the same stored rows with the core's `fit_curvature`, so
+kind and KFAC-factor labels; the other kind is fitted from the same stored rows with the core's `fit_curvature`, so
 both curvature kinds are measured on identical gradients. Other damping factors reuse each
 curvature's eigendecomposition: λ_l = factor × mean eigenvalue, exactly as `fit_curvature` sets
 it (`Curvature.with_damping`), and scores then come from the core's own `score`. RelatIF
@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from attribution import IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
-from attribution.config import DEFAULT_CURVATURE, DEFAULT_DAMPING_FACTOR
+from attribution.config import (
+    DEFAULT_CURVATURE,
+    DEFAULT_DAMPING_FACTOR,
+    DEFAULT_FISHER_LABELS,
+)
 from attribution.curvature import Curvature, fit_curvature
 from attribution.scoring import query_gradients
 from attribution.store import GradientIndex
@@ -62,8 +66,11 @@ def build(
     workdir: Path,
     damping: float = DEFAULT_DAMPING_FACTOR,
     curvature: str = DEFAULT_CURVATURE,
+    fisher_labels: str = DEFAULT_FISHER_LABELS,
 ) -> BuiltIndex:
     label = f"{kind}-k{k}-{dtype}" if kind != "identity" else f"identity-{dtype}"
+    if fisher_labels != DEFAULT_FISHER_LABELS:
+        label += f"-{fisher_labels}-labels"
     root = Path(workdir) / setting.name / label
     shutil.rmtree(root, ignore_errors=True)
     config = IndexConfig(
@@ -71,11 +78,18 @@ def build(
         dtype=dtype,
         curvature=curvature,
         damping_factor=damping,
+        fisher_labels=fisher_labels,
     )
     model = setting.base_model()
     start = time.perf_counter()
     index = build_index(
-        model, setting.train_loss, setting.train_data, root, config, show_progress=False
+        model,
+        setting.train_loss,
+        setting.train_data,
+        root,
+        config,
+        fisher_loss=setting.fisher_loss,
+        show_progress=False,
     )
     seconds = time.perf_counter() - start
     _, q = query_gradients(model, setting.query_loss, setting.query_data, index)
@@ -87,7 +101,7 @@ def build(
         if other not in built.curvatures:
             start = time.perf_counter()
             built.curvatures[other] = fit_curvature(
-                lambda: [rows], index.curvature.slices, damping, other
+                lambda: [rows], index.curvature.slices, damping, other, bases=index.bases()
             )
             built.curvature_seconds[other] = time.perf_counter() - start
     return built

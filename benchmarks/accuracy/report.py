@@ -116,8 +116,8 @@ def write_markdown(report: dict, path: Path) -> None:
         out += [f"## {s['setting']} ({s['n_train']} training examples, {s['n_queries']} queries, "
                 f"{len(s['providers'])} providers)", "",
                 f"Plan: {s['plan']}. Defaults under test: kind `{d['kind']}`, k={d['k']}, "
-                f"curvature `{d.get('curvature', 'full')}`, damping factor "
-                f"{d['damping_factor']:g}. Setting took {s['seconds']:.0f} s "
+                f"curvature `{d.get('curvature', 'full')}`, KFAC-factor labels "
+                f"`{d.get('fisher_labels', 'data')}`, damping factor {d['damping_factor']:g}. Setting took {s['seconds']:.0f} s "
                 f"({s['retrains_this_run']} retrains this run).", "", "### Headline", ""]  # fmt: skip
         out += _headline(s)
         if s.get("paired_lds_vs_defaults"):

@@ -21,6 +21,7 @@ import torch
 from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_DAMPING_FACTOR,
+    DEFAULT_FISHER_LABELS,
     DEFAULT_K,
     ProjectionConfig,
 )
@@ -137,6 +138,12 @@ def evaluate_setting(
         kind_ks = sorted(set(ks[kind]) | ({DEFAULT_K} if kind == DEFAULT_KIND else set()))
         builds += [methods.build(setting, kind, k, "float32", workdir) for k in kind_ks]
     builds.append(methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float16", workdir))
+    # The default index with KFAC factors from the training labels (empirical Fisher).
+    other_labels = "data" if DEFAULT_FISHER_LABELS == "sampled" else "sampled"
+    builds.append(
+        methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
+                      fisher_labels=other_labels)
+    )  # fmt: skip
 
     sweep = []
     for b in builds:
@@ -191,6 +198,10 @@ def evaluate_setting(
         scores[f"logra k=64 ({DEFAULT_KIND}, {DEFAULT_CURVATURE}, factor "
                f"{DEFAULT_DAMPING_FACTOR:g})"] = pair(
             by_label[larger], DEFAULT_DAMPING_FACTOR, DEFAULT_CURVATURE)  # fmt: skip
+    labels_variant = by_label[f"{DEFAULT_KIND}-k{DEFAULT_K}-float32-{other_labels}-labels"]
+    scores[f"logra, KFAC factors from {other_labels} labels"] = pair(
+        labels_variant, DEFAULT_DAMPING_FACTOR, DEFAULT_CURVATURE
+    )
     # The library's scoring path at the index's damping must agree with the re-damped one.
     redamped = pair(default, DEFAULT_DAMPING_FACTOR, DEFAULT_CURVATURE)
     agree = max(
@@ -243,6 +254,7 @@ def evaluate_setting(
             "k": DEFAULT_K,
             "curvature": DEFAULT_CURVATURE,
             "damping_factor": DEFAULT_DAMPING_FACTOR,
+            "fisher_labels": DEFAULT_FISHER_LABELS,
         },
         "library_vs_redamped_max_rel_diff": agree,
         "sweep": sweep,

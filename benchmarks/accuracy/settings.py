@@ -21,9 +21,11 @@ from torch import nn
 
 from attribution import Batch, LossFn
 from attribution.data import Query
+from attribution.fisher import sampled_cross_entropy
 from attribution.lm import (
     batch_from_token_ids,
     iter_train_examples,
+    lm_fisher_loss,
     lm_loss,
     query_batches,
     train_batches,
@@ -44,6 +46,8 @@ class Setting:
     query_data: list[Batch]
     train_loss: LossFn
     query_loss: LossFn
+    fisher_loss: LossFn
+    """The training loss with labels drawn from the model (the true Fisher's first pass)."""
     train: Callable[[np.ndarray, int], nn.Module]
     """Deterministic recipe: (training rows, seed) → trained model in eval mode."""
     evaluate: Callable[[nn.Module], np.ndarray]
@@ -82,6 +86,12 @@ def mlp_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Per-example cross-entropy, shape (B,)."""
     x, y = batch.inputs
     return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def mlp_fisher_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy against classes drawn from the model's own softmax, shape (B,)."""
+    x, _ = batch.inputs
+    return sampled_cross_entropy(model(x))
 
 
 def _mlp(seed: int, n_in: int, hidden: int, n_out: int) -> nn.Module:
@@ -163,6 +173,7 @@ def mlp_setting(
         query_data=batches(xq, yq, None, "query"),
         train_loss=mlp_loss,
         query_loss=mlp_loss,
+        fisher_loss=mlp_fisher_loss,
         train=train,
         evaluate=evaluate,
         recipe=recipe,
@@ -259,6 +270,7 @@ def lm_setting(
         query_data=[],
         train_loss=lm_loss,
         query_loss=lm_loss,
+        fisher_loss=lm_fisher_loss,
         train=train,
         evaluate=evaluate,
         recipe=recipe,

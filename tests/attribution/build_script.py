@@ -9,7 +9,7 @@ import sys
 import time
 
 from attribution import IndexConfig, ProjectionConfig, build_index
-from tests.attribution.tiny import lm_batches, lm_loss, tiny_gpt2
+from tests.attribution.tiny import lm_batches, lm_fisher_loss, lm_loss, tiny_gpt2
 
 CONFIG = IndexConfig(projection=ProjectionConfig(kind="pca", k_in=4, k_out=3), rows_per_block=3)
 
@@ -34,6 +34,7 @@ def build(out_dir: str, delay: float = 0.0):
         SlowBatches(delay),
         out_dir,
         CONFIG,
+        fisher_loss=lm_fisher_loss,
         show_progress=False,
         model_info={"name": "tiny"},
     )

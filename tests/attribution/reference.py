@@ -95,3 +95,37 @@ def damped_fisher_scores(
         scores += q @ np.linalg.solve(damped, g.T)
         self_inf += np.einsum("nd,dn->n", g, np.linalg.solve(damped, g.T))
     return scores, self_inf
+
+
+def kfac_factors_reference(
+    model: nn.Module, loss_fn: LossFn, batches: list[Batch], layer_names: list[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the raw token-level KFAC factors (A = Σ_t x_t x_tᵀ, S = Σ_t δ_t δ_tᵀ).
+
+    Each example runs alone and unpadded; inputs come from forward hooks and output gradients
+    from `torch.autograd.grad` of its loss with respect to the layer's outputs.
+    """
+    modules = dict(model.named_modules())
+    a = {n: 0.0 for n in layer_names}
+    s = {n: 0.0 for n in layer_names}
+    for batch in batches:
+        for example in single_examples(batch):
+            seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            handles = [
+                modules[n].register_forward_hook(
+                    lambda mod, args, out, n=n, seen=seen: seen.__setitem__(n, (args[0], out))
+                )
+                for n in layer_names
+            ]
+            try:
+                loss = loss_fn(model, example).sum()
+            finally:
+                for h in handles:
+                    h.remove()
+            outs = torch.autograd.grad(loss, [seen[n][1] for n in layer_names])
+            for n, d in zip(layer_names, outs, strict=True):
+                x = seen[n][0].detach().reshape(-1, seen[n][0].shape[-1]).double().numpy()
+                d = d.reshape(-1, d.shape[-1]).double().numpy()
+                a[n] = a[n] + x.T @ x
+                s[n] = s[n] + d.T @ d
+    return {n: (a[n], s[n]) for n in layer_names}

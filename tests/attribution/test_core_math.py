@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from attribution import IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
+from attribution import Batch, IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
 from attribution.curvature import LayerSlice
 from attribution.index import make_projectors
 from attribution.projection import find_layers, projected_gradients
 from attribution.scoring import query_gradients
-from tests.attribution.reference import damped_fisher_scores, full_gradients, project
+from tests.attribution.reference import (
+    damped_fisher_scores,
+    full_gradients,
+    kfac_factors_reference,
+    project,
+)
 from tests.attribution.tiny import (
+    classification_fisher_loss,
     classification_loss,
     lm_batches,
+    lm_fisher_loss,
     lm_loss,
     mlp_batches,
     tiny_gpt2,
@@ -25,6 +34,7 @@ CASES = {
     "mlp": (tiny_mlp, classification_loss, mlp_batches),
     "gpt2": (tiny_gpt2, lm_loss, lm_batches),
 }
+FISHER = {classification_loss: classification_fisher_loss, lm_loss: lm_fisher_loss}
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -37,7 +47,9 @@ def test_logra_gradient_equals_full_gradient_projected_afterwards(case: str, kin
     make_model, loss_fn, make_batches = CASES[case]
     model, batches = make_model(), make_batches()
     config = IndexConfig(projection=ProjectionConfig(kind=kind, k_in=3, k_out=2, seed=7))
-    layers, projectors = make_projectors(model, loss_fn, batches, config, show_progress=False)
+    layers, projectors, _ = make_projectors(
+        model, loss_fn, batches, config, fisher_loss=FISHER[loss_fn], show_progress=False
+    )
     logra = torch.cat(
         [projected_gradients(model, loss_fn, b, layers, projectors) for b in batches]
     ).numpy()
@@ -58,11 +70,12 @@ def test_conv1d_layers_of_gpt2_are_tracked_and_tied_head_is_not() -> None:
 
 def test_logging_computes_no_weight_gradient() -> None:
     model, batches = tiny_gpt2(), lm_batches()
-    layers, projectors = make_projectors(
+    layers, projectors, _ = make_projectors(
         model,
         lm_loss,
         batches,
         IndexConfig(projection=ProjectionConfig(kind="random")),
+        fisher_loss=lm_fisher_loss,
         show_progress=False,
     )
     projected_gradients(model, lm_loss, batches[0], layers, projectors)
@@ -88,7 +101,9 @@ def test_full_dimension_scores_equal_explicit_damped_fisher_formula(tmp_path, ca
         damping_factor=0.3,
         rows_per_block=4,
     )
-    index = build_index(model, loss_fn, batches, tmp_path, config, show_progress=False)
+    index = build_index(
+        model, loss_fn, batches, tmp_path, config, fisher_loss=FISHER[loss_fn], show_progress=False
+    )
     _, q = query_gradients(model, loss_fn, queries, index)
     result = score(index, q, ScoreConfig(relatif=False, dense=True, top_k=3))
 
@@ -117,7 +132,9 @@ def test_self_influence_relatif_and_provider_sums_equal_dense_numpy(tmp_path) ->
         damping_factor=0.05,
         rows_per_block=5,
     )
-    index = build_index(model, lm_loss, batches, tmp_path, config, show_progress=False)
+    index = build_index(
+        model, lm_loss, batches, tmp_path, config, fisher_loss=FISHER[lm_loss], show_progress=False
+    )
     _, q = query_gradients(model, lm_loss, queries, index)
     result = score(index, q, ScoreConfig(relatif=True, dense=True, top_k=4))
 
@@ -148,7 +165,15 @@ def test_self_influence_relatif_and_provider_sums_equal_dense_numpy(tmp_path) ->
 def test_scores_do_not_depend_on_block_or_memory_budget(tmp_path) -> None:
     model, batches = tiny_mlp(), mlp_batches(n=40)
     cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=3, k_out=3), rows_per_block=7)
-    index = build_index(model, classification_loss, batches, tmp_path, cfg, show_progress=False)
+    index = build_index(
+        model,
+        classification_loss,
+        batches,
+        tmp_path,
+        cfg,
+        fisher_loss=FISHER[classification_loss],
+        show_progress=False,
+    )
     _, q = query_gradients(model, classification_loss, batches[:2], index)
     big = score(index, q, ScoreConfig(dense=True))
     tiny = score(index, q, ScoreConfig(dense=True, memory_budget_mb=0))  # one row per chunk
@@ -165,25 +190,35 @@ def test_float16_storage_changes_scores_by_less_than_one_percent(tmp_path) -> No
     results = {}
     for dtype in ("float32", "float16"):
         cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=4, k_out=4), dtype=dtype)
-        index = build_index(model, lm_loss, batches, tmp_path / dtype, cfg, show_progress=False)
+        index = build_index(
+            model,
+            lm_loss,
+            batches,
+            tmp_path / dtype,
+            cfg,
+            fisher_loss=FISHER[lm_loss],
+            show_progress=False,
+        )
         assert next(index.blocks())[1].dtype == np.dtype(dtype)
         _, q = query_gradients(model, lm_loss, queries, index)
         results[dtype] = score(index, q, ScoreConfig(dense=True)).dense
     assert rel_err(results["float16"], results["float32"]) < 1e-2
 
 
-def ekfac_reference(train: np.ndarray, queries: np.ndarray, layers: list[dict], factor: float):
-    """EKFAC built explicitly: V = Q_out ⊗ Q_in from Σ G Gᵀ and Σ Gᵀ G, eigenvalues the second
-    moments of Vᵀ g, F = V diag(d) Vᵀ, then a dense solve. (scores (Q, N), self-influence)."""
+def ekfac_reference(train, queries, layers, projectors, factors, factor: float):
+    """EKFAC built explicitly: V = Q_out ⊗ Q_in, the eigenvectors of the projected KFAC factors
+    P_out S P_outᵀ and P_in A P_inᵀ; eigenvalues the second moments of Vᵀ g; F = V diag(d) Vᵀ,
+    then a dense solve. (scores (Q, N), self-influence (N,))."""
     scores = np.zeros((queries.shape[0], train.shape[0]))
     self_inf = np.zeros(train.shape[0])
-    for layer in layers:
-        k_out, k_in, a, b = layer["k_out"], layer["k_in"], layer["start"], layer["stop"]
+    for layer, proj in zip(layers, projectors, strict=True):
+        a, b = layer["start"], layer["stop"]
         g, q = train[:, a:b], queries[:, a:b]
-        mats = g.reshape(-1, k_out, k_in)
-        left = sum(m @ m.T for m in mats)
-        right = sum(m.T @ m for m in mats)
-        v = np.kron(np.linalg.eigh(left)[1], np.linalg.eigh(right)[1])
+        raw_a, raw_s = factors[proj.name]
+        p_in, p_out = proj.p_in.double().numpy(), proj.p_out.double().numpy()
+        q_in = np.linalg.eigh(p_in @ raw_a @ p_in.T)[1]
+        q_out = np.linalg.eigh(p_out @ raw_s @ p_out.T)[1]
+        v = np.kron(q_out, q_in)
         d = ((g @ v) ** 2).mean(axis=0)
         damped = v @ np.diag(d) @ v.T + factor * d.mean() * np.eye(len(d))
         scores += q @ np.linalg.solve(damped, g.T)
@@ -191,17 +226,51 @@ def ekfac_reference(train: np.ndarray, queries: np.ndarray, layers: list[dict], 
     return scores, self_inf
 
 
+def shifted_label_loss(loss_fn):
+    """A deterministic stand-in for a Fisher loss: every counted label moved by one class, so
+    its output gradients differ from the training loss's (and can be recomputed alone)."""
+
+    def loss(model, batch: Batch) -> torch.Tensor:
+        if isinstance(batch.inputs, dict):
+            labels = batch.inputs["labels"]
+            moved = torch.where(labels >= 0, (labels + 1) % 17, labels)
+            inputs = {**batch.inputs, "labels": moved}
+        else:
+            x, y = batch.inputs
+            inputs = (x, (y + 1) % 3)
+        return loss_fn(model, dataclasses.replace(batch, inputs=inputs))
+
+    return loss
+
+
+@pytest.mark.parametrize("labels", ["sampled", "data"])
+@pytest.mark.parametrize("kind", ["random", "pca"])
 @pytest.mark.parametrize("case", ["mlp", "gpt2"])
-def test_ekfac_scores_equal_an_explicitly_built_ekfac_matrix(tmp_path, case) -> None:
+def test_ekfac_scores_equal_an_explicitly_built_ekfac_matrix(tmp_path, case, kind, labels) -> None:
+    """The EKFAC basis comes from token-level KFAC factors of the first pass: of the Fisher
+    loss with `fisher_labels="sampled"`, of the training loss with "data"."""
     make_model, loss_fn, make_batches = CASES[case]
     model, batches = make_model(), make_batches()
     queries = make_batches(n=5, seed=13)
-    config = IndexConfig(projection=ProjectionConfig(kind="random", k_in=3, k_out=2),
-                         curvature="ekfac", damping_factor=0.2, rows_per_block=6)
-    index = build_index(model, loss_fn, batches, tmp_path, config, show_progress=False)
+    fisher = shifted_label_loss(loss_fn)
+    config = IndexConfig(projection=ProjectionConfig(kind=kind, k_in=3, k_out=2),
+                         curvature="ekfac", damping_factor=0.2, rows_per_block=6,
+                         fisher_labels=labels)  # fmt: skip
+    index = build_index(
+        model, loss_fn, batches, tmp_path, config, fisher_loss=fisher, show_progress=False
+    )
     _, q = query_gradients(model, loss_fn, queries, index)
     result = score(index, q, ScoreConfig(relatif=False, dense=True))
     g = np.concatenate([np.asarray(a, dtype=np.float64) for _, a in index.blocks()])
-    expected, expected_self = ekfac_reference(g, q, index.build["layers"], 0.2)
+    first_pass = fisher if labels == "sampled" else loss_fn
+    factors = kfac_factors_reference(model, first_pass, batches, index.layer_names)
+    expected, expected_self = ekfac_reference(
+        g, q, index.build["layers"], index.projectors(), factors, 0.2
+    )
     assert rel_err(result.dense, expected) < 1e-5
     np.testing.assert_allclose(index.self_influence, expected_self, rtol=1e-6)
+    if kind == "pca":  # PCA directions are the top eigenvectors of the same raw factors
+        for proj in index.projectors():
+            top = np.linalg.eigh(factors[proj.name][1])[1][:, ::-1][:, :2].T
+            overlap = np.abs(proj.p_out.double().numpy() @ top.T)
+            np.testing.assert_allclose(overlap, np.eye(2), atol=1e-5)

@@ -24,7 +24,12 @@ from attribution import (
 from attribution.manifest import verify_id
 from attribution.store import completed_blocks
 from tests.attribution.build_script import build
-from tests.attribution.tiny import classification_loss, mlp_batches, tiny_mlp
+from tests.attribution.tiny import (
+    classification_fisher_loss,
+    classification_loss,
+    mlp_batches,
+    tiny_mlp,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +61,7 @@ def test_other_seed_gives_other_projections(tmp_path) -> None:
                 batches,
                 tmp_path / str(seed),
                 cfg,
+                fisher_loss=classification_fisher_loss,
                 show_progress=False,
             ).id
         )
@@ -90,10 +96,26 @@ def test_killed_build_resumes_to_identical_index(tmp_path) -> None:
 def test_resume_with_other_settings_is_refused(tmp_path) -> None:
     batches = mlp_batches()
     cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=2, k_out=2))
-    build_index(tiny_mlp(), classification_loss, batches, tmp_path, cfg, show_progress=False)
+    build_index(
+        tiny_mlp(),
+        classification_loss,
+        batches,
+        tmp_path,
+        cfg,
+        fisher_loss=classification_fisher_loss,
+        show_progress=False,
+    )
     other = IndexConfig(projection=ProjectionConfig(kind="random", k_in=3, k_out=2))
     with pytest.raises(IndexMismatchError, match="other settings"):
-        build_index(tiny_mlp(), classification_loss, batches, tmp_path, other, show_progress=False)
+        build_index(
+            tiny_mlp(),
+            classification_loss,
+            batches,
+            tmp_path,
+            other,
+            fisher_loss=classification_fisher_loss,
+            show_progress=False,
+        )
 
 
 def test_manifest_and_metadata_describe_the_index(tmp_path) -> None:
@@ -109,6 +131,7 @@ def test_manifest_and_metadata_describe_the_index(tmp_path) -> None:
         batches,
         tmp_path,
         cfg,
+        fisher_loss=classification_fisher_loss,
         show_progress=False,
         model_info={"weights_sha256": "abc"},
         data_info={"shards": [{"name": "s0", "sha256": "def"}]},
@@ -117,6 +140,7 @@ def test_manifest_and_metadata_describe_the_index(tmp_path) -> None:
     assert manifest["id"] == index.id and verify_id(manifest)
     assert manifest["model"] == {"weights_sha256": "abc"}
     assert manifest["config"]["damping_factor"] == 0.2
+    assert manifest["config"]["fisher_labels"] == "sampled"
     assert manifest["rows"] == 11 and len(manifest["blocks"]) == 3
     assert {"torch", "numpy", "python"} <= manifest["packages"].keys()
     meta = index.metadata

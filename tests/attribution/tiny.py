@@ -7,9 +7,19 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from attribution import Batch
-from attribution.lm import lm_loss
+from attribution.fisher import sampled_cross_entropy
+from attribution.lm import lm_fisher_loss, lm_loss
 
-__all__ = ["classification_loss", "lm_loss", "mlp_batches", "tiny_gpt2", "tiny_mlp", "lm_batches"]
+__all__ = [
+    "classification_fisher_loss",
+    "classification_loss",
+    "lm_batches",
+    "lm_fisher_loss",
+    "lm_loss",
+    "mlp_batches",
+    "tiny_gpt2",
+    "tiny_mlp",
+]
 
 
 def tiny_mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
@@ -20,6 +30,11 @@ def tiny_mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
 def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     x, y = batch.inputs
     return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def classification_fisher_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    x, _ = batch.inputs
+    return sampled_cross_entropy(model(x))
 
 
 def mlp_batches(
