@@ -1,7 +1,9 @@
 """The logging phase: build the on-disk gradient index, resumable after a kill.
 
-One forward and backward pass per batch with parameters frozen (no weight gradient is computed);
-the hooks keep only projected activations and output gradients. Rows are written in blocks, each
+A first pass over the data estimates each layer's KFAC factors (and, for PCA, the projections);
+they are saved before any gradient is logged. Then one forward and backward pass per batch with
+parameters frozen (no weight gradient is computed); the hooks keep only projected activations
+and output gradients. Rows are written in blocks, each
 atomically; a resumed build skips the rows of complete blocks and never writes a row twice.
 Curvature and self-influence are computed from the stored rows once all blocks exist.
 """

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     configs = {"float32": IndexConfig(), "float16": IndexConfig(dtype="float16")}
     default = IndexConfig()
 
-    # PCA statistics first pass (default config), timed once.
+    # KFAC-factor first pass (default config: sampled labels, PCA), timed once.
     t_pca, (layers, projectors, factors) = timed(
         lambda: make_projectors(
             model, lm_loss, batches, default, fisher_loss=lm_fisher_loss, show_progress=False
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
             ("logging pass, float32 storage", fmt(rate["log_float32"], 0), fmt(ratio32)),
             ("logging pass, float16 storage", fmt(rate["log_float16"], 0), fmt(ratio16)),
             (
-                "PCA statistics first pass",
+                "first pass (KFAC factors, PCA)",
                 fmt(tokens / t_pca, 0),
                 fmt(tokens / t_pca / rate["train"]),
             ),

@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_DAMPING_FACTOR,
+    DEFAULT_FISHER_LABELS,
     DEFAULT_K,
     IndexConfig,
     ProjectionConfig,
@@ -258,6 +259,13 @@ def shards_list(ctx: Context, fmt: str) -> None:
     help="Kronecker-factored eigenbasis with corrected eigenvalues, or the full Fisher.",
 )
 @click.option(
+    "--fisher-labels",
+    type=click.Choice(["sampled", "data"]),
+    default=DEFAULT_FISHER_LABELS,
+    show_default=True,
+    help="Labels of the KFAC-factor pass: drawn from the model (true Fisher) or the text's own.",
+)
+@click.option(
     "--damping",
     type=float,
     default=DEFAULT_DAMPING_FACTOR,
@@ -287,6 +295,7 @@ def index_cmd(
     modules: tuple[str, ...],
     seed: int,
     curvature: str,
+    fisher_labels: str,
     damping: float,
     dtype: str,
     batch_size: int,
@@ -314,6 +323,7 @@ def index_cmd(
         ),
         dtype=dtype,
         curvature=curvature,
+        fisher_labels=fisher_labels,
         damping_factor=damping,
     )
     index = build_ledger_index(

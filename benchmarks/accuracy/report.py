@@ -124,13 +124,25 @@ def write_markdown(report: dict, path: Path) -> None:
             out += ["", "Raw-influence LDS difference per query against the defaults (mean ± "
                     "paired standard error over queries):", "",
                     "| comparison | ΔLDS |", "|---|---|"]  # fmt: skip
-            for label, d in s["paired_lds_vs_defaults"].items():
-                out.append(f"| {label} | {d['mean']:+.3f} ± {d['se']:.3f} |")
+            for label, diff in s["paired_lds_vs_defaults"].items():
+                out.append(f"| {label} | {diff['mean']:+.3f} ± {diff['se']:.3f} |")
         out += ["", "### Projection size, curvature kind, damping, storage (raw-influence LDS)",
                 "", "Each index is built once (logging time includes its own curvature, "
                 f"`{d.get('curvature', 'full')}`); the other kind is fitted from the same "
                 "stored rows. Bold: the best factor of the row.", ""]  # fmt: skip
         out += _sweep(s)
+        if s.get("held_out_damping"):
+            out += ["", "### Damping chosen on held-out queries", "",
+                    f"Index `{s['held_out_damping']['index']}`, curvature "
+                    f"`{s['held_out_damping']['curvature']}`: the damping factor is picked on "
+                    "one random half of the queries and LDS is reported on the other half.", "",
+                    "| picked on | factor picked | LDS there (other half) | at the default "
+                    f"{d['damping_factor']:g} | best factor of that half |",
+                    "|---|---|---|---|---|"]  # fmt: skip
+            for i, split in enumerate(s["held_out_damping"]["splits"]):
+                out.append(f"| half {'AB'[i]} | {split['chosen_factor']:g} | "
+                           f"{split['lds_at_chosen']:.3f} | {split['lds_at_default']:.3f} | "
+                           f"{split['best_on_reported_half']:.3f} |")  # fmt: skip
         out += ["", "### Same sweep, RelatIF scores", ""]
         out += _relatif_sweep(s)
         out += ["", "### Provider credit variants (Spearman ± std, top-1)", ""]

@@ -118,6 +118,35 @@ def _brittleness(
     return out
 
 
+def _held_out_damping(built, masks: np.ndarray, losses: np.ndarray) -> dict:
+    """Damping chosen on one half of the queries, LDS reported on the other half (both ways).
+
+    The defaults are picked from the same queries they are reported on; this checks that the
+    pick carries over to queries it was not chosen on. Halves are a seeded random split.
+    """
+    per_factor = {
+        f: lds_per_query(
+            methods.influence_scores(built, f, False, DEFAULT_CURVATURE), masks, losses
+        )
+        for f in FACTORS
+    }
+    n = len(next(iter(per_factor.values())))
+    order = np.random.default_rng(0).permutation(n)
+    halves = (order[: n // 2], order[n // 2 :])
+    out = []
+    for pick, report in (halves, halves[::-1]):
+        chosen = max(FACTORS, key=lambda f: float(np.nanmean(per_factor[f][pick])))
+        out.append({
+            "chosen_factor": chosen,
+            "lds_at_chosen": float(np.nanmean(per_factor[chosen][report])),
+            "lds_at_default": float(np.nanmean(per_factor[DEFAULT_DAMPING_FACTOR][report])),
+            "best_on_reported_half": max(
+                float(np.nanmean(per_factor[f][report])) for f in FACTORS
+            ),
+        })  # fmt: skip
+    return {"index": built.label, "curvature": DEFAULT_CURVATURE, "splits": out}
+
+
 def evaluate_setting(
     setting: Setting, plan: Plan, workdir: Path, peers: list[str], quick: bool
 ) -> dict:
@@ -208,6 +237,7 @@ def evaluate_setting(
         float(np.abs(lib - red).max() / np.abs(red).max())
         for lib, red in zip(library, redamped, strict=True)
     )
+    held_out = _held_out_damping(default, masks, losses)
     peer_status = {}
     for peer in peers:
         s, status = run_peer(peer, setting, workdir)
@@ -257,6 +287,7 @@ def evaluate_setting(
             "fisher_labels": DEFAULT_FISHER_LABELS,
         },
         "library_vs_redamped_max_rel_diff": agree,
+        "held_out_damping": held_out,
         "sweep": sweep,
         "methods": methods_table,
         "paired_lds_vs_defaults": paired,

@@ -1,0 +1,101 @@
+"""Labels drawn from the model (the true Fisher's first pass), and how a build uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attribution import IndexConfig, ProjectionConfig, build_index
+from attribution.fisher import sample_targets, sampled_cross_entropy
+from attribution.lm import IGNORE_INDEX, lm_fisher_loss, lm_loss
+from attribution.projection import seeded_sampling
+from tests.attribution.tiny import (
+    classification_fisher_loss,
+    classification_loss,
+    lm_batches,
+    mlp_batches,
+    tiny_gpt2,
+    tiny_mlp,
+)
+
+
+def test_sampled_targets_follow_the_softmax() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
+    torch.manual_seed(0)
+    draws = torch.stack([sample_targets(logits) for _ in range(20_000)])  # (draws, 2)
+    expected = torch.softmax(logits, -1).numpy()
+    for row in range(2):
+        freq = np.bincount(draws[:, row].numpy(), minlength=3) / draws.shape[0]
+        # 20,000 draws: the standard error of each frequency is below 0.004.
+        np.testing.assert_allclose(freq, expected[row], atol=0.015)
+
+
+def test_sampled_cross_entropy_is_the_loss_of_the_drawn_labels() -> None:
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    with seeded_sampling(3):
+        loss = sampled_cross_entropy(logits)
+    with seeded_sampling(3):
+        labels = sample_targets(logits)
+    expected = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="batch, classes"):
+        sampled_cross_entropy(torch.randn(2, 3, 4))
+
+
+def test_lm_fisher_loss_draws_only_counted_positions() -> None:
+    model, batch = tiny_gpt2(), lm_batches(n=4)[0]
+    with seeded_sampling(0):
+        sampled = lm_fisher_loss(model, batch)
+    # Positions labelled -100 stay out: an example's sampled loss is a sum over exactly the
+    # positions its data loss counts, each a finite positive NLL.
+    counted = (batch.inputs["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+    assert sampled.shape == lm_loss(model, batch).shape == (len(batch),)
+    assert torch.isfinite(sampled).all() and (sampled > 0).all()
+    assert (counted > 0).all()
+    # Drawing again with another seed gives other labels, and so another loss.
+    with seeded_sampling(1):
+        other = lm_fisher_loss(model, batch)
+    assert not torch.allclose(sampled, other)
+
+
+def test_seeded_sampling_leaves_the_callers_random_state_alone() -> None:
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    with seeded_sampling(7):
+        torch.rand(100)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_sampled_labels_need_a_fisher_loss_and_data_labels_do_not(tmp_path) -> None:
+    batches = mlp_batches(n=10)
+    cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=2, k_out=2))
+    with pytest.raises(ValueError, match="fisher_loss"):
+        build_index(tiny_mlp(), classification_loss, batches, tmp_path / "a", cfg,
+                    show_progress=False)  # fmt: skip
+    assert not (tmp_path / "a" / "build.json").exists()  # nothing recorded as started
+    data = IndexConfig(projection=cfg.projection, fisher_labels="data")
+    index = build_index(tiny_mlp(), classification_loss, batches, tmp_path / "b", data,
+                        show_progress=False)  # fmt: skip
+    assert index.rows == 10 and index.manifest["config"]["fisher_labels"] == "data"
+
+
+def test_sampled_and_data_labels_give_other_curvature_but_the_same_gradients(tmp_path) -> None:
+    batches = mlp_batches(n=20)
+    model = tiny_mlp()
+    built = {}
+    for labels in ("sampled", "data"):
+        cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=3, k_out=3),
+                          fisher_labels=labels)  # fmt: skip
+        built[labels] = build_index(model, classification_loss, batches, tmp_path / labels, cfg,
+                                    fisher_loss=classification_fisher_loss,
+                                    show_progress=False)  # fmt: skip
+    rows = {k: np.concatenate([a for _, a in v.blocks()]) for k, v in built.items()}
+    np.testing.assert_array_equal(rows["sampled"], rows["data"])  # stored rows: data labels
+    s_sampled = built["sampled"].factors()[-1].s
+    s_data = built["data"].factors()[-1].s
+    assert not torch.allclose(s_sampled, s_data)
+    # Activations do not depend on labels: the A factors agree.
+    torch.testing.assert_close(built["sampled"].factors()[0].a, built["data"].factors()[0].a)
+    assert built["sampled"].id != built["data"].id
