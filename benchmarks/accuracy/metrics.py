@@ -63,6 +63,11 @@ def provider_agreement(credit: np.ndarray, rises: np.ndarray) -> dict:
     credit (n_queries, n_providers); rises (n_providers, n_queries). Per query: Spearman across
     providers; top-1 hit when the most-credited provider is the one whose removal hurts most.
     """
-    rho = np.array([spearman(credit[q], rises[:, q]) for q in range(credit.shape[0])])
+    rho = provider_rho_per_query(credit, rises)
     hits = credit.argmax(axis=1) == rises.argmax(axis=0)
     return {"spearman": mean_std(rho), "top1": float(hits.mean())}
+
+
+def provider_rho_per_query(credit: np.ndarray, rises: np.ndarray) -> np.ndarray:
+    """(n_queries,) Spearman across providers between credit and the loss rise on removal."""
+    return np.array([spearman(credit[q], rises[:, q]) for q in range(credit.shape[0])])

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from attribution import Batch, ProjectionConfig
+from attribution.config import DEFAULT_K
 from attribution.projection import find_layers
 from benchmarks.accuracy.settings import Setting
 
@@ -127,13 +128,13 @@ def kronfluence_scores(setting: Setting, workdir: Path, strategy: str = "ekfac")
     return scores.double().numpy()
 
 
-def logix_scores(setting: Setting, workdir: Path, rank: int = 16) -> np.ndarray:
+def logix_scores(setting: Setting, workdir: Path, rank: int = DEFAULT_K) -> np.ndarray:
     """LogIX (the reference LoGra implementation): log projected gradients with its KFAC-based
     PCA initialisation, then influence of the queries on every training example."""
     base = setting.base_model()
     names = list(find_layers(base, ProjectionConfig()))
     model = linearised(base) if setting.task == "lm" else copy.deepcopy(base).eval()
-    out = Path(workdir) / setting.name / "logix"
+    out = Path(workdir) / setting.name / f"logix-rank{rank}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cwd = os.getcwd()
@@ -198,7 +199,9 @@ def _size(batch) -> int:
 PEERS = {
     "kronfluence-ekfac": lambda s, w: kronfluence_scores(s, w, "ekfac"),
     "kronfluence-kfac": lambda s, w: kronfluence_scores(s, w, "kfac"),
-    "logix-logra": logix_scores,
+    # LoRA rank = our k: the same k_in × k_out stored per layer; and LogIX's smaller rank 16.
+    f"logix-logra-rank{DEFAULT_K}": lambda s, w: logix_scores(s, w, DEFAULT_K),
+    "logix-logra-rank16": lambda s, w: logix_scores(s, w, 16),
 }
 
 

@@ -17,8 +17,8 @@ class Plan:
 
 
 FULL = {
-    "mlp-digits": Plan(50, (0, 1, 2), (0, 1, 2), 16, (10, 20, 40)),
-    "gpt2-corpus": Plan(32, (0, 1), (0, 1), 5, (5, 20)),
+    "mlp-digits": Plan(100, (0, 1, 2, 3), tuple(range(8)), 16, (10, 20, 40)),
+    "gpt2-corpus": Plan(64, (0, 1, 2, 3), tuple(range(8)), 5, (5, 20)),
 }
 QUICK = {
     "mlp-digits": Plan(12, (0, 1), (0,), 4, (10, 40)),

@@ -126,6 +126,12 @@ def write_markdown(report: dict, path: Path) -> None:
                     "| comparison | ΔLDS |", "|---|---|"]  # fmt: skip
             for label, diff in s["paired_lds_vs_defaults"].items():
                 out.append(f"| {label} | {diff['mean']:+.3f} ± {diff['se']:.3f} |")
+        if s.get("paired_provider_spearman_vs_defaults"):
+            out += ["", "Provider Spearman (positive part of raw scores) difference per query "
+                    "against the defaults (mean ± paired standard error over queries):", "",
+                    "| comparison | Δ provider Spearman |", "|---|---|"]  # fmt: skip
+            for label, diff in s["paired_provider_spearman_vs_defaults"].items():
+                out.append(f"| {label} | {diff['mean']:+.3f} ± {diff['se']:.3f} |")
         out += ["", "### Projection size, curvature kind, damping, storage (raw-influence LDS)",
                 "", "Each index is built once (logging time includes its own curvature, "
                 f"`{d.get('curvature', 'full')}`); the other kind is fitted from the same "

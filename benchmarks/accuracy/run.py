@@ -31,6 +31,7 @@ from benchmarks.accuracy.metrics import (
     mean_std,
     provider_agreement,
     provider_credit,
+    provider_rho_per_query,
 )
 from benchmarks.accuracy.peers import PEERS, run_peer
 from benchmarks.accuracy.plan import FULL, QUICK, Plan
@@ -262,6 +263,19 @@ def evaluate_setting(
         if name != "logra (defaults)"
     }
 
+    # Per-query provider Spearman (positive part of raw scores) against the defaults.
+    rho = {
+        name: provider_rho_per_query(
+            provider_credit(raw, setting.providers, names, positive=True), rises
+        )
+        for name, (raw, _) in scores.items()
+    }
+    paired_provider = {
+        f"{name} − logra (defaults)": _paired(rho[name], rho["logra (defaults)"])
+        for name in rho
+        if name != "logra (defaults)"
+    }
+
     rankings: dict[str, np.ndarray | None] = {
         name: scores[name][0]
         for name in ("logra (defaults)", EXACT_FULL, EXACT_EKFAC, "gradient dot product")
@@ -291,6 +305,7 @@ def evaluate_setting(
         "sweep": sweep,
         "methods": methods_table,
         "paired_lds_vs_defaults": paired,
+        "paired_provider_spearman_vs_defaults": paired_provider,
         "peers": peer_status,
         "brittleness": brittle,
         "retrains_this_run": cache.trained,

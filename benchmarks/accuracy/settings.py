@@ -101,7 +101,7 @@ def _mlp(seed: int, n_in: int, hidden: int, n_out: int) -> nn.Module:
 
 def mlp_setting(
     n_train: int = 400,
-    n_queries: int = 50,
+    n_queries: int = 100,
     hidden: int = 32,
     steps: int = 300,
     lr: float = 0.01,
@@ -192,7 +192,7 @@ LM_OVERLAP_PAIRS = [("astronomy", "cooking"), ("law", "medicine")]
 def lm_setting(
     workdir: Path,
     docs_per_provider: int = 40,
-    queries_per_provider: int = 8,
+    queries_per_provider: int = 16,
     overlap: float = 0.3,
     n_embd: int = 24,
     n_layer: int = 2,

@@ -10,6 +10,7 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import text
 
@@ -226,6 +227,30 @@ def test_changed_shard_is_refused_by_index(workspace: Path, tmp_path: Path) -> N
     )
     assert proc.returncode != 0 and "content changed" in proc.stderr
     assert not (tmp_path / "idx").exists()
+
+
+def test_index_records_its_fisher_labels(workspace: Path, tmp_path: Path) -> None:
+    from attribution.store import GradientIndex
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    ledger(tmp_path, url, "init")
+    ledger(tmp_path, url, "providers", "add", "stellar")
+    ledger(tmp_path, url, "shards", "add", str(workspace / "shards" / "stellar-000.jsonl"),
+           "--provider", "stellar")  # fmt: skip
+    built = {}
+    for labels in ("sampled", "data"):
+        out = ledger(tmp_path, url, "index", "--model", str(workspace / "model"),
+                     "--out", str(tmp_path / labels), "--kind", "random", "--k-in", "4",
+                     "--k-out", "4", "--max-length", "48", "--fisher-labels", labels).stdout  # fmt: skip
+        built[labels] = GradientIndex.open(out.strip().rsplit(" at ", 1)[1])
+        assert built[labels].manifest["config"]["fisher_labels"] == labels
+    # Same stored gradients; output-gradient factors from other labels.
+    rows = {k: np.concatenate([a for _, a in v.blocks()]) for k, v in built.items()}
+    np.testing.assert_array_equal(rows["sampled"], rows["data"])
+    assert not np.allclose(built["sampled"].factors()[0].s, built["data"].factors()[0].s)
+    proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
+                  str(tmp_path / "x"), "--fisher-labels", "model", check=False)  # fmt: skip
+    assert proc.returncode != 0 and "--fisher-labels" in proc.stderr
 
 
 def test_uninitialised_ledger_says_how_to_start(tmp_path: Path) -> None:
