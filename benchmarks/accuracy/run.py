@@ -50,7 +50,7 @@ from benchmarks.accuracy.settings import Setting, lm_setting, mlp_setting
 log = logging.getLogger("benchmarks.accuracy")
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-FACTORS = (1e-3, 1e-2, 0.1, 1.0, 3.0, 10.0)
+FACTORS = (1e-3, 1e-2, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0)
 KS = (4, 8, 16, 32)
 PCA_KS = (4, 8, 16, 32, 64)
 DEFAULT_KIND = ProjectionConfig().kind
