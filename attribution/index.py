@@ -1,11 +1,12 @@
 """The logging phase: build the on-disk gradient index, resumable after a kill.
 
 A first pass over the data estimates each layer's KFAC factors (and, for PCA, the projections);
-they are saved before any gradient is logged. Then one forward and backward pass per batch with
+both are saved before any gradient is logged. Then one forward and backward pass per batch with
 parameters frozen (no weight gradient is computed); the hooks keep only projected activations
-and output gradients. Rows are written in blocks, each
-atomically; a resumed build skips the rows of complete blocks and never writes a row twice.
-Curvature and self-influence are computed from the stored rows once all blocks exist.
+and output gradients. Rows are written in blocks, each atomically; a resumed build skips the
+rows of complete blocks and never writes a row twice. Once all blocks exist, the curvature (the
+EKFAC basis from the factors, its eigenvalues from the stored rows) and the self-influence of
+every row are computed.
 """
 
 from __future__ import annotations
