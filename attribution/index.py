@@ -118,6 +118,8 @@ def make_projectors(
         raise ValueError(f"unknown projection kind '{kind}' (random, pca or identity)")
     first_pass_loss = _first_pass_loss(loss_fn, fisher_loss, config)
     specs = layer_specs(layers)
+    if kind in ("pca", "identity"):
+        _check_raw_factor_memory(specs, kind)
     projectors = random_projectors(specs, config.projection) if kind == "random" else None
     bar = lambda b: progress(b, desc="kfac factors", enabled=show_progress, unit="batch")  # noqa: E731
     was_training = model.training
@@ -134,6 +136,23 @@ def make_projectors(
     elif kind == "identity":
         projectors = identity_projectors(specs)
     return layers, projectors, factors
+
+
+# PCA and identity projections sum every layer's raw n × n factors in float64 at once.
+RAW_FACTOR_BYTES_LIMIT = 16 << 30
+
+
+def _check_raw_factor_memory(specs: list, kind: str) -> None:
+    """Refuse, before any work, a first pass whose raw factors would not fit in memory."""
+    need = sum((s.n_in**2 + s.n_out**2) * 8 for s in specs)
+    if need > RAW_FACTOR_BYTES_LIMIT:
+        widest = max(specs, key=lambda s: max(s.n_in, s.n_out))
+        raise ValueError(
+            f"{kind} projections need the raw KFAC factors of every tracked layer, "
+            f"{need / 2**30:.1f} GiB in float64 (limit {RAW_FACTOR_BYTES_LIMIT / 2**30:.0f} GiB); "
+            f"the widest layer is '{widest.name}' ({widest.n_in} → {widest.n_out}): leave it out "
+            "with the projection's module patterns, or use random projections"
+        )
 
 
 def _first_pass_loss(loss_fn: LossFn, fisher_loss: LossFn | None, config: IndexConfig) -> LossFn:
@@ -172,8 +191,9 @@ def build_index(
     """
     config = config or IndexConfig()
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     data = _reiterable(data)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
     model_info, data_info = model_info or {}, data_info or {}
     fingerprint = {"config": config.to_dict(), "model": model_info, "data": data_info}
 
@@ -191,9 +211,14 @@ def build_index(
         projectors = load_projectors(root / PROJECTIONS_FILE, [b["name"] for b in build["layers"]])
         log.info("resuming index build in %s", root)
     else:
-        layers, projectors, factors = make_projectors(
-            model, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress
-        )
+        try:
+            layers, projectors, factors = make_projectors(
+                model, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress
+            )
+        except BaseException:
+            if created and not any(root.iterdir()):
+                root.rmdir()  # a first pass that fails leaves nothing behind
+            raise
         save_projectors(root / PROJECTIONS_FILE, projectors)
         save_factors(root / FACTORS_FILE, factors)
         layout = _layout(projectors)

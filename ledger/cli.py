@@ -326,15 +326,18 @@ def index_cmd(
         fisher_labels=fisher_labels,
         damping_factor=damping,
     )
-    index = build_ledger_index(
-        ctx.engine(),
-        model_dir,
-        Path(out_root),
-        config,
-        max_length=max_length,
-        batch_size=batch_size,
-        show_progress=not ctx.quiet,
-    )
+    try:
+        index = build_ledger_index(
+            ctx.engine(),
+            model_dir,
+            Path(out_root),
+            config,
+            max_length=max_length,
+            batch_size=batch_size,
+            show_progress=not ctx.quiet,
+        )
+    except ValueError as exc:  # settings the model or data cannot satisfy (no layer matches, …)
+        raise click.ClickException(str(exc).splitlines()[0]) from exc
     ctx.echo(f"index {index.id[:16]}: {index.rows} examples × {index.dim} dims at {index.root}")
 
 

@@ -99,3 +99,19 @@ def test_sampled_and_data_labels_give_other_curvature_but_the_same_gradients(tmp
     # Activations do not depend on labels: the A factors agree.
     torch.testing.assert_close(built["sampled"].factors()[0].a, built["data"].factors()[0].a)
     assert built["sampled"].id != built["data"].id
+
+
+def test_pca_refuses_raw_factors_that_would_not_fit_in_memory(tmp_path, monkeypatch) -> None:
+    import attribution.index as index_module
+
+    # The two layers' raw factors take (5² + 7² + 7² + 3²) × 8 = 1,056 bytes.
+    monkeypatch.setattr(index_module, "RAW_FACTOR_BYTES_LIMIT", 1000)
+    cfg = IndexConfig(projection=ProjectionConfig(kind="pca", k_in=2, k_out=2))
+    with pytest.raises(ValueError, match=r"widest layer is '0' \(5 → 7\)"):
+        build_index(tiny_mlp(), classification_loss, mlp_batches(n=10), tmp_path, cfg,
+                    fisher_loss=classification_fisher_loss, show_progress=False)  # fmt: skip
+    # Random projections accumulate k × k factors only: the same limit does not apply.
+    random = IndexConfig(projection=ProjectionConfig(kind="random", k_in=2, k_out=2))
+    index = build_index(tiny_mlp(), classification_loss, mlp_batches(n=10), tmp_path / "r",
+                        random, fisher_loss=classification_fisher_loss, show_progress=False)  # fmt: skip
+    assert index.rows == 10
