@@ -119,18 +119,14 @@ def _brittleness(
     return out
 
 
-def _held_out_damping(built, masks: np.ndarray, losses: np.ndarray) -> dict:
+def _held_out_damping(label: str, per_factor: dict[float, np.ndarray]) -> dict:
     """Damping chosen on one half of the queries, LDS reported on the other half (both ways).
 
-    The defaults are picked from the same queries they are reported on; this checks that the
-    pick carries over to queries it was not chosen on. Halves are a seeded random split.
+    `per_factor`: damping factor → per-query raw-influence LDS of the index `label` at the
+    default curvature kind (from the sweep). The defaults are picked from the same queries they
+    are reported on; this checks that the pick carries over to queries it was not chosen on.
+    Halves are a seeded random split.
     """
-    per_factor = {
-        f: lds_per_query(
-            methods.influence_scores(built, f, False, DEFAULT_CURVATURE), masks, losses
-        )
-        for f in FACTORS
-    }
     n = len(next(iter(per_factor.values())))
     order = np.random.default_rng(0).permutation(n)
     halves = (order[: n // 2], order[n // 2 :])
@@ -145,7 +141,7 @@ def _held_out_damping(built, masks: np.ndarray, losses: np.ndarray) -> dict:
                 float(np.nanmean(per_factor[f][report])) for f in FACTORS
             ),
         })  # fmt: skip
-    return {"index": built.label, "curvature": DEFAULT_CURVATURE, "splits": out}
+    return {"index": label, "curvature": DEFAULT_CURVATURE, "splits": out}
 
 
 def evaluate_setting(
@@ -176,17 +172,20 @@ def evaluate_setting(
     )  # fmt: skip
 
     sweep = []
+    sweep_per_query: dict[tuple[str, str, float], np.ndarray] = {}
     for b in builds:
         for curv in methods.CURVATURE_KINDS:
             for factor in FACTORS:
                 raw = methods.influence_scores(b, factor, relatif=False, curvature_kind=curv)
                 rel = methods.influence_scores(b, factor, relatif=True, curvature_kind=curv)
+                per_query = lds_per_query(raw, masks, losses)
+                sweep_per_query[(b.label, curv, factor)] = per_query
                 sweep.append({
                     "index": b.label, "kind": b.kind, "k": b.k, "dtype": b.dtype, "dim": b.dim,
                     "curvature": curv, "storage_bytes": b.storage_bytes,
                     "log_seconds": round(b.log_seconds, 2),
                     "curvature_seconds": round(b.curvature_seconds.get(curv, 0.0), 2),
-                    "damping_factor": factor, "lds": _lds(raw, masks, losses),
+                    "damping_factor": factor, "lds": mean_std(per_query),
                     "lds_relatif": _lds(rel, masks, losses),
                 })  # fmt: skip
         log.info("%s: %s swept", setting.name, b.label)
@@ -238,7 +237,10 @@ def evaluate_setting(
         float(np.abs(lib - red).max() / np.abs(red).max())
         for lib, red in zip(library, redamped, strict=True)
     )
-    held_out = _held_out_damping(default, masks, losses)
+    held_out = _held_out_damping(
+        default.label,
+        {f: sweep_per_query[(default.label, DEFAULT_CURVATURE, f)] for f in FACTORS},
+    )
     peer_status = {}
     for peer in peers:
         s, status = run_peer(peer, setting, workdir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,12 @@ def test_lm_fisher_loss_draws_only_counted_positions() -> None:
     assert sampled.shape == lm_loss(model, batch).shape == (len(batch),)
     assert torch.isfinite(sampled).all() and (sampled > 0).all()
     assert (counted > 0).all()
+    # An example with no counted position has no sampled loss at all.
+    labels = batch.inputs["labels"].clone()
+    labels[0] = IGNORE_INDEX
+    silent = dataclasses.replace(batch, inputs={**batch.inputs, "labels": labels})
+    with seeded_sampling(0):
+        assert lm_fisher_loss(model, silent)[0] == 0
     # Drawing again with another seed gives other labels, and so another loss.
     with seeded_sampling(1):
         other = lm_fisher_loss(model, batch)
