@@ -133,11 +133,25 @@ def identity_projectors(specs: list[LayerSpec]) -> list[LayerProjector]:
     ]
 
 
-def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
-    """(B, n) → (B, 1, n); (B, T, n) stays; (B, ..., n) → (B, T', n)."""
-    if t.dim() == 2:
-        return t.unsqueeze(1)
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+def _flatten_tokens(
+    t: torch.Tensor, name: str, batch_size: int, tokens: int | None
+) -> torch.Tensor:
+    """A layer's input or output gradient as (B, T, n): tokens of one example along dim 1.
+
+    (B, n) → (B, 1, n); (B, ..., n) → (B, T', n). A 2-d (B·T, n) tensor, from a model that
+    flattens its batch before the layer (OPT's MLP), is split back batch-major when T is the
+    batch's padded length. Any other leading size (tokens routed to mixture-of-experts layers,
+    sequence-first layouts) cannot be split per example and is refused.
+    """
+    if t.shape[0] == batch_size:
+        return t.unsqueeze(1) if t.dim() == 2 else t.reshape(batch_size, -1, t.shape[-1])
+    if t.dim() == 2 and tokens is not None and t.shape[0] == batch_size * tokens:
+        return t.reshape(batch_size, tokens, t.shape[-1])
+    raise ValueError(
+        f"layer '{name}' sees a tensor of shape {tuple(t.shape)} that does not split into the "
+        f"batch's {batch_size} examples; per-example gradients cannot be taken there (exclude "
+        "it with the projection's module patterns)"
+    )
 
 
 class Capture:
@@ -153,8 +167,12 @@ class Capture:
         layers: dict[str, nn.Module],
         transform_in: Callable[[str, torch.Tensor], torch.Tensor],
         transform_out: Callable[[str, torch.Tensor], torch.Tensor],
+        batch: Batch,
     ) -> None:
         self.layers = layers
+        self.batch_size = len(batch)
+        mask = batch.mask
+        self.tokens = int(mask.shape[1]) if mask is not None and mask.dim() == 2 else None
         self.transform_in = transform_in
         self.transform_out = transform_out
         self.inputs: dict[str, list[torch.Tensor]] = {}
@@ -163,7 +181,7 @@ class Capture:
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = _flatten_tokens(args[0].detach())
+            x = self._split(name, args[0].detach())
             self.inputs.setdefault(name, []).append(self.transform_in(name, x))
             slots = self.grads.setdefault(name, [])
             slots.append(None)
@@ -173,12 +191,15 @@ class Capture:
                 output = output.detach().requires_grad_(True)
 
             def grad_hook(g: torch.Tensor) -> None:
-                slots[slot] = self.transform_out(name, _flatten_tokens(g.detach()))
+                slots[slot] = self.transform_out(name, self._split(name, g.detach()))
 
             output.register_hook(grad_hook)
             return output
 
         return hook
+
+    def _split(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return _flatten_tokens(t, name, self.batch_size, self.tokens)
 
     def __enter__(self) -> Capture:
         for name, module in self.layers.items():
@@ -256,6 +277,7 @@ def projected_gradients(
         layers,
         lambda n, x: by_name[n].project_inputs(x),
         lambda n, d: by_name[n].project_output_grads(d),
+        batch,
     )
     with frozen_parameters(model), capture, torch.enable_grad():
         backward_per_example(model, loss_fn, batch)
@@ -321,7 +343,7 @@ def kfac_factors(
     sums: dict[str, list[torch.Tensor | int]] = {s.name: [0, 0] for s in specs}
     count = 0
     for number, batch in enumerate(progress(batches)):
-        capture = Capture(layers, capture_in, capture_out)
+        capture = Capture(layers, capture_in, capture_out, batch)
         with frozen_parameters(model), capture, torch.enable_grad(), seeded_sampling(seed + number):
             backward_per_example(model, loss_fn, batch)
         for s in specs:

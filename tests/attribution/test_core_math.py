@@ -27,12 +27,16 @@ from tests.attribution.tiny import (
     lm_loss,
     mlp_batches,
     tiny_gpt2,
+    tiny_llama,
     tiny_mlp,
+    tiny_opt,
 )
 
 CASES = {
     "mlp": (tiny_mlp, classification_loss, mlp_batches),
     "gpt2": (tiny_gpt2, lm_loss, lm_batches),
+    "opt": (tiny_opt, lm_loss, lm_batches),
+    "llama": (tiny_llama, lm_loss, lm_batches),
 }
 FISHER = {classification_loss: classification_fisher_loss, lm_loss: lm_fisher_loss}
 
@@ -41,7 +45,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+@pytest.mark.parametrize("case", ["mlp", "gpt2", "opt", "llama"])
 @pytest.mark.parametrize("kind", ["random", "pca"])
 def test_logra_gradient_equals_full_gradient_projected_afterwards(case: str, kind: str) -> None:
     make_model, loss_fn, make_batches = CASES[case]
@@ -66,6 +70,38 @@ def test_conv1d_layers_of_gpt2_are_tracked_and_tied_head_is_not() -> None:
     assert "lm_head" not in layers
     assert sum(".attn.c_attn" in n for n in layers) == 2
     assert len(layers) == 8
+
+
+class _RoutedTokens(torch.nn.Module):
+    """A layer that sees only some of the batch's tokens, gathered (as experts of a mixture)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(17, 4, dtype=torch.float64)
+        self.expert = torch.nn.Linear(4, 4, dtype=torch.float64)
+        self.head = torch.nn.Linear(4, 17, dtype=torch.float64)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        routed = input_ids % 2 == 0
+        out = h.clone()
+        out[routed] = self.expert(h[routed])
+        return type("Out", (), {"logits": self.head(out)})()
+
+
+def test_a_layer_whose_tokens_cannot_be_split_per_example_is_refused_by_name() -> None:
+    model, batches = _RoutedTokens(), lm_batches()
+    config = IndexConfig(projection=ProjectionConfig(kind="random"))
+    with pytest.raises(ValueError, match=r"layer 'expert' sees a tensor of shape \(\d+, 4\)"):
+        make_projectors(
+            model, lm_loss, batches, config, fisher_loss=lm_fisher_loss, show_progress=False
+        )
+    # Without that layer the same model is indexed.
+    config = IndexConfig(projection=ProjectionConfig(kind="random", modules=("head",)))
+    layers, projectors, _ = make_projectors(
+        model, lm_loss, batches, config, fisher_loss=lm_fisher_loss, show_progress=False
+    )
+    assert projected_gradients(model, lm_loss, batches[0], layers, projectors).shape[0] == 4
 
 
 def test_logging_computes_no_weight_gradient() -> None:

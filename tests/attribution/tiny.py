@@ -18,7 +18,9 @@ __all__ = [
     "lm_loss",
     "mlp_batches",
     "tiny_gpt2",
+    "tiny_llama",
     "tiny_mlp",
+    "tiny_opt",
 ]
 
 
@@ -72,6 +74,32 @@ def tiny_gpt2(dtype: torch.dtype = torch.float64, seed: int = 0) -> GPT2LMHeadMo
     model = GPT2LMHeadModel(config).to(dtype)
     model.eval()
     return model
+
+
+def tiny_opt(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """A 2-layer OPT: its decoder flattens (B, T, n) to (B·T, n) before the MLP layers."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=17, hidden_size=8, num_hidden_layers=2, ffn_dim=12, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=8, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, attn_implementation="eager",
+    )  # fmt: skip
+    return OPTForCausalLM(config).to(dtype).eval()
+
+
+def tiny_llama(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """A 2-layer Llama with grouped-query attention and an untied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=17, hidden_size=8, num_hidden_layers=2, intermediate_size=12,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def lm_batches(n: int = 10, batch_size: int = 4, seed: int = 2) -> list[Batch]:
