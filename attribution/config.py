@@ -10,12 +10,14 @@ ProjectionKind = Literal["random", "pca", "identity"]
 StorageDType = Literal["float32", "float16"]
 CurvatureKind = Literal["ekfac", "full"]
 FisherLabels = Literal["sampled", "data"]
+HeadProjection = Literal["random", "pca"]
 
 # Defaults chosen from the counterfactual accuracy measurements (benchmarks/results/accuracy.md).
 DEFAULT_K = 32
 DEFAULT_CURVATURE = "ekfac"
 DEFAULT_DAMPING_FACTOR = 0.01
 DEFAULT_FISHER_LABELS = "sampled"
+DEFAULT_HEAD_PROJECTION = "random"
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,16 @@ class ProjectionConfig:
     """Seed of random projections; combined with the module name, never with a rank."""
     modules: tuple[str, ...] = ()
     """Glob patterns of module names to track (`transformer.h.*.mlp.*`); empty tracks every
-    Linear / Conv1D layer except the language-model head when its weight is tied."""
+    Linear / Conv1D layer (the output head whose weight is tied to the input embedding only
+    with `tied_head`)."""
+    tied_head: bool = True
+    """Without module patterns, also track an output head whose weight is tied to the input
+    embedding (GPT-2): its part of the shared weight's gradient, as a layer of its own."""
+    head_projection: HeadProjection = DEFAULT_HEAD_PROJECTION
+    """How `pca` projects the output head's vocabulary side (P_out of the layer that gives the
+    logits, `model.get_output_embeddings()`): `random` (seeded Gaussian; PCA would keep only
+    the most frequent tokens' directions and needs a vocabulary × vocabulary factor) or `pca`.
+    Its input side is PCA either way."""
     per_layer: tuple[tuple[str, int, int], ...] = ()
     """Overrides `(glob, k_in, k_out)`, first match wins."""
 
@@ -80,6 +91,10 @@ class IndexConfig:
         p = dict(d["projection"])
         p["modules"] = tuple(p.get("modules", ()))
         p["per_layer"] = tuple(tuple(x) for x in p.get("per_layer", ()))
+        # Indexes written before these settings existed skipped a tied head and used PCA on
+        # every side.
+        p.setdefault("tied_head", False)
+        p.setdefault("head_projection", "pca")
         return IndexConfig(
             projection=ProjectionConfig(**p),
             dtype=d["dtype"],

@@ -33,6 +33,7 @@ from attribution.projection import (
     identity_projectors,
     kfac_factors,
     layer_specs,
+    output_head_name,
     pca_projectors,
     projected_gradients,
     random_projectors,
@@ -118,21 +119,31 @@ def make_projectors(
         raise ValueError(f"unknown projection kind '{kind}' (random, pca or identity)")
     first_pass_loss = _first_pass_loss(loss_fn, fisher_loss, config)
     specs = layer_specs(layers)
+    # PCA projects the output head's vocabulary side randomly (config.head_projection).
+    head = output_head_name(model, layers)
+    fixed_out = {}
+    if kind == "pca" and head is not None and config.projection.head_projection == "random":
+        head_spec = [s for s in specs if s.name == head]
+        fixed_out[head] = random_projectors(head_spec, config.projection)[0].p_out
     if kind in ("pca", "identity"):
-        _check_raw_factor_memory(specs, kind)
+        _check_raw_factor_memory(specs, kind, set(fixed_out))
     projectors = random_projectors(specs, config.projection) if kind == "random" else None
     bar = lambda b: progress(b, desc="kfac factors", enabled=show_progress, unit="batch")  # noqa: E731
     was_training = model.training
     model.eval()
     try:
         factors = kfac_factors(
-            model, first_pass_loss, data, layers, projectors, bar, seed=config.projection.seed
-        )
+            model, first_pass_loss, data, layers, projectors, bar, seed=config.projection.seed,
+            fixed_out=fixed_out,
+        )  # fmt: skip
     finally:
         model.train(was_training)
     if kind == "pca":
-        projectors = pca_projectors(factors, specs, config.projection)
-        factors = [f.projected(p) for f, p in zip(factors, projectors, strict=True)]
+        projectors = pca_projectors(factors, specs, config.projection, fixed_out)
+        factors = [
+            f.projected(p, s_projected=f.name in fixed_out)
+            for f, p in zip(factors, projectors, strict=True)
+        ]
     elif kind == "identity":
         projectors = identity_projectors(specs)
     return layers, projectors, factors
@@ -142,9 +153,10 @@ def make_projectors(
 RAW_FACTOR_BYTES_LIMIT = 16 << 30
 
 
-def _check_raw_factor_memory(specs: list, kind: str) -> None:
-    """Refuse, before any work, a first pass whose raw factors would not fit in memory."""
-    need = sum((s.n_in**2 + s.n_out**2) * 8 for s in specs)
+def _check_raw_factor_memory(specs: list, kind: str, projected_out: set[str] = frozenset()) -> None:
+    """Refuse, before any work, a first pass whose raw factors would not fit in memory
+    (layers in `projected_out` keep only their raw input factor)."""
+    need = sum((s.n_in**2 + (0 if s.name in projected_out else s.n_out**2)) * 8 for s in specs)
     if need > RAW_FACTOR_BYTES_LIMIT:
         widest = max(specs, key=lambda s: max(s.n_in, s.n_out))
         raise ValueError(

@@ -48,24 +48,39 @@ def layer_widths(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def output_head(model: nn.Module) -> tuple[nn.Module | None, bool]:
+    """The model's output head (`get_output_embeddings()`, the layer giving the logits) and
+    whether its weight is tied to the input embedding; (None, False) for other models."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is None:
+        return None, False
+    inp = get_in() if callable(get_in) else None
+    tied = inp is not None and getattr(out, "weight", None) is getattr(inp, "weight", 0)
+    return out, tied
+
+
+def output_head_name(model: nn.Module, layers: dict[str, nn.Module]) -> str | None:
+    """Name of the output head among `layers`, or None when it is not tracked."""
+    head, _ = output_head(model)
+    return next((name for name, m in layers.items() if m is head), None)
+
+
 def find_layers(model: nn.Module, config: ProjectionConfig) -> dict[str, nn.Module]:
     """The tracked layers of `model`, by module name, in module order.
 
     Without module patterns, an output head whose weight is tied to the input embedding is
-    skipped: its gradient would be counted once more through the embedding it shares.
+    tracked only with `config.tied_head`: hooks see the head's use of the shared weight, not
+    the embedding lookup's, so the head is then a layer of its own.
     """
-    tied = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    get_in = getattr(model, "get_input_embeddings", None)
-    if callable(get_out) and callable(get_in):
-        out, inp = get_out(), get_in()
-        if out is not None and inp is not None and out.weight is inp.weight:
-            tied.add(id(out))
+    head, tied = output_head(model)
+    skip = id(head) if tied and not config.tied_head else None
     layers = {}
     for name, module in model.named_modules():
         if layer_widths(module) is None or not config.tracks(name):
             continue
-        if not config.modules and id(module) in tied:
+        if not config.modules and id(module) == skip:
             continue
         layers[name] = module
     if not layers:
@@ -311,11 +326,12 @@ class KfacFactors:
     s: torch.Tensor
     examples: int
 
-    def projected(self, projector: LayerProjector) -> KfacFactors:
-        """P_in A P_inᵀ and P_out S P_outᵀ of raw factors."""
+    def projected(self, projector: LayerProjector, s_projected: bool = False) -> KfacFactors:
+        """P_in A P_inᵀ and P_out S P_outᵀ of raw factors (S kept when `s_projected`: it was
+        accumulated already projected by the same P_out)."""
         p_in, p_out = projector.p_in.double(), projector.p_out.double()
-        return KfacFactors(self.name, p_in @ self.a @ p_in.T, p_out @ self.s @ p_out.T,
-                           self.examples)  # fmt: skip
+        s = self.s if s_projected else p_out @ self.s @ p_out.T
+        return KfacFactors(self.name, p_in @ self.a @ p_in.T, s, self.examples)
 
 
 def kfac_factors(
@@ -326,11 +342,14 @@ def kfac_factors(
     projectors: list[LayerProjector] | None = None,
     progress: Callable[[Iterable[Batch]], Iterable[Batch]] = lambda b: b,
     seed: int = 0,
+    fixed_out: dict[str, torch.Tensor] | None = None,
 ) -> list[KfacFactors]:
     """One pass over `batches`: every tracked layer's KFAC factors.
 
     With `projectors`, activations and output gradients are projected first and the factors
-    are k × k; without, they are the raw n × n factors. Batch b runs under
+    are k × k; without, they are the raw n × n factors, except that a layer named in
+    `fixed_out` has its output gradients projected by that P_out (k_out × n_out) already, so
+    its S is k_out × k_out (the head's vocabulary side). Batch b runs under
     `seeded_sampling(seed + b)`, so a loss that samples its labels is reproducible. Each
     batch's product is taken in the activations' precision (at least float32) and summed in
     float64.
@@ -339,7 +358,12 @@ def kfac_factors(
     by_name = {p.name: p for p in projectors} if projectors is not None else None
     keep = lambda n, t: t  # noqa: E731 - raw tensors
     capture_in = (lambda n, t: by_name[n].project_inputs(t)) if by_name else keep
-    capture_out = (lambda n, t: by_name[n].project_output_grads(t)) if by_name else keep
+    fixed = {n: p.double() for n, p in (fixed_out or {}).items()}
+    capture_out = (
+        (lambda n, t: by_name[n].project_output_grads(t))
+        if by_name
+        else (lambda n, t: t @ fixed[n].to(t.dtype).T if n in fixed else t)
+    )
     sums: dict[str, list[torch.Tensor | int]] = {s.name: [0, 0] for s in specs}
     count = 0
     for number, batch in enumerate(progress(batches)):
@@ -364,18 +388,22 @@ def kfac_factors(
 
 
 def pca_projectors(
-    factors: list[KfacFactors], specs: list[LayerSpec], config: ProjectionConfig
+    factors: list[KfacFactors],
+    specs: list[LayerSpec],
+    config: ProjectionConfig,
+    fixed_out: dict[str, torch.Tensor] | None = None,
 ) -> list[LayerProjector]:
     """Projectors from the top eigenvectors of each layer's raw KFAC factors: P_in = top-k_in
-    eigenvectors of A_l, P_out = top-k_out eigenvectors of S_l (as rows)."""
+    eigenvectors of A_l, P_out = top-k_out eigenvectors of S_l (as rows), or the layer's P_out
+    in `fixed_out`."""
+    fixed_out = fixed_out or {}
     projectors = []
     for f, s in zip(factors, specs, strict=True):
         k_in, k_out = config.dims_for(s.name, s.n_in, s.n_out)
-        projectors.append(
-            LayerProjector(
-                s.name, _top_eigvecs(f.a, k_in, s.name), _top_eigvecs(f.s, k_out, s.name)
-            )
-        )
+        p_in = _top_eigvecs(f.a, k_in, s.name)
+        p_out = fixed_out.get(s.name)
+        p_out = _top_eigvecs(f.s, k_out, s.name) if p_out is None else p_out.float()
+        projectors.append(LayerProjector(s.name, p_in, p_out))
     return projectors
 
 

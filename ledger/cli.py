@@ -21,6 +21,7 @@ from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
+    DEFAULT_HEAD_PROJECTION,
     DEFAULT_K,
     IndexConfig,
     ProjectionConfig,
@@ -250,6 +251,19 @@ def shards_list(ctx: Context, fmt: str) -> None:
     metavar="GLOB",
     help="Track only layers whose name matches (repeatable).",
 )
+@click.option(
+    "--tied-head/--no-tied-head",
+    default=ProjectionConfig.tied_head,
+    show_default=True,
+    help="Track an output head whose weight is tied to the input embedding (GPT-2).",
+)
+@click.option(
+    "--head-projection",
+    type=click.Choice(["random", "pca"]),
+    default=DEFAULT_HEAD_PROJECTION,
+    show_default=True,
+    help="Projection of the output head's vocabulary side when --kind is pca.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--curvature",
@@ -293,6 +307,8 @@ def index_cmd(
     k_in: int,
     k_out: int,
     modules: tuple[str, ...],
+    tied_head: bool,
+    head_projection: str,
     seed: int,
     curvature: str,
     fisher_labels: str,
@@ -319,8 +335,14 @@ def index_cmd(
         raise click.BadParameter(f"must be positive, got {damping}", param_hint="--damping")
     config = IndexConfig(
         projection=ProjectionConfig(
-            kind=kind, k_in=k_in, k_out=k_out, seed=seed, modules=tuple(modules)
-        ),
+            kind=kind,
+            k_in=k_in,
+            k_out=k_out,
+            seed=seed,
+            modules=tuple(modules),
+            tied_head=tied_head,
+            head_projection=head_projection,
+        ),  # fmt: skip
         dtype=dtype,
         curvature=curvature,
         fisher_labels=fisher_labels,

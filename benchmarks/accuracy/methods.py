@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from attribution import IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
 from attribution.config import (
@@ -26,6 +27,7 @@ from attribution.config import (
     DEFAULT_FISHER_LABELS,
 )
 from attribution.curvature import Curvature, fit_curvature
+from attribution.projection import find_layers, projected_gradients, seeded_sampling
 from attribution.scoring import query_gradients
 from attribution.store import GradientIndex
 from benchmarks.accuracy.settings import Setting
@@ -67,14 +69,20 @@ def build(
     damping: float = DEFAULT_DAMPING_FACTOR,
     curvature: str = DEFAULT_CURVATURE,
     fisher_labels: str = DEFAULT_FISHER_LABELS,
+    projection: dict | None = None,
+    suffix: str = "",
 ) -> BuiltIndex:
+    """An index of the setting's training data; `projection` overrides further
+    `ProjectionConfig` fields (tracked layers, the head's projection, per-layer sizes), and
+    `suffix` then names the variant in the label."""
     label = f"{kind}-k{k}-{dtype}" if kind != "identity" else f"identity-{dtype}"
     if fisher_labels != DEFAULT_FISHER_LABELS:
         label += f"-{fisher_labels}-labels"
+    label += suffix
     root = Path(workdir) / setting.name / label
     shutil.rmtree(root, ignore_errors=True)
     config = IndexConfig(
-        projection=ProjectionConfig(kind=kind, k_in=k, k_out=k),
+        projection=ProjectionConfig(kind=kind, k_in=k, k_out=k, **(projection or {})),
         dtype=dtype,
         curvature=curvature,
         damping_factor=damping,
@@ -142,3 +150,23 @@ def grad_dot_scores(identity: BuiltIndex) -> np.ndarray:
     """Plain gradient dot products on full gradients: no curvature at all."""
     g = identity.index.dense().numpy().astype(np.float64)
     return identity.query_grads @ g.T
+
+
+def sampled_eigenvalue_scores(setting: Setting, built: BuiltIndex, factor: float) -> np.ndarray:
+    """Raw influence with the index's eigenbasis but eigenvalues corrected from gradients of
+    the setting's `fisher_loss` (labels drawn from the model, seeded) instead of the stored
+    training-label gradients; the scored training gradients are the stored ones."""
+    model = setting.base_model()
+    layers = find_layers(model, built.index.config.projection)
+    projectors = built.index.projectors()
+    with seeded_sampling(0):
+        sampled = torch.cat([
+            projected_gradients(model, setting.fisher_loss, b, layers, projectors)
+            for b in setting.train_data
+        ]).double().numpy()  # fmt: skip
+    curvature = fit_curvature(
+        lambda: [sampled], built.index.curvature.slices, factor, "ekfac", bases=built.index.bases()
+    )
+    index = dataclasses.replace(built.index, curvature=curvature)
+    raw = score(index, built.query_grads, ScoreConfig(relatif=False, dense=True, top_k=1)).dense
+    return raw.astype(np.float64)

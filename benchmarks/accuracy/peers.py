@@ -71,16 +71,20 @@ def _peer_loss(setting: Setting, model: nn.Module, batch, sample: bool) -> torch
     return nn.functional.cross_entropy(logits, y, reduction="sum")
 
 
-def kronfluence_scores(setting: Setting, workdir: Path, strategy: str = "ekfac") -> np.ndarray:
-    """Pairwise influence scores of kronfluence (`strategy` ekfac or kfac), library defaults
-    (true Fisher with sampled targets, damping 0.1 × mean eigenvalue heuristic)."""
+def kronfluence_scores(
+    setting: Setting, workdir: Path, strategy: str = "ekfac", modules: tuple[str, ...] = ()
+) -> np.ndarray:
+    """Pairwise influence scores of kronfluence (`strategy` ekfac or kfac), library defaults:
+    the true Fisher with sampled targets for the factors and the eigenvalue correction, and
+    its default damping (an absolute 1e-8, i.e. practically none). Tracks the layers our
+    defaults track, or those matching `modules`."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     base = setting.base_model()
-    names = list(find_layers(base, ProjectionConfig()))
+    names = list(find_layers(base, ProjectionConfig(modules=modules)))
     model = linearised(base) if setting.task == "lm" else copy.deepcopy(base).eval()
 
     class SettingTask(Task):
@@ -98,7 +102,7 @@ def kronfluence_scores(setting: Setting, workdir: Path, strategy: str = "ekfac")
 
     task = SettingTask()
     model = prepare_model(model, task)
-    out = Path(workdir) / setting.name / f"kronfluence-{strategy}"
+    out = Path(workdir) / setting.name / f"kronfluence-{strategy}{'-modules' if modules else ''}"
     shutil.rmtree(out, ignore_errors=True)
     analyzer = Analyzer(
         analysis_name="bench", model=model, task=task, cpu=True, disable_tqdm=True,

@@ -102,6 +102,27 @@ def _brittle(s: dict) -> list[str]:
     return lines
 
 
+def _output_head(s: dict) -> list[str]:
+    t = s.get("output_head")
+    if not t:
+        return []
+    tied = " (its weight is tied to the input embedding)" if t["tied"] else ""
+    lines = ["", "### The output head", "",
+             f"The defaults track the output head `{t['head']}`{tied}, and PCA projects its "
+             "vocabulary side randomly. Variants, with differences paired per query against "
+             "the defaults:", "",
+             "| method | LDS (raw) | ΔLDS vs defaults | provider Spearman (raw, positive part) "
+             "| Δ provider Spearman |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, m in t["methods"].items():
+        if m is None:
+            lines.append(f"| {name} | – | – | – | – |")
+            continue
+        pl, pp = m["paired_lds"], m["paired_provider_spearman"]
+        lines.append(f"| {name} | {_ms(m['lds'])} | {pl['mean']:+.3f} ± {pl['se']:.3f} | "
+                     f"{m['provider_spearman']:.3f} | {pp['mean']:+.3f} ± {pp['se']:.3f} |")  # fmt: skip
+    return lines
+
+
 def write_markdown(report: dict, path: Path) -> None:
     out = ["# Counterfactual accuracy of the attribution core", "",
            f"Command: `{report['command']}` — {report['seconds']:.0f} s on "
@@ -163,7 +184,8 @@ def write_markdown(report: dict, path: Path) -> None:
             )
         out += [f"- library scoring path (default index, `score`) vs re-damped scores at the "
                 f"default factor and curvature kind, max relative difference (raw and RelatIF): "
-                f"{s['library_vs_redamped_max_rel_diff']:.1e}", ""]  # fmt: skip
+                f"{s['library_vs_redamped_max_rel_diff']:.1e}"]  # fmt: skip
+        out += _output_head(s) + [""]
     if RATIONALE.exists():
         out += ["", RATIONALE.read_text().strip(), ""]
     path.write_text("\n".join(out) + "\n")

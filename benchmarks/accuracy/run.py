@@ -25,6 +25,7 @@ from attribution.config import (
     DEFAULT_K,
     ProjectionConfig,
 )
+from attribution.projection import find_layers, output_head, output_head_name
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.metrics import (
     lds_per_query,
@@ -33,7 +34,7 @@ from benchmarks.accuracy.metrics import (
     provider_credit,
     provider_rho_per_query,
 )
-from benchmarks.accuracy.peers import PEERS, run_peer
+from benchmarks.accuracy.peers import PEERS, kronfluence_scores, run_peer
 from benchmarks.accuracy.plan import FULL, QUICK, Plan
 from benchmarks.accuracy.report import write_markdown
 from benchmarks.accuracy.retrain import (
@@ -142,6 +143,79 @@ def _held_out_damping(label: str, per_factor: dict[float, np.ndarray]) -> dict:
             ),
         })  # fmt: skip
     return {"index": label, "curvature": DEFAULT_CURVATURE, "splits": out}
+
+
+def _output_head(
+    setting: Setting,
+    workdir: Path,
+    peers: list[str],
+    truth: tuple,
+    defaults: tuple[np.ndarray, np.ndarray],
+    identity: methods.BuiltIndex,
+) -> dict | None:
+    """Variants of the defaults at the model's output head (None: the model has no such head).
+
+    The default tracks the head, even when its weight is tied to the input embedding, and PCA
+    projects its vocabulary side randomly. Measured here: the head left out (when tied; for
+    ours and kronfluence), its vocabulary side by PCA, a larger k_out for it, and exact EKFAC
+    with eigenvalues corrected from sampled-label gradients (as kronfluence corrects them).
+    Paired differences are against the defaults.
+    """
+    masks, losses, names, rises = truth
+    base = setting.base_model()
+    tracked = find_layers(base, ProjectionConfig())
+    head = output_head_name(base, tracked)
+    if head is None:
+        return None
+    _, tied = output_head(base)
+    rows: dict[str, np.ndarray | None] = {}
+
+    def library(suffix: str, **projection) -> np.ndarray:
+        built = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
+                              projection=projection, suffix=suffix)  # fmt: skip
+        return methods.library_scores(built, False)
+
+    if tied:
+        rows["logra (defaults) without the tied head"] = library("-no-head", tied_head=False)
+    rows["logra (defaults), head's vocabulary side by PCA"] = library(
+        "-head-pca", head_projection="pca"
+    )
+    for k_out in (64, 128):
+        rows[f"logra (defaults), head k_out = {k_out}"] = library(
+            f"-head-k{k_out}", per_layer=((head, DEFAULT_K, k_out),)
+        )
+    rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}"] = methods.influence_scores(
+        identity, DEFAULT_DAMPING_FACTOR, False, curvature_kind="ekfac"
+    )
+    rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}, eigenvalues from sampled labels"] = (
+        methods.sampled_eigenvalue_scores(setting, identity, DEFAULT_DAMPING_FACTOR)
+    )
+    if tied and "kronfluence-ekfac" in peers:
+        without = tuple(n for n in tracked if n != head)
+        name = "kronfluence-ekfac without the tied head"
+        try:
+            rows[name] = kronfluence_scores(setting, workdir, "ekfac", modules=without)
+        except Exception as exc:  # noqa: BLE001 - reported like any peer failure
+            log.exception("kronfluence without the tied head failed")
+            rows[f"{name}: {type(exc).__name__}: {exc}"] = None
+    default_lds, default_rho = defaults
+    out = {"head": head, "tied": tied, "methods": {}}
+    for name, scores in rows.items():
+        if scores is None:
+            out["methods"][name] = None
+            continue
+        lds = lds_per_query(scores, masks, losses)
+        rho = provider_rho_per_query(
+            provider_credit(scores, setting.providers, names, positive=True), rises
+        )
+        out["methods"][name] = {
+            "lds": mean_std(lds),
+            "paired_lds": _paired(lds, default_lds),
+            "provider_spearman": float(np.nanmean(rho)),
+            "paired_provider_spearman": _paired(rho, default_rho),
+        }
+        log.info("%s output head, %s: LDS %.3f", setting.name, name, np.nanmean(lds))
+    return out
 
 
 def evaluate_setting(
@@ -278,6 +352,11 @@ def evaluate_setting(
         if name != "logra (defaults)"
     }
 
+    output_head_variants = _output_head(
+        setting, workdir, peers, (masks, losses, names, rises),
+        (per_query["logra (defaults)"], rho["logra (defaults)"]), identity,
+    )  # fmt: skip
+
     rankings: dict[str, np.ndarray | None] = {
         name: scores[name][0]
         for name in ("logra (defaults)", EXACT_FULL, EXACT_EKFAC, "gradient dot product")
@@ -309,6 +388,7 @@ def evaluate_setting(
         "paired_lds_vs_defaults": paired,
         "paired_provider_spearman_vs_defaults": paired_provider,
         "peers": peer_status,
+        "output_head": output_head_variants,
         "brittleness": brittle,
         "retrains_this_run": cache.trained,
         "retrain_seconds_this_run": round(cache.seconds, 1),

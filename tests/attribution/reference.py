@@ -6,6 +6,8 @@ they also check that padding is handled; everything after that is plain numpy.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
@@ -33,7 +35,12 @@ def single_examples(batch: Batch) -> list[Batch]:
 def full_gradients(
     model: nn.Module, loss_fn: LossFn, batches: list[Batch], layer_names: list[str]
 ) -> dict[str, np.ndarray]:
-    """Per layer, the (N, n_out, n_in) full weight gradients of every example."""
+    """Per layer, the (N, n_out, n_in) full weight gradients of every example.
+
+    An output head tied to the input embedding gets a weight of its own (an equal copy), so
+    its gradient is that of its use as the head, apart from the embedding lookup's part.
+    """
+    model = _untied(model)
     params = {k: v.detach() for k, v in model.named_parameters()}
     modules = dict(model.named_modules())
 
@@ -53,6 +60,20 @@ def full_gradients(
     for name in layer_names:
         assert layer_widths(modules[name]) is not None
     return {n: np.stack(v) for n, v in result.items()}
+
+
+def _untied(model: nn.Module) -> nn.Module:
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    if not (callable(get_out) and callable(get_in)) or get_out() is None:
+        return model
+    if get_out().weight is not get_in().weight:
+        return model
+    model = copy.deepcopy(model)
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    assert head.weight is not model.get_input_embeddings().weight
+    return model
 
 
 class _Proxy(nn.Module):

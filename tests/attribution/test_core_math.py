@@ -11,7 +11,12 @@ import torch
 from attribution import Batch, IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
 from attribution.curvature import LayerSlice
 from attribution.index import make_projectors
-from attribution.projection import find_layers, projected_gradients
+from attribution.projection import (
+    find_layers,
+    layer_specs,
+    projected_gradients,
+    random_projectors,
+)
 from attribution.scoring import query_gradients
 from tests.attribution.reference import (
     damped_fisher_scores,
@@ -65,11 +70,40 @@ def test_logra_gradient_equals_full_gradient_projected_afterwards(case: str, kin
         assert rel_err(logra[i], reference[i]) < 1e-6
 
 
-def test_conv1d_layers_of_gpt2_are_tracked_and_tied_head_is_not() -> None:
-    layers = find_layers(tiny_gpt2(), ProjectionConfig())
-    assert "lm_head" not in layers
+def test_conv1d_layers_of_gpt2_are_tracked_and_the_tied_head_unless_told_not_to() -> None:
+    model = tiny_gpt2()
+    layers = find_layers(model, ProjectionConfig())
     assert sum(".attn.c_attn" in n for n in layers) == 2
-    assert len(layers) == 8
+    assert list(layers)[-1] == "lm_head" and len(layers) == 9
+    assert model.lm_head.weight is model.transformer.wte.weight
+    without = find_layers(model, ProjectionConfig(tied_head=False))
+    assert "lm_head" not in without and len(without) == 8
+    # Explicit module patterns decide on their own.
+    assert list(find_layers(model, ProjectionConfig(tied_head=False, modules=("lm_head",)))) == [
+        "lm_head"
+    ]
+
+
+def test_pca_projects_the_heads_vocabulary_side_randomly_unless_told_otherwise() -> None:
+    model, batches = tiny_gpt2(), lm_batches()
+    specs = {s.name: s for s in layer_specs(find_layers(model, ProjectionConfig()))}
+
+    def projectors(**kw) -> dict:
+        config = IndexConfig(projection=ProjectionConfig(kind="pca", k_in=3, k_out=2, **kw))
+        _, projs, _ = make_projectors(
+            model, lm_loss, batches, config, fisher_loss=lm_fisher_loss, show_progress=False
+        )
+        return {p.name: p for p in projs}
+
+    default, pca = projectors(), projectors(head_projection="pca")
+    seeded = random_projectors([specs["lm_head"]], ProjectionConfig(k_in=3, k_out=2))[0]
+    assert torch.equal(default["lm_head"].p_out, seeded.p_out)
+    assert not torch.allclose(pca["lm_head"].p_out, seeded.p_out)
+    # The head's input side and every other layer are PCA in both.
+    assert torch.allclose(default["lm_head"].p_in, pca["lm_head"].p_in)
+    for name in specs:
+        if name != "lm_head":
+            assert torch.equal(default[name].p_out, pca[name].p_out)
 
 
 class _RoutedTokens(torch.nn.Module):
@@ -132,7 +166,7 @@ def test_full_dimension_scores_equal_explicit_damped_fisher_formula(tmp_path, ca
     model, batches = make_model(), make_batches()
     queries = make_batches(n=5, seed=11)
     config = IndexConfig(
-        projection=ProjectionConfig(kind=kind, k_in=10_000, k_out=10_000),
+        projection=ProjectionConfig(kind=kind, k_in=10_000, k_out=10_000, head_projection="pca"),
         curvature="full",
         damping_factor=0.3,
         rows_per_block=4,
@@ -307,6 +341,10 @@ def test_ekfac_scores_equal_an_explicitly_built_ekfac_matrix(tmp_path, case, kin
     np.testing.assert_allclose(index.self_influence, expected_self, rtol=1e-6)
     if kind == "pca":  # PCA directions are the top eigenvectors of the same raw factors
         for proj in index.projectors():
-            top = np.linalg.eigh(factors[proj.name][1])[1][:, ::-1][:, :2].T
-            overlap = np.abs(proj.p_out.double().numpy() @ top.T)
-            np.testing.assert_allclose(overlap, np.eye(2), atol=1e-5)
+            for p, raw, k in ((proj.p_in, factors[proj.name][0], 3),
+                              (proj.p_out, factors[proj.name][1], 2)):  # fmt: skip
+                if p is proj.p_out and proj.name == "lm_head":
+                    continue  # the vocabulary side is random (checked on its own)
+                top = np.linalg.eigh(raw)[1][:, ::-1][:, :k].T
+                overlap = np.abs(p.double().numpy() @ top.T)
+                np.testing.assert_allclose(overlap, np.eye(k), atol=1e-5)

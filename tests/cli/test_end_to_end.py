@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import text
 
 from ledger.db import make_engine
@@ -227,6 +228,31 @@ def test_changed_shard_is_refused_by_index(workspace: Path, tmp_path: Path) -> N
     )
     assert proc.returncode != 0 and "content changed" in proc.stderr
     assert not (tmp_path / "idx").exists()
+
+
+def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path: Path) -> None:
+    from attribution.store import GradientIndex
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    ledger(tmp_path, url, "init")
+    ledger(tmp_path, url, "providers", "add", "stellar")
+    ledger(tmp_path, url, "shards", "add", str(workspace / "shards" / "stellar-000.jsonl"),
+           "--provider", "stellar")  # fmt: skip
+    built = {}
+    for label, flags in (("default", ()), ("no-head", ("--no-tied-head",)),
+                         ("head-pca", ("--head-projection", "pca"))):  # fmt: skip
+        out = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
+                     str(tmp_path / label), "--k-in", "4", "--k-out", "4", "--max-length", "48",
+                     *flags).stdout  # fmt: skip
+        built[label] = GradientIndex.open(out.strip().rsplit(" at ", 1)[1])
+    config = {k: v.manifest["config"]["projection"] for k, v in built.items()}
+    assert built["default"].layer_names[-1] == "lm_head"
+    assert "lm_head" not in built["no-head"].layer_names
+    assert (config["default"]["tied_head"], config["no-head"]["tied_head"]) == (True, False)
+    assert config["head-pca"]["head_projection"] == "pca"
+    heads = {k: v.projectors()[-1] for k, v in built.items() if k != "no-head"}
+    assert torch.equal(heads["default"].p_in, heads["head-pca"].p_in)
+    assert not torch.allclose(heads["default"].p_out, heads["head-pca"].p_out)
 
 
 def test_index_records_its_fisher_labels(workspace: Path, tmp_path: Path) -> None:
