@@ -18,6 +18,7 @@ DEFAULT_CURVATURE = "ekfac"
 DEFAULT_DAMPING_FACTOR = 0.01
 DEFAULT_FISHER_LABELS = "sampled"
 DEFAULT_HEAD_PROJECTION = "random"
+DEFAULT_HEAD_K_OUT = 128
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,18 @@ class ProjectionConfig:
     logits, `model.get_output_embeddings()`): `random` (seeded Gaussian; PCA would keep only
     the most frequent tokens' directions and needs a vocabulary × vocabulary factor) or `pca`.
     Its input side is PCA either way."""
+    head_k_out: int | None = DEFAULT_HEAD_K_OUT
+    """Rows of the output head's P_out (its vocabulary side; capped at the vocabulary), under
+    either kind; None: `k_out` like every other layer. A `per_layer` entry for the head wins."""
     per_layer: tuple[tuple[str, int, int], ...] = ()
     """Overrides `(glob, k_in, k_out)`, first match wins."""
 
-    def dims_for(self, name: str, n_in: int, n_out: int) -> tuple[int, int]:
-        """Projected (k_in, k_out) of the layer `name` with input width n_in, output n_out."""
+    def dims_for(self, name: str, n_in: int, n_out: int, head: bool = False) -> tuple[int, int]:
+        """Projected (k_in, k_out) of the layer `name` with input width n_in, output n_out;
+        `head`: the layer is the model's output head (`head_k_out`)."""
         k_in, k_out = self.k_in, self.k_out
+        if head and self.head_k_out is not None:
+            k_out = self.head_k_out
         for pattern, pk_in, pk_out in self.per_layer:
             if fnmatch.fnmatchcase(name, pattern):
                 k_in, k_out = pk_in, pk_out
@@ -95,6 +102,7 @@ class IndexConfig:
         # every side.
         p.setdefault("tied_head", False)
         p.setdefault("head_projection", "pca")
+        p.setdefault("head_k_out", None)
         return IndexConfig(
             projection=ProjectionConfig(**p),
             dtype=d["dtype"],

@@ -22,13 +22,14 @@ import polars as pl
 import torch
 from torch import nn
 
-from attribution.config import IndexConfig
+from attribution.config import IndexConfig, ProjectionConfig
 from attribution.curvature import fit_curvature, kfac_bases
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
 from attribution.projection import (
     KfacFactors,
     LayerProjector,
+    LayerSpec,
     find_layers,
     identity_projectors,
     kfac_factors,
@@ -118,13 +119,8 @@ def make_projectors(
     if kind not in ("random", "pca", "identity"):
         raise ValueError(f"unknown projection kind '{kind}' (random, pca or identity)")
     first_pass_loss = _first_pass_loss(loss_fn, fisher_loss, config)
-    specs = layer_specs(layers)
-    # PCA projects the output head's vocabulary side randomly (config.head_projection).
-    head = output_head_name(model, layers)
-    fixed_out = {}
-    if kind == "pca" and head is not None and config.projection.head_projection == "random":
-        head_spec = [s for s in specs if s.name == head]
-        fixed_out[head] = random_projectors(head_spec, config.projection)[0].p_out
+    specs = layer_specs(layers, output_head_name(model, layers))
+    fixed_out = fixed_output_projections(specs, config.projection)
     if kind in ("pca", "identity"):
         _check_raw_factor_memory(specs, kind, set(fixed_out))
     projectors = random_projectors(specs, config.projection) if kind == "random" else None
@@ -147,6 +143,18 @@ def make_projectors(
     elif kind == "identity":
         projectors = identity_projectors(specs)
     return layers, projectors, factors
+
+
+def fixed_output_projections(
+    specs: list[LayerSpec], config: ProjectionConfig
+) -> dict[str, torch.Tensor]:
+    """P_out fixed before the first pass: under PCA with `head_projection="random"`, the
+    output head's vocabulary side (`head_k_out` seeded Gaussian rows). The first pass then
+    accumulates that side's factor already projected, never vocabulary × vocabulary."""
+    if config.kind != "pca" or config.head_projection != "random":
+        return {}
+    heads = [s for s in specs if s.head]
+    return {p.name: p.p_out for p in random_projectors(heads, config)}
 
 
 # PCA and identity projections sum every layer's raw n × n factors in float64 at once.

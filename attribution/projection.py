@@ -36,6 +36,8 @@ class LayerSpec:
     name: str
     n_in: int
     n_out: int
+    head: bool = False
+    """The model's output head (see `ProjectionConfig.head_k_out`)."""
 
 
 def layer_widths(module: nn.Module) -> tuple[int, int] | None:
@@ -91,11 +93,12 @@ def find_layers(model: nn.Module, config: ProjectionConfig) -> dict[str, nn.Modu
     return layers
 
 
-def layer_specs(layers: dict[str, nn.Module]) -> list[LayerSpec]:
+def layer_specs(layers: dict[str, nn.Module], head: str | None = None) -> list[LayerSpec]:
+    """Name and widths of each tracked layer; `head` names the output head among them."""
     specs = []
     for name, module in layers.items():
         n_in, n_out = layer_widths(module)  # type: ignore[misc]
-        specs.append(LayerSpec(name, n_in, n_out))
+        specs.append(LayerSpec(name, n_in, n_out, name == head))
     return specs
 
 
@@ -130,7 +133,7 @@ def random_projectors(specs: list[LayerSpec], config: ProjectionConfig) -> list[
     """Seeded Gaussian projectors, scaled by 1/sqrt(k); identical on any machine for a seed."""
     projectors = []
     for spec in specs:
-        k_in, k_out = config.dims_for(spec.name, spec.n_in, spec.n_out)
+        k_in, k_out = config.dims_for(spec.name, spec.n_in, spec.n_out, spec.head)
         gen = torch.Generator(device="cpu").manual_seed(_layer_seed(config.seed, spec.name))
         p_in = torch.randn(k_in, spec.n_in, generator=gen, dtype=torch.float64) / k_in**0.5
         p_out = torch.randn(k_out, spec.n_out, generator=gen, dtype=torch.float64) / k_out**0.5
@@ -399,7 +402,7 @@ def pca_projectors(
     fixed_out = fixed_out or {}
     projectors = []
     for f, s in zip(factors, specs, strict=True):
-        k_in, k_out = config.dims_for(s.name, s.n_in, s.n_out)
+        k_in, k_out = config.dims_for(s.name, s.n_in, s.n_out, s.head)
         p_in = _top_eigvecs(f.a, k_in, s.name)
         p_out = fixed_out.get(s.name)
         p_out = _top_eigvecs(f.s, k_out, s.name) if p_out is None else p_out.float()

@@ -7,7 +7,8 @@ tokens of random token ids (every token real). The loss is `attribution.lm.lm_lo
 - training step: forward + backward (weight gradients) + `torch.optim.AdamW` step, in train
   mode, on a copy of the model;
 - logging pass: what `attribution.build_index` runs per batch with the default `IndexConfig`
-  (PCA projections, k = 32 per side, every Conv1D layer, tied head skipped):
+  (PCA projections, k = 32 per side, every Conv1D layer and the tied output head, whose
+  vocabulary side keeps 128 random directions):
   `attribution.index._log_gradients` over the same batches into a fresh index directory,
   i.e. `projected_gradients` (forward + backward with frozen parameters, projected hooks,
   per-example Kronecker products), conversion to the storage dtype, and the block writes;
@@ -112,10 +113,21 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     from attribution.config import IndexConfig
-    from attribution.index import _finalise, _layout, _log_gradients, make_projectors
+    from attribution.index import (
+        _finalise,
+        _layout,
+        _log_gradients,
+        fixed_output_projections,
+        make_projectors,
+    )
     from attribution.lm import lm_fisher_loss, lm_loss
     from attribution.manifest import write_json
-    from attribution.projection import kfac_factors, projected_gradients
+    from attribution.projection import (
+        kfac_factors,
+        layer_specs,
+        output_head_name,
+        projected_gradients,
+    )
     from attribution.store import (
         BUILD_FILE,
         FACTORS_FILE,
@@ -138,8 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
             model, lm_loss, batches, default, fisher_loss=lm_fisher_loss, show_progress=False
         )
     )
+    specs = layer_specs(layers, output_head_name(model, layers))
+    fixed_out = fixed_output_projections(specs, default.projection)
     t_factor_pass, _ = timed(
-        lambda: kfac_factors(model, lm_fisher_loss, batches, layers, None, seed=0)
+        lambda: kfac_factors(
+            model, lm_fisher_loss, batches, layers, None, seed=0, fixed_out=fixed_out
+        )
     )
 
     train_model = copy.deepcopy(model).train()

@@ -21,6 +21,7 @@ from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
+    DEFAULT_HEAD_K_OUT,
     DEFAULT_HEAD_PROJECTION,
     DEFAULT_K,
     IndexConfig,
@@ -264,6 +265,13 @@ def shards_list(ctx: Context, fmt: str) -> None:
     show_default=True,
     help="Projection of the output head's vocabulary side when --kind is pca.",
 )
+@click.option(
+    "--head-k-out",
+    type=int,
+    default=DEFAULT_HEAD_K_OUT,
+    show_default=True,
+    help="Projected size of the output head's vocabulary side (0: --k-out).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--curvature",
@@ -309,6 +317,7 @@ def index_cmd(
     modules: tuple[str, ...],
     tied_head: bool,
     head_projection: str,
+    head_k_out: int,
     seed: int,
     curvature: str,
     fisher_labels: str,
@@ -331,6 +340,10 @@ def index_cmd(
     ):
         if value < 1:
             raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
+    if head_k_out < 0:
+        raise click.BadParameter(
+            f"must be 0 or positive, got {head_k_out}", param_hint="--head-k-out"
+        )
     if damping <= 0:
         raise click.BadParameter(f"must be positive, got {damping}", param_hint="--damping")
     config = IndexConfig(
@@ -342,7 +355,8 @@ def index_cmd(
             modules=tuple(modules),
             tied_head=tied_head,
             head_projection=head_projection,
-        ),  # fmt: skip
+            head_k_out=head_k_out or None,
+        ),
         dtype=dtype,
         curvature=curvature,
         fisher_labels=fisher_labels,

@@ -152,16 +152,20 @@ def grad_dot_scores(identity: BuiltIndex) -> np.ndarray:
     return identity.query_grads @ g.T
 
 
-def sampled_eigenvalue_scores(setting: Setting, built: BuiltIndex, factor: float) -> np.ndarray:
+def sampled_eigenvalue_scores(
+    setting: Setting, built: BuiltIndex, factor: float, draws: int = 1
+) -> np.ndarray:
     """Raw influence with the index's eigenbasis but eigenvalues corrected from gradients of
-    the setting's `fisher_loss` (labels drawn from the model, seeded) instead of the stored
-    training-label gradients; the scored training gradients are the stored ones."""
+    the setting's `fisher_loss` (labels drawn from the model, seeded; `draws` independent
+    draws per example, their second moments averaged) instead of the stored training-label
+    gradients; the scored training gradients are the stored ones."""
     model = setting.base_model()
     layers = find_layers(model, built.index.config.projection)
     projectors = built.index.projectors()
     with seeded_sampling(0):
         sampled = torch.cat([
             projected_gradients(model, setting.fisher_loss, b, layers, projectors)
+            for _ in range(draws)
             for b in setting.train_data
         ]).double().numpy()  # fmt: skip
     curvature = fit_curvature(

@@ -102,17 +102,20 @@ def _brittle(s: dict) -> list[str]:
     return lines
 
 
-def _output_head(s: dict) -> list[str]:
-    t = s.get("output_head")
+def _variants(s: dict) -> list[str]:
+    t = s.get("variants")
     if not t:
         return []
-    tied = " (its weight is tied to the input embedding)" if t["tied"] else ""
-    lines = ["", "### The output head", "",
-             f"The defaults track the output head `{t['head']}`{tied}, and PCA projects its "
-             "vocabulary side randomly. Variants, with differences paired per query against "
-             "the defaults:", "",
-             "| method | LDS (raw) | ΔLDS vs defaults | provider Spearman (raw, positive part) "
-             "| Δ provider Spearman |", "|---|---|---|---|---|"]  # fmt: skip
+    d = s["defaults"]
+    lines = ["", "### Variants of the defaults", ""]
+    if t["head"]:
+        tied = " (its weight is tied to the input embedding)" if t["tied"] else ""
+        lines += [f"The defaults track the output head `{t['head']}`{tied}; its vocabulary side "
+                  f"keeps {d.get('head_k_out')} random directions (capped at the vocabulary).", ""]  # fmt: skip
+    lines += ["Each row changes one thing; differences are paired per query against the "
+              "defaults (raw scores, default damping factor).", "",
+              "| variant | LDS (raw) | ΔLDS vs defaults | provider Spearman (raw, positive part) "
+              "| Δ provider Spearman |", "|---|---|---|---|---|"]  # fmt: skip
     for name, m in t["methods"].items():
         if m is None:
             lines.append(f"| {name} | – | – | – | – |")
@@ -138,7 +141,9 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"{len(s['providers'])} providers)", "",
                 f"Plan: {s['plan']}. Defaults under test: kind `{d['kind']}`, k={d['k']}, "
                 f"curvature `{d.get('curvature', 'full')}`, KFAC-factor labels "
-                f"`{d.get('fisher_labels', 'data')}`, damping factor {d['damping_factor']:g}. Setting took {s['seconds']:.0f} s "
+                f"`{d.get('fisher_labels', 'data')}`, damping factor {d['damping_factor']:g}, "
+                f"output head's vocabulary side {d.get('head_projection', 'pca')} with k_out "
+                f"{d.get('head_k_out')}. Setting took {s['seconds']:.0f} s "
                 f"({s['retrains_this_run']} retrains this run).", "", "### Headline", ""]  # fmt: skip
         out += _headline(s)
         if s.get("paired_lds_vs_defaults"):
@@ -185,7 +190,7 @@ def write_markdown(report: dict, path: Path) -> None:
         out += [f"- library scoring path (default index, `score`) vs re-damped scores at the "
                 f"default factor and curvature kind, max relative difference (raw and RelatIF): "
                 f"{s['library_vs_redamped_max_rel_diff']:.1e}"]  # fmt: skip
-        out += _output_head(s) + [""]
+        out += _variants(s) + [""]
     if RATIONALE.exists():
         out += ["", RATIONALE.read_text().strip(), ""]
     path.write_text("\n".join(out) + "\n")

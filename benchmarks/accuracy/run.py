@@ -145,52 +145,53 @@ def _held_out_damping(label: str, per_factor: dict[float, np.ndarray]) -> dict:
     return {"index": label, "curvature": DEFAULT_CURVATURE, "splits": out}
 
 
-def _output_head(
+def _variants(
     setting: Setting,
     workdir: Path,
     peers: list[str],
     truth: tuple,
     defaults: tuple[np.ndarray, np.ndarray],
-    identity: methods.BuiltIndex,
-) -> dict | None:
-    """Variants of the defaults at the model's output head (None: the model has no such head).
+    built: dict[str, methods.BuiltIndex],
+) -> dict:
+    """Variants of the defaults, paired per query against them.
 
-    The default tracks the head, even when its weight is tied to the input embedding, and PCA
-    projects its vocabulary side randomly. Measured here: the head left out (when tied; for
-    ours and kronfluence), its vocabulary side by PCA, a larger k_out for it, and exact EKFAC
-    with eigenvalues corrected from sampled-label gradients (as kronfluence corrects them).
-    Paired differences are against the defaults.
+    The output head (models that have one): the defaults track it, even when its weight is
+    tied to the input embedding, and give its vocabulary side `head_k_out` random directions
+    under PCA. Measured: the head left out (when tied; for ours and for kronfluence), its
+    vocabulary side by PCA, and smaller sizes for it. Every model: EKFAC eigenvalues corrected
+    from sampled-label gradients (as kronfluence corrects them) instead of the stored
+    training-label gradients, for the default index and for exact EKFAC.
     """
     masks, losses, names, rises = truth
     base = setting.base_model()
     tracked = find_layers(base, ProjectionConfig())
     head = output_head_name(base, tracked)
-    if head is None:
-        return None
     _, tied = output_head(base)
     rows: dict[str, np.ndarray | None] = {}
 
     def library(suffix: str, **projection) -> np.ndarray:
-        built = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
-                              projection=projection, suffix=suffix)  # fmt: skip
-        return methods.library_scores(built, False)
+        variant = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
+                                projection=projection, suffix=suffix)  # fmt: skip
+        return methods.library_scores(variant, False)
 
-    if tied:
-        rows["logra (defaults) without the tied head"] = library("-no-head", tied_head=False)
-    rows["logra (defaults), head's vocabulary side by PCA"] = library(
-        "-head-pca", head_projection="pca"
-    )
-    for k_out in (64, 128):
-        rows[f"logra (defaults), head k_out = {k_out}"] = library(
-            f"-head-k{k_out}", per_layer=((head, DEFAULT_K, k_out),)
+    if head is not None:
+        if tied:
+            rows["without the tied head"] = library("-no-head", tied_head=False)
+        rows["head's vocabulary side by PCA"] = library("-head-pca", head_projection="pca")
+        rows[f"head k_out = k_out ({DEFAULT_K})"] = library("-head-k", head_k_out=None)
+        rows["head k_out = 64"] = library("-head-k64", head_k_out=64)
+    default = built["default"]
+    for draws in (1, 4):
+        rows[f"eigenvalues from sampled labels, {draws} draw(s) per example"] = (
+            methods.sampled_eigenvalue_scores(setting, default, DEFAULT_DAMPING_FACTOR, draws)
         )
     rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}"] = methods.influence_scores(
-        identity, DEFAULT_DAMPING_FACTOR, False, curvature_kind="ekfac"
+        built["identity"], DEFAULT_DAMPING_FACTOR, False, curvature_kind="ekfac"
     )
     rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}, eigenvalues from sampled labels"] = (
-        methods.sampled_eigenvalue_scores(setting, identity, DEFAULT_DAMPING_FACTOR)
+        methods.sampled_eigenvalue_scores(setting, built["identity"], DEFAULT_DAMPING_FACTOR)
     )
-    if tied and "kronfluence-ekfac" in peers:
+    if head is not None and tied and "kronfluence-ekfac" in peers:
         without = tuple(n for n in tracked if n != head)
         name = "kronfluence-ekfac without the tied head"
         try:
@@ -214,7 +215,7 @@ def _output_head(
             "provider_spearman": float(np.nanmean(rho)),
             "paired_provider_spearman": _paired(rho, default_rho),
         }
-        log.info("%s output head, %s: LDS %.3f", setting.name, name, np.nanmean(lds))
+        log.info("%s variant %s: LDS %.3f", setting.name, name, np.nanmean(lds))
     return out
 
 
@@ -352,9 +353,10 @@ def evaluate_setting(
         if name != "logra (defaults)"
     }
 
-    output_head_variants = _output_head(
+    variants = _variants(
         setting, workdir, peers, (masks, losses, names, rises),
-        (per_query["logra (defaults)"], rho["logra (defaults)"]), identity,
+        (per_query["logra (defaults)"], rho["logra (defaults)"]),
+        {"default": default, "identity": identity},
     )  # fmt: skip
 
     rankings: dict[str, np.ndarray | None] = {
@@ -380,6 +382,8 @@ def evaluate_setting(
             "curvature": DEFAULT_CURVATURE,
             "damping_factor": DEFAULT_DAMPING_FACTOR,
             "fisher_labels": DEFAULT_FISHER_LABELS,
+            "head_k_out": ProjectionConfig().head_k_out,
+            "head_projection": ProjectionConfig().head_projection,
         },
         "library_vs_redamped_max_rel_diff": agree,
         "held_out_damping": held_out,
@@ -388,7 +392,7 @@ def evaluate_setting(
         "paired_lds_vs_defaults": paired,
         "paired_provider_spearman_vs_defaults": paired_provider,
         "peers": peer_status,
-        "output_head": output_head_variants,
+        "variants": variants,
         "brittleness": brittle,
         "retrains_this_run": cache.trained,
         "retrain_seconds_this_run": round(cache.seconds, 1),

@@ -86,10 +86,11 @@ def test_conv1d_layers_of_gpt2_are_tracked_and_the_tied_head_unless_told_not_to(
 
 def test_pca_projects_the_heads_vocabulary_side_randomly_unless_told_otherwise() -> None:
     model, batches = tiny_gpt2(), lm_batches()
-    specs = {s.name: s for s in layer_specs(find_layers(model, ProjectionConfig()))}
+    layers = find_layers(model, ProjectionConfig())
+    specs = {s.name: s for s in layer_specs(layers, "lm_head")}
 
-    def projectors(**kw) -> dict:
-        config = IndexConfig(projection=ProjectionConfig(kind="pca", k_in=3, k_out=2, **kw))
+    def projectors(kind: str = "pca", **kw) -> dict:
+        config = IndexConfig(projection=ProjectionConfig(kind=kind, k_in=3, k_out=2, **kw))
         _, projs, _ = make_projectors(
             model, lm_loss, batches, config, fisher_loss=lm_fisher_loss, show_progress=False
         )
@@ -104,6 +105,14 @@ def test_pca_projects_the_heads_vocabulary_side_randomly_unless_told_otherwise()
     for name in specs:
         if name != "lm_head":
             assert torch.equal(default[name].p_out, pca[name].p_out)
+            assert default[name].p_out.shape[0] == 2
+    # The vocabulary side keeps head_k_out directions (capped at the 17-token vocabulary).
+    assert default["lm_head"].p_out.shape == (17, 17)
+    for kind in ("pca", "random"):
+        assert projectors(kind, head_k_out=5)["lm_head"].p_out.shape == (5, 17)
+        assert projectors(kind, head_k_out=None)["lm_head"].p_out.shape == (2, 17)
+        per_layer = (("lm_head", 3, 4),)  # an explicit entry wins
+        assert projectors(kind, per_layer=per_layer)["lm_head"].p_out.shape == (4, 17)
 
 
 class _RoutedTokens(torch.nn.Module):

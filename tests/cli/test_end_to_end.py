@@ -240,7 +240,8 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
            "--provider", "stellar")  # fmt: skip
     built = {}
     for label, flags in (("default", ()), ("no-head", ("--no-tied-head",)),
-                         ("head-pca", ("--head-projection", "pca"))):  # fmt: skip
+                         ("head-pca", ("--head-projection", "pca")),
+                         ("head-k", ("--head-k-out", "0"))):  # fmt: skip
         out = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
                      str(tmp_path / label), "--k-in", "4", "--k-out", "4", "--max-length", "48",
                      *flags).stdout  # fmt: skip
@@ -253,6 +254,13 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
     heads = {k: v.projectors()[-1] for k, v in built.items() if k != "no-head"}
     assert torch.equal(heads["default"].p_in, heads["head-pca"].p_in)
     assert not torch.allclose(heads["default"].p_out, heads["head-pca"].p_out)
+    # The vocabulary side keeps --head-k-out directions (0: --k-out), capped at the vocabulary.
+    vocab = heads["default"].p_out.shape[1]
+    assert heads["default"].p_out.shape[0] == min(128, vocab)
+    assert heads["head-k"].p_out.shape[0] == 4 and config["head-k"]["head_k_out"] is None
+    proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
+                  str(tmp_path / "z"), "--head-k-out", "-1", check=False)  # fmt: skip
+    assert proc.returncode != 0 and "--head-k-out" in proc.stderr
 
 
 def test_index_records_its_fisher_labels(workspace: Path, tmp_path: Path) -> None:
