@@ -163,3 +163,27 @@ def test_generator_data_is_refused_with_a_clear_message(tmp_path) -> None:
     gen = (b for b in mlp_batches())
     with pytest.raises(TypeError, match="re-iterable"):
         build_index(tiny_mlp(), classification_loss, gen, tmp_path, show_progress=False)
+
+
+def test_settings_round_trip_and_older_manifests_keep_their_meaning() -> None:
+    from attribution.config import IndexConfig, ProjectionConfig
+
+    config = IndexConfig(
+        projection=ProjectionConfig(
+            modules=("h.*",), tied_head=False, head_projection="pca", head_k_out=None,
+            per_layer=(("h.0", 3, 4),),
+        )
+    )  # fmt: skip
+    assert IndexConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # A manifest written before the output-head settings existed: the tied head was skipped,
+    # PCA covered every side, and the head's k_out was k_out.
+    old = json.loads(json.dumps(IndexConfig().to_dict()))
+    for key in ("tied_head", "head_projection", "head_k_out"):
+        del old["projection"][key]
+    del old["curvature"], old["fisher_labels"]
+    restored = IndexConfig.from_dict(old)
+    assert restored.projection.tied_head is False
+    assert restored.projection.head_projection == "pca"
+    assert restored.projection.dims_for("lm_head", 64, 1000, head=True) == (32, 32)
+    assert (restored.curvature, restored.fisher_labels) == ("full", "data")
+    assert IndexConfig().projection.dims_for("lm_head", 64, 1000, head=True) == (32, 128)
