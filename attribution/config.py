@@ -19,6 +19,7 @@ DEFAULT_DAMPING_FACTOR = 0.01
 DEFAULT_FISHER_LABELS = "sampled"
 DEFAULT_HEAD_PROJECTION = "random"
 DEFAULT_HEAD_K_OUT = 128
+DEFAULT_CURVATURE_LABELS = "data"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,13 @@ class IndexConfig:
     eigenbasis): `sampled` draws each target from the model's own predictive distribution (the
     true Fisher; needs a `fisher_loss`), `data` uses the training labels (empirical Fisher).
     The stored gradients, and so the EKFAC eigenvalues, always use the training labels."""
+    curvature_labels: FisherLabels = DEFAULT_CURVATURE_LABELS
+    """Labels of the gradients the curvature is fitted on (the EKFAC eigenvalues, or the full
+    Fisher): `data`, the stored training-label gradients; `sampled`, a further pass of
+    gradients of labels drawn from the model (`curvature_draws` draws per example; needs a
+    `fisher_loss`). The stored and scored gradients use the training labels either way."""
+    curvature_draws: int = 1
+    """Independent label draws per example when `curvature_labels` is `sampled`."""
     damping_factor: float = DEFAULT_DAMPING_FACTOR
     """λ_l = damping_factor × mean eigenvalue of the layer's projected Fisher."""
     rows_per_block: int = 1024
@@ -108,6 +116,8 @@ class IndexConfig:
             dtype=d["dtype"],
             curvature=d.get("curvature", "full"),
             fisher_labels=d.get("fisher_labels", "data"),
+            curvature_labels=d.get("curvature_labels", "data"),
+            curvature_draws=d.get("curvature_draws", 1),
             damping_factor=d["damping_factor"],
             rows_per_block=d["rows_per_block"],
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from attribution.projection import (
     pca_projectors,
     projected_gradients,
     random_projectors,
+    seeded_sampling,
 )
 from attribution.store import (
     BUILD_FILE,
@@ -189,6 +190,53 @@ def _first_pass_loss(loss_fn: LossFn, fisher_loss: LossFn | None, config: IndexC
     return fisher_loss
 
 
+def _check_curvature_labels(fisher_loss: LossFn | None, config: IndexConfig) -> None:
+    if config.curvature_labels not in ("data", "sampled"):
+        raise ValueError(f"unknown curvature_labels '{config.curvature_labels}' (data or sampled)")
+    if config.curvature_labels == "sampled":
+        if fisher_loss is None:
+            raise ValueError(
+                "curvature_labels='sampled' needs fisher_loss: a loss whose labels are drawn "
+                "from the model (attribution.fisher, attribution.lm.lm_fisher_loss)"
+            )
+        if config.curvature_draws < 1:
+            raise ValueError(f"curvature_draws must be positive, got {config.curvature_draws}")
+
+
+def _curvature_seed(seed: int, draw: int, batch: int) -> int:
+    """Seed of the labels drawn for the curvature pass: apart from the first pass's."""
+    digest = hashlib.sha256(f"curvature:{seed}:{draw}:{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sampled_curvature_rows(
+    model: nn.Module,
+    fisher_loss: LossFn,
+    data: Iterable[Batch],
+    layers: dict[str, nn.Module],
+    projectors: list[LayerProjector],
+    config: IndexConfig,
+    show_progress: bool = False,
+) -> Iterator[np.ndarray]:
+    """Projected gradients of labels drawn from the model, batch by batch, for every draw:
+    the rows the curvature is fitted on when `config.curvature_labels` is "sampled". Each
+    (draw, batch) has its own seed, so every pass yields the same rows."""
+    was_training = model.training
+    model.eval()
+    try:
+        for draw in range(config.curvature_draws):
+            batches = progress(
+                data, desc=f"curvature labels (draw {draw + 1})", enabled=show_progress,
+                unit="batch",
+            )  # fmt: skip
+            for number, batch in enumerate(batches):
+                with seeded_sampling(_curvature_seed(config.projection.seed, draw, number)):
+                    g = projected_gradients(model, fisher_loss, batch, layers, projectors)
+                yield g.detach().cpu().numpy().astype(np.float64)
+    finally:
+        model.train(was_training)
+
+
 def build_index(
     model: nn.Module,
     loss_fn: LossFn,
@@ -210,6 +258,7 @@ def build_index(
     manifest and guard resumption: a directory started with other settings is refused.
     """
     config = config or IndexConfig()
+    _check_curvature_labels(fisher_loss, config)
     root = Path(out_dir)
     data = _reiterable(data)
     created = not root.exists()
@@ -251,7 +300,12 @@ def build_index(
         write_json(build_path, build)
 
     _log_gradients(model, loss_fn, data, root, layers, projectors, config, show_progress)
-    return _finalise(root, build, config, fingerprint)
+    sampled = None
+    if config.curvature_labels == "sampled":
+        sampled = lambda: sampled_curvature_rows(  # noqa: E731
+            model, fisher_loss, data, layers, projectors, config, show_progress
+        )
+    return _finalise(root, build, config, fingerprint, sampled)
 
 
 def _log_gradients(
@@ -317,8 +371,15 @@ def _flush(root: Path, number: int, grads: list[np.ndarray], meta: list[dict], r
     return number + 1
 
 
-def _finalise(root: Path, build: dict, config: IndexConfig, fingerprint: dict) -> GradientIndex:
-    """Curvature and self-influence from the stored rows, then the metadata and manifest."""
+def _finalise(
+    root: Path,
+    build: dict,
+    config: IndexConfig,
+    fingerprint: dict,
+    curvature_rows: Callable[[], Iterable[np.ndarray]] | None = None,
+) -> GradientIndex:
+    """Curvature (from `curvature_rows()` when given, else from the stored rows) and
+    self-influence of the stored rows, then the metadata and manifest."""
     blocks = completed_blocks(root)
     if not blocks:
         raise ValueError("the training data yielded no example: nothing to index")
@@ -330,7 +391,9 @@ def _finalise(root: Path, build: dict, config: IndexConfig, fingerprint: dict) -
             yield np.load(path, mmap_mode="r")
 
     bases = kfac_bases(load_factors(root / FACTORS_FILE, [s.name for s in slices]))
-    curvature = fit_curvature(source, slices, config.damping_factor, config.curvature, bases=bases)
+    curvature = fit_curvature(
+        curvature_rows or source, slices, config.damping_factor, config.curvature, bases=bases
+    )
     curvature.save(root / CURVATURE_FILE)
     self_inf = np.concatenate([curvature.self_influence(b) for b in source()])
     meta = pl.concat([pl.read_parquet(block_paths(root, i)[1]) for i in blocks])

@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from attribution.config import (
     DEFAULT_CURVATURE,
+    DEFAULT_CURVATURE_LABELS,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
     DEFAULT_HEAD_K_OUT,
@@ -288,6 +289,21 @@ def shards_list(ctx: Context, fmt: str) -> None:
     help="Labels of the KFAC-factor pass: drawn from the model (true Fisher) or the text's own.",
 )
 @click.option(
+    "--curvature-labels",
+    type=click.Choice(["data", "sampled"]),
+    default=DEFAULT_CURVATURE_LABELS,
+    show_default=True,
+    help="Gradients the curvature's eigenvalues are fitted on: the stored ones (text's own "
+    "tokens) or a further pass with tokens drawn from the model.",
+)
+@click.option(
+    "--curvature-draws",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Draws per example for --curvature-labels sampled.",
+)
+@click.option(
     "--damping",
     type=float,
     default=DEFAULT_DAMPING_FACTOR,
@@ -321,6 +337,8 @@ def index_cmd(
     seed: int,
     curvature: str,
     fisher_labels: str,
+    curvature_labels: str,
+    curvature_draws: int,
     damping: float,
     dtype: str,
     batch_size: int,
@@ -335,6 +353,7 @@ def index_cmd(
     for name, value in (
         ("--k-in", k_in),
         ("--k-out", k_out),
+        ("--curvature-draws", curvature_draws),
         ("--batch-size", batch_size),
         ("--max-length", max_length),
     ):
@@ -360,6 +379,8 @@ def index_cmd(
         dtype=dtype,
         curvature=curvature,
         fisher_labels=fisher_labels,
+        curvature_labels=curvature_labels,
+        curvature_draws=curvature_draws,
         damping_factor=damping,
     )
     try:

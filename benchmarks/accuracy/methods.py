@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from attribution import IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
 from attribution.config import (
@@ -27,7 +26,6 @@ from attribution.config import (
     DEFAULT_FISHER_LABELS,
 )
 from attribution.curvature import Curvature, fit_curvature
-from attribution.projection import find_layers, projected_gradients, seeded_sampling
 from attribution.scoring import query_gradients
 from attribution.store import GradientIndex
 from benchmarks.accuracy.settings import Setting
@@ -71,10 +69,13 @@ def build(
     fisher_labels: str = DEFAULT_FISHER_LABELS,
     projection: dict | None = None,
     suffix: str = "",
+    **index_options,
 ) -> BuiltIndex:
     """An index of the setting's training data; `projection` overrides further
-    `ProjectionConfig` fields (tracked layers, the head's projection, per-layer sizes), and
-    `suffix` then names the variant in the label."""
+    `ProjectionConfig` fields (tracked layers, the head's projection, per-layer sizes) and
+    `index_options` further `IndexConfig` fields; `suffix` then names the variant in the
+    label. The other curvature kind is fitted from the stored rows only when the index's own
+    curvature is too (curvature_labels "data")."""
     label = f"{kind}-k{k}-{dtype}" if kind != "identity" else f"identity-{dtype}"
     if fisher_labels != DEFAULT_FISHER_LABELS:
         label += f"-{fisher_labels}-labels"
@@ -87,6 +88,7 @@ def build(
         curvature=curvature,
         damping_factor=damping,
         fisher_labels=fisher_labels,
+        **index_options,
     )
     model = setting.base_model()
     start = time.perf_counter()
@@ -106,7 +108,7 @@ def build(
     built.curvatures[curvature] = index.curvature
     rows = index.dense().numpy()
     for other in CURVATURE_KINDS:
-        if other not in built.curvatures:
+        if other not in built.curvatures and config.curvature_labels == "data":
             start = time.perf_counter()
             built.curvatures[other] = fit_curvature(
                 lambda: [rows], index.curvature.slices, damping, other, bases=index.bases()
@@ -150,27 +152,3 @@ def grad_dot_scores(identity: BuiltIndex) -> np.ndarray:
     """Plain gradient dot products on full gradients: no curvature at all."""
     g = identity.index.dense().numpy().astype(np.float64)
     return identity.query_grads @ g.T
-
-
-def sampled_eigenvalue_scores(
-    setting: Setting, built: BuiltIndex, factor: float, draws: int = 1
-) -> np.ndarray:
-    """Raw influence with the index's eigenbasis but eigenvalues corrected from gradients of
-    the setting's `fisher_loss` (labels drawn from the model, seeded; `draws` independent
-    draws per example, their second moments averaged) instead of the stored training-label
-    gradients; the scored training gradients are the stored ones."""
-    model = setting.base_model()
-    layers = find_layers(model, built.index.config.projection)
-    projectors = built.index.projectors()
-    with seeded_sampling(0):
-        sampled = torch.cat([
-            projected_gradients(model, setting.fisher_loss, b, layers, projectors)
-            for _ in range(draws)
-            for b in setting.train_data
-        ]).double().numpy()  # fmt: skip
-    curvature = fit_curvature(
-        lambda: [sampled], built.index.curvature.slices, factor, "ekfac", bases=built.index.bases()
-    )
-    index = dataclasses.replace(built.index, curvature=curvature)
-    raw = score(index, built.query_grads, ScoreConfig(relatif=False, dense=True, top_k=1)).dense
-    return raw.astype(np.float64)

@@ -158,9 +158,10 @@ def _variants(
     The output head (models that have one): the defaults track it, even when its weight is
     tied to the input embedding, and give its vocabulary side `head_k_out` random directions
     under PCA. Measured: the head left out (when tied; for ours and for kronfluence), its
-    vocabulary side by PCA, and smaller sizes for it. Every model: EKFAC eigenvalues corrected
-    from sampled-label gradients (as kronfluence corrects them) instead of the stored
-    training-label gradients, for the default index and for exact EKFAC.
+    vocabulary side by PCA, and smaller sizes for it. Every model: EKFAC eigenvalues fitted
+    on sampled-label gradients (`curvature_labels="sampled"`, as kronfluence fits them)
+    instead of the stored training-label gradients, for the default index and for exact
+    EKFAC.
     """
     masks, losses, names, rises = truth
     base = setting.base_model()
@@ -169,9 +170,12 @@ def _variants(
     _, tied = output_head(base)
     rows: dict[str, np.ndarray | None] = {}
 
-    def library(suffix: str, **projection) -> np.ndarray:
+    def library(suffix: str, curvature_labels: str = "data", curvature_draws: int = 1,
+                **projection) -> np.ndarray:  # fmt: skip
         variant = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
-                                projection=projection, suffix=suffix)  # fmt: skip
+                                projection=projection, suffix=suffix,
+                                curvature_labels=curvature_labels,
+                                curvature_draws=curvature_draws)  # fmt: skip
         return methods.library_scores(variant, False)
 
     if head is not None:
@@ -180,16 +184,17 @@ def _variants(
         rows["head's vocabulary side by PCA"] = library("-head-pca", head_projection="pca")
         rows[f"head k_out = k_out ({DEFAULT_K})"] = library("-head-k", head_k_out=None)
         rows["head k_out = 64"] = library("-head-k64", head_k_out=64)
-    default = built["default"]
     for draws in (1, 4):
-        rows[f"eigenvalues from sampled labels, {draws} draw(s) per example"] = (
-            methods.sampled_eigenvalue_scores(setting, default, DEFAULT_DAMPING_FACTOR, draws)
+        rows[f"eigenvalues from sampled labels, {draws} draw(s) per example"] = library(
+            f"-curv-sampled{draws}", curvature_labels="sampled", curvature_draws=draws
         )
     rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}"] = methods.influence_scores(
         built["identity"], DEFAULT_DAMPING_FACTOR, False, curvature_kind="ekfac"
     )
+    exact_sampled = methods.build(setting, "identity", 0, "float32", workdir, curvature="ekfac",
+                                  suffix="-curv-sampled1", curvature_labels="sampled")  # fmt: skip
     rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}, eigenvalues from sampled labels"] = (
-        methods.sampled_eigenvalue_scores(setting, built["identity"], DEFAULT_DAMPING_FACTOR)
+        methods.library_scores(exact_sampled, False)
     )
     if head is not None and tied and "kronfluence-ekfac" in peers:
         without = tuple(n for n in tracked if n != head)

@@ -284,10 +284,12 @@ def test_float16_storage_changes_scores_by_less_than_one_percent(tmp_path) -> No
     assert rel_err(results["float16"], results["float32"]) < 1e-2
 
 
-def ekfac_reference(train, queries, layers, projectors, factors, factor: float):
+def ekfac_reference(train, queries, layers, projectors, factors, factor: float, curv_rows=None):
     """EKFAC built explicitly: V = Q_out ⊗ Q_in, the eigenvectors of the projected KFAC factors
-    P_out S P_outᵀ and P_in A P_inᵀ; eigenvalues the second moments of Vᵀ g; F = V diag(d) Vᵀ,
-    then a dense solve. (scores (Q, N), self-influence (N,))."""
+    P_out S P_outᵀ and P_in A P_inᵀ; eigenvalues the second moments of Vᵀ g over `curv_rows`
+    (default: the training rows); F = V diag(d) Vᵀ, then a dense solve. (scores (Q, N),
+    self-influence (N,))."""
+    curv_rows = train if curv_rows is None else curv_rows
     scores = np.zeros((queries.shape[0], train.shape[0]))
     self_inf = np.zeros(train.shape[0])
     for layer, proj in zip(layers, projectors, strict=True):
@@ -298,7 +300,7 @@ def ekfac_reference(train, queries, layers, projectors, factors, factor: float):
         q_in = np.linalg.eigh(p_in @ raw_a @ p_in.T)[1]
         q_out = np.linalg.eigh(p_out @ raw_s @ p_out.T)[1]
         v = np.kron(q_out, q_in)
-        d = ((g @ v) ** 2).mean(axis=0)
+        d = ((curv_rows[:, a:b] @ v) ** 2).mean(axis=0)
         damped = v @ np.diag(d) @ v.T + factor * d.mean() * np.eye(len(d))
         scores += q @ np.linalg.solve(damped, g.T)
         self_inf += np.einsum("nd,dn->n", g, np.linalg.solve(damped, g.T))
@@ -357,3 +359,37 @@ def test_ekfac_scores_equal_an_explicitly_built_ekfac_matrix(tmp_path, case, kin
                 top = np.linalg.eigh(raw)[1][:, ::-1][:, :k].T
                 overlap = np.abs(p.double().numpy() @ top.T)
                 np.testing.assert_allclose(overlap, np.eye(k), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+def test_ekfac_eigenvalues_from_the_fisher_loss_equal_an_explicit_matrix(tmp_path, case) -> None:
+    """With curvature_labels="sampled", the eigenvalues are the second moments of the Fisher
+    loss's projected gradients (recomputed here one example at a time), averaged over draws;
+    the stored and scored rows stay the training loss's."""
+    make_model, loss_fn, make_batches = CASES[case]
+    model, batches = make_model(), make_batches()
+    queries = make_batches(n=5, seed=13)
+    fisher = shifted_label_loss(loss_fn)  # deterministic: every draw gives the same rows
+    config = IndexConfig(projection=ProjectionConfig(kind="pca", k_in=3, k_out=2),
+                         damping_factor=0.2, rows_per_block=6, curvature_labels="sampled",
+                         curvature_draws=2)  # fmt: skip
+    index = build_index(
+        model, loss_fn, batches, tmp_path, config, fisher_loss=fisher, show_progress=False
+    )
+    _, q = query_gradients(model, loss_fn, queries, index)
+    result = score(index, q, ScoreConfig(relatif=False, dense=True))
+    g = np.concatenate([np.asarray(a, dtype=np.float64) for _, a in index.blocks()])
+    names = index.layer_names
+    np.testing.assert_allclose(
+        g, project(full_gradients(model, loss_fn, batches, names), index.projectors()), atol=1e-9
+    )
+    curv_rows = project(full_gradients(model, fisher, batches, names), index.projectors())
+    factors = kfac_factors_reference(model, fisher, batches, names)
+    expected, expected_self = ekfac_reference(
+        g, q, index.build["layers"], index.projectors(), factors, 0.2, curv_rows=curv_rows
+    )
+    assert rel_err(result.dense, expected) < 1e-5
+    np.testing.assert_allclose(index.self_influence, expected_self, rtol=1e-6)
+    # ... and not those of the stored rows.
+    stored, _ = ekfac_reference(g, q, index.build["layers"], index.projectors(), factors, 0.2)
+    assert rel_err(result.dense, stored) > 1e-3

@@ -123,3 +123,44 @@ def test_pca_refuses_raw_factors_that_would_not_fit_in_memory(tmp_path, monkeypa
     index = build_index(tiny_mlp(), classification_loss, mlp_batches(n=10), tmp_path / "r",
                         random, fisher_loss=classification_fisher_loss, show_progress=False)  # fmt: skip
     assert index.rows == 10
+
+
+def test_curvature_from_sampled_labels_is_seeded_per_draw_and_keeps_the_stored_rows(
+    tmp_path,
+) -> None:
+    batches = mlp_batches(n=20)
+    model = tiny_mlp()
+    built = {}
+    for label, labels, draws in (("data", "data", 1), ("s1", "sampled", 1),
+                                 ("s1-again", "sampled", 1), ("s3", "sampled", 3)):  # fmt: skip
+        cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=3, k_out=3),
+                          curvature_labels=labels, curvature_draws=draws)  # fmt: skip
+        built[label] = build_index(model, classification_loss, batches, tmp_path / label, cfg,
+                                   fisher_loss=classification_fisher_loss,
+                                   show_progress=False)  # fmt: skip
+    rows = {k: np.concatenate([a for _, a in v.blocks()]) for k, v in built.items()}
+    for k in rows:
+        np.testing.assert_array_equal(rows[k], rows["data"])  # stored rows: training labels
+    eig = {k: np.concatenate([c.eigvals for c in v.curvature.layers]) for k, v in built.items()}
+    np.testing.assert_array_equal(eig["s1"], eig["s1-again"])  # seeded
+    assert not np.allclose(eig["s1"], eig["data"])
+    assert not np.allclose(eig["s1"], eig["s3"])
+    assert built["s1"].manifest["config"]["curvature_labels"] == "sampled"
+    assert built["s3"].manifest["config"]["curvature_draws"] == 3
+    # Same eigenbasis (from the first pass) whatever the curvature labels.
+    for a, b in zip(built["data"].curvature.layers, built["s3"].curvature.layers, strict=True):
+        np.testing.assert_array_equal(a.q_out, b.q_out)
+
+
+def test_curvature_from_sampled_labels_needs_a_fisher_loss_and_positive_draws(tmp_path) -> None:
+    batches = mlp_batches(n=10)
+    projection = ProjectionConfig(kind="random", k_in=2, k_out=2)
+    cfg = IndexConfig(projection=projection, fisher_labels="data", curvature_labels="sampled")
+    with pytest.raises(ValueError, match="curvature_labels='sampled' needs fisher_loss"):
+        build_index(tiny_mlp(), classification_loss, batches, tmp_path / "a", cfg,
+                    show_progress=False)  # fmt: skip
+    cfg = dataclasses.replace(cfg, curvature_draws=0)
+    with pytest.raises(ValueError, match="curvature_draws must be positive"):
+        build_index(tiny_mlp(), classification_loss, batches, tmp_path / "b", cfg,
+                    fisher_loss=classification_fisher_loss, show_progress=False)  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -241,7 +241,8 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
     built = {}
     for label, flags in (("default", ()), ("no-head", ("--no-tied-head",)),
                          ("head-pca", ("--head-projection", "pca")),
-                         ("head-k", ("--head-k-out", "0"))):  # fmt: skip
+                         ("head-k", ("--head-k-out", "0")),
+                         ("curv", ("--curvature-labels", "sampled", "--curvature-draws", "2"))):  # fmt: skip
         out = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
                      str(tmp_path / label), "--k-in", "4", "--k-out", "4", "--max-length", "48",
                      *flags).stdout  # fmt: skip
@@ -261,6 +262,13 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
     proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
                   str(tmp_path / "z"), "--head-k-out", "-1", check=False)  # fmt: skip
     assert proc.returncode != 0 and "--head-k-out" in proc.stderr
+    # Curvature from sampled labels: same stored rows and eigenbasis, other eigenvalues.
+    config = built["curv"].manifest["config"]
+    assert (config["curvature_labels"], config["curvature_draws"]) == ("sampled", 2)
+    rows = {k: np.concatenate([a for _, a in built[k].blocks()]) for k in ("default", "curv")}
+    np.testing.assert_array_equal(rows["default"], rows["curv"])
+    eig = {k: built[k].curvature.layers[-1].eigvals for k in ("default", "curv")}
+    assert not np.allclose(eig["default"], eig["curv"])
 
 
 def test_index_records_its_fisher_labels(workspace: Path, tmp_path: Path) -> None:
