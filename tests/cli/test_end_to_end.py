@@ -230,14 +230,20 @@ def test_changed_shard_is_refused_by_index(workspace: Path, tmp_path: Path) -> N
     assert not (tmp_path / "idx").exists()
 
 
-def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path: Path) -> None:
-    from attribution.store import GradientIndex
-
+def _ledger_with_one_shard(workspace: Path, tmp_path: Path) -> str:
+    """A fresh SQLite ledger with stellar's shard registered; its URL."""
     url = f"sqlite:///{tmp_path / 'l.db'}"
     ledger(tmp_path, url, "init")
     ledger(tmp_path, url, "providers", "add", "stellar")
     ledger(tmp_path, url, "shards", "add", str(workspace / "shards" / "stellar-000.jsonl"),
            "--provider", "stellar")  # fmt: skip
+    return url
+
+
+def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path: Path) -> None:
+    from attribution.store import GradientIndex
+
+    url = _ledger_with_one_shard(workspace, tmp_path)
     built = {}
     for label, flags in (("default", ()), ("no-head", ("--no-tied-head",)),
                          ("head-pca", ("--head-projection", "pca")),
@@ -274,11 +280,7 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
 def test_index_records_its_fisher_labels(workspace: Path, tmp_path: Path) -> None:
     from attribution.store import GradientIndex
 
-    url = f"sqlite:///{tmp_path / 'l.db'}"
-    ledger(tmp_path, url, "init")
-    ledger(tmp_path, url, "providers", "add", "stellar")
-    ledger(tmp_path, url, "shards", "add", str(workspace / "shards" / "stellar-000.jsonl"),
-           "--provider", "stellar")  # fmt: skip
+    url = _ledger_with_one_shard(workspace, tmp_path)
     built = {}
     for labels in ("sampled", "data"):
         out = ledger(tmp_path, url, "index", "--model", str(workspace / "model"),
