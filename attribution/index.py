@@ -5,8 +5,10 @@ both are saved before any gradient is logged. Then one forward and backward pass
 parameters frozen (no weight gradient is computed); the hooks keep only projected activations
 and output gradients. Rows are written in blocks, each atomically; a resumed build skips the
 rows of complete blocks and never writes a row twice. Once all blocks exist, the curvature (the
-EKFAC basis from the factors, its eigenvalues from the stored rows) and the self-influence of
-every row are computed.
+EKFAC basis from the factors, its eigenvalues from the stored rows, or with
+`curvature_labels="sampled"` from a further pass of gradients of labels drawn from the model)
+and the self-influence of every row are computed. Under PCA the output head's vocabulary side
+is projected randomly, already during the first pass (`fixed_output_projections`).
 """
 
 from __future__ import annotations
@@ -165,14 +167,19 @@ RAW_FACTOR_BYTES_LIMIT = 16 << 30
 def _check_raw_factor_memory(specs: list, kind: str, projected_out: set[str] = frozenset()) -> None:
     """Refuse, before any work, a first pass whose raw factors would not fit in memory
     (layers in `projected_out` keep only their raw input factor)."""
-    need = sum((s.n_in**2 + (0 if s.name in projected_out else s.n_out**2)) * 8 for s in specs)
+
+    def raw_out(s) -> int:
+        return 0 if s.name in projected_out else s.n_out
+
+    need = sum((s.n_in**2 + raw_out(s) ** 2) * 8 for s in specs)
     if need > RAW_FACTOR_BYTES_LIMIT:
-        widest = max(specs, key=lambda s: max(s.n_in, s.n_out))
+        widest = max(specs, key=lambda s: max(s.n_in, raw_out(s)))
+        hint = " (for the output head: head_projection='random')" if widest.head else ""
         raise ValueError(
             f"{kind} projections need the raw KFAC factors of every tracked layer, "
             f"{need / 2**30:.1f} GiB in float64 (limit {RAW_FACTOR_BYTES_LIMIT / 2**30:.0f} GiB); "
             f"the widest layer is '{widest.name}' ({widest.n_in} → {widest.n_out}): leave it out "
-            "with the projection's module patterns, or use random projections"
+            f"with the projection's module patterns, or use random projections{hint}"
         )
 
 

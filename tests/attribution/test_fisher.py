@@ -125,6 +125,29 @@ def test_pca_refuses_raw_factors_that_would_not_fit_in_memory(tmp_path, monkeypa
     assert index.rows == 10
 
 
+def test_the_memory_guard_counts_the_heads_vocabulary_side_only_under_pca(
+    tmp_path, monkeypatch
+) -> None:
+    import attribution.index as index_module
+
+    # Tiny GPT-2: raw factors of the 8 block layers take 2 × 2,944 values, the head's input
+    # side 8² and its vocabulary side 17²: 47,616 bytes without that side, 49,928 with it.
+    monkeypatch.setattr(index_module, "RAW_FACTOR_BYTES_LIMIT", 48_000)
+    batches = lm_batches()
+    for head, ok in (("random", True), ("pca", False)):
+        cfg = IndexConfig(projection=ProjectionConfig(kind="pca", k_in=2, k_out=2,
+                                                      head_projection=head))  # fmt: skip
+        run = lambda cfg=cfg, head=head: build_index(  # noqa: E731
+            tiny_gpt2(), lm_loss, batches, tmp_path / head, cfg, fisher_loss=lm_fisher_loss,
+            show_progress=False,
+        )  # fmt: skip
+        if ok:
+            assert run().layer_names[-1] == "lm_head"
+        else:
+            with pytest.raises(ValueError, match="pca projections need the raw KFAC factors"):
+                run()
+
+
 def test_curvature_from_sampled_labels_is_seeded_per_draw_and_keeps_the_stored_rows(
     tmp_path,
 ) -> None:
