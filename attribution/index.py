@@ -32,6 +32,7 @@ from attribution.projection import (
     KfacFactors,
     LayerProjector,
     LayerSpec,
+    eval_mode,
     find_layers,
     identity_projectors,
     kfac_factors,
@@ -128,15 +129,11 @@ def make_projectors(
         _check_raw_factor_memory(specs, kind, set(fixed_out))
     projectors = random_projectors(specs, config.projection) if kind == "random" else None
     bar = lambda b: progress(b, desc="kfac factors", enabled=show_progress, unit="batch")  # noqa: E731
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         factors = kfac_factors(
             model, first_pass_loss, data, layers, projectors, bar, seed=config.projection.seed,
             fixed_out=fixed_out,
         )  # fmt: skip
-    finally:
-        model.train(was_training)
     if kind == "pca":
         projectors = pca_projectors(factors, specs, config.projection, fixed_out)
         factors = [
@@ -228,9 +225,7 @@ def sampled_curvature_rows(
     """Projected gradients of labels drawn from the model, batch by batch, for every draw:
     the rows the curvature is fitted on when `config.curvature_labels` is "sampled". Each
     (draw, batch) has its own seed, so every pass yields the same rows."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for draw in range(config.curvature_draws):
             batches = progress(
                 data, desc=f"curvature labels (draw {draw + 1})", enabled=show_progress,
@@ -240,8 +235,6 @@ def sampled_curvature_rows(
                 with seeded_sampling(_curvature_seed(config.projection.seed, draw, number)):
                     g = projected_gradients(model, fisher_loss, batch, layers, projectors)
                 yield g.detach().cpu().numpy().astype(np.float64)
-    finally:
-        model.train(was_training)
 
 
 def build_index(
@@ -335,10 +328,8 @@ def _log_gradients(
     meta: list[dict] = []
     buffered = 0
     position = 0  # examples seen so far, including skipped ones
-    was_training = model.training
-    model.eval()
     bar = progress(data, desc="logging gradients", enabled=show_progress, unit="batch")
-    try:
+    with eval_mode(model):
         for batch in bar:
             n = len(batch)
             skip = min(max(rows_done - position, 0), n)
@@ -365,8 +356,6 @@ def _log_gradients(
                 buffered -= config.rows_per_block
         if buffered:
             _flush(root, next_block, grads, meta, buffered)
-    finally:
-        model.train(was_training)
 
 
 def _flush(root: Path, number: int, grads: list[np.ndarray], meta: list[dict], rows: int) -> int:

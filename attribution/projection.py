@@ -246,6 +246,17 @@ class Capture:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, then back in its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """Parameters need no gradient while logging: no weight gradient is ever computed."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
@@ -361,7 +372,7 @@ def kfac_factors(
     by_name = {p.name: p for p in projectors} if projectors is not None else None
     keep = lambda n, t: t  # noqa: E731 - raw tensors
     capture_in = (lambda n, t: by_name[n].project_inputs(t)) if by_name else keep
-    fixed = {n: p.double() for n, p in (fixed_out or {}).items()}
+    fixed = fixed_out or {}
     capture_out = (
         (lambda n, t: by_name[n].project_output_grads(t))
         if by_name

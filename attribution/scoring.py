@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from attribution.config import ScoreConfig
-from attribution.projection import find_layers, projected_gradients
+from attribution.projection import eval_mode, find_layers, projected_gradients
 from attribution.store import GradientIndex
 from attribution.types import Batch, LossFn
 
@@ -45,15 +45,11 @@ def query_gradients(
     projectors = index.projectors()
     ids: list[str] = []
     grads: list[np.ndarray] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in batches:
             g = projected_gradients(model, loss_fn, batch, layers, projectors)
             grads.append(g.detach().double().cpu().numpy())
             ids.extend(batch.example_ids)
-    finally:
-        model.train(was_training)
     if not grads:
         return ids, np.zeros((0, index.dim))
     return ids, np.concatenate(grads)

@@ -121,9 +121,22 @@ def _variants(s: dict) -> list[str]:
             lines.append(f"| {name} | – | – | – | – |")
             continue
         pl, pp = m["paired_lds"], m["paired_provider_spearman"]
-        lines.append(f"| {name} | {_ms(m['lds'])} | {pl['mean']:+.3f} ± {pl['se']:.3f} | "
-                     f"{m['provider_spearman']:.3f} | {pp['mean']:+.3f} ± {pp['se']:.3f} |")  # fmt: skip
+        lines.append(f"| {name} | {_ms(m['lds'])} | {_paired(pl)} | "
+                     f"{m['provider_spearman']:.3f} | {_paired(pp)} |")  # fmt: skip
     return lines
+
+
+def _paired(diff: dict) -> str:
+    return f"{diff['mean']:+.3f} ± {diff['se']:.3f}"
+
+
+def _paired_table(diffs: dict | None, what: str, column: str) -> list[str]:
+    """Per-query differences against the defaults, one row per comparison (empty: none)."""
+    if not diffs:
+        return []
+    lines = ["", f"{what} difference per query against the defaults (mean ± paired standard "
+             "error over queries):", "", f"| comparison | {column} |", "|---|---|"]  # fmt: skip
+    return lines + [f"| {label} | {_paired(diff)} |" for label, diff in diffs.items()]
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -146,18 +159,11 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"{d.get('head_k_out')}. Setting took {s['seconds']:.0f} s "
                 f"({s['retrains_this_run']} retrains this run).", "", "### Headline", ""]  # fmt: skip
         out += _headline(s)
-        if s.get("paired_lds_vs_defaults"):
-            out += ["", "Raw-influence LDS difference per query against the defaults (mean ± "
-                    "paired standard error over queries):", "",
-                    "| comparison | ΔLDS |", "|---|---|"]  # fmt: skip
-            for label, diff in s["paired_lds_vs_defaults"].items():
-                out.append(f"| {label} | {diff['mean']:+.3f} ± {diff['se']:.3f} |")
-        if s.get("paired_provider_spearman_vs_defaults"):
-            out += ["", "Provider Spearman (positive part of raw scores) difference per query "
-                    "against the defaults (mean ± paired standard error over queries):", "",
-                    "| comparison | Δ provider Spearman |", "|---|---|"]  # fmt: skip
-            for label, diff in s["paired_provider_spearman_vs_defaults"].items():
-                out.append(f"| {label} | {diff['mean']:+.3f} ± {diff['se']:.3f} |")
+        out += _paired_table(s.get("paired_lds_vs_defaults"),
+                             "Raw-influence LDS", "ΔLDS")  # fmt: skip
+        out += _paired_table(s.get("paired_provider_spearman_vs_defaults"),
+                             "Provider Spearman (positive part of raw scores)",
+                             "Δ provider Spearman")  # fmt: skip
         out += ["", "### Projection size, curvature kind, damping, storage (raw-influence LDS)",
                 "", "Each index is built once (logging time includes its own curvature, "
                 f"`{d.get('curvature', 'full')}`); the other kind is fitted from the same "

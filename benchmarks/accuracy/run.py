@@ -151,7 +151,7 @@ def _variants(
     peers: list[str],
     truth: tuple,
     defaults: tuple[np.ndarray, np.ndarray],
-    built: dict[str, methods.BuiltIndex],
+    identity: methods.BuiltIndex,
 ) -> dict:
     """Variants of the defaults, paired per query against them.
 
@@ -189,7 +189,7 @@ def _variants(
             f"-curv-sampled{draws}", curvature_labels="sampled", curvature_draws=draws
         )
     rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}"] = methods.influence_scores(
-        built["identity"], DEFAULT_DAMPING_FACTOR, False, curvature_kind="ekfac"
+        identity, DEFAULT_DAMPING_FACTOR, False, curvature_kind="ekfac"
     )
     exact_sampled = methods.build(setting, "identity", 0, "float32", workdir, curvature="ekfac",
                                   suffix="-curv-sampled1", curvature_labels="sampled")  # fmt: skip
@@ -361,7 +361,7 @@ def evaluate_setting(
     variants = _variants(
         setting, workdir, peers, (masks, losses, names, rises),
         (per_query["logra (defaults)"], rho["logra (defaults)"]),
-        {"default": default, "identity": identity},
+        identity,
     )  # fmt: skip
 
     rankings: dict[str, np.ndarray | None] = {
