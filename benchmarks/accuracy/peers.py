@@ -150,9 +150,8 @@ def logix_scores(setting: Setting, workdir: Path, rank: int = DEFAULT_K) -> np.n
 
 
 def _logix_in_cwd(setting: Setting, model: nn.Module, names: list[str], rank: int) -> np.ndarray:
-    from logix.config import LoRAConfig
-
     import logix
+    from logix.config import LoRAConfig
 
     logix._LOGIX_INSTANCE = None  # one run per setting in this process
     run = logix.init(project="bench", config=None)

@@ -25,7 +25,7 @@ from attribution.config import (
     DEFAULT_K,
     ProjectionConfig,
 )
-from attribution.projection import find_layers, output_head, output_head_name
+from attribution.projection import find_layers, layer_widths, output_head, output_head_name
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.metrics import (
     lds_per_query,
@@ -158,7 +158,8 @@ def _variants(
     The output head (models that have one): the defaults track it, even when its weight is
     tied to the input embedding, and give its vocabulary side `head_k_out` random directions
     under PCA. Measured: the head left out (when tied; for ours and for kronfluence), its
-    vocabulary side by PCA, and smaller sizes for it. Every model: EKFAC eigenvalues fitted
+    vocabulary side by PCA, smaller sizes for it, and that side unprojected (alone and with
+    sampled-label eigenvalues). Every model: EKFAC eigenvalues fitted
     on sampled-label gradients (`curvature_labels="sampled"`, as kronfluence fits them)
     instead of the stored training-label gradients, for the default index and for exact
     EKFAC.
@@ -167,7 +168,7 @@ def _variants(
     base = setting.base_model()
     tracked = find_layers(base, ProjectionConfig())
     head = output_head_name(base, tracked)
-    _, tied = output_head(base)
+    head_module, tied = output_head(base)
     rows: dict[str, np.ndarray | None] = {}
 
     def library(suffix: str, curvature_labels: str = "data", curvature_draws: int = 1,
@@ -184,6 +185,14 @@ def _variants(
         rows["head's vocabulary side by PCA"] = library("-head-pca", head_projection="pca")
         rows[f"head k_out = k_out ({DEFAULT_K})"] = library("-head-k", head_k_out=None)
         rows["head k_out = 64"] = library("-head-k64", head_k_out=64)
+        # The head's whole vocabulary side (no projection there): what the head's projection
+        # gives up, alone and with sampled-label eigenvalues (kronfluence's setting).
+        vocab = layer_widths(head_module)[1]
+        whole = f"head k_out = vocabulary ({vocab}, that side unprojected)"
+        rows[whole] = library("-head-whole", head_k_out=vocab)
+        rows[f"{whole}, eigenvalues from sampled labels"] = library(
+            "-head-whole-curv-sampled1", head_k_out=vocab, curvature_labels="sampled"
+        )
     for draws in (1, 4):
         rows[f"eigenvalues from sampled labels, {draws} draw(s) per example"] = library(
             f"-curv-sampled{draws}", curvature_labels="sampled", curvature_draws=draws
