@@ -81,13 +81,28 @@ def write_block(root: Path, number: int, grads: np.ndarray, meta: pl.DataFrame) 
     _fsync_replace(tmp, mpath)
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, each contiguous and with storage of its own: safetensors refuses to save
+    tensors that share memory (one factor object used for two layers, or for A and S)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
 def save_projectors(path: Path, projectors: list[LayerProjector]) -> None:
     tensors = {}
     for p in projectors:
-        tensors[f"{p.name}.p_in"] = p.p_in.contiguous()
-        tensors[f"{p.name}.p_out"] = p.p_out.contiguous()
+        tensors[f"{p.name}.p_in"] = p.p_in
+        tensors[f"{p.name}.p_out"] = p.p_out
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
+    save_file(_unshared(tensors), str(tmp))
     tmp.replace(path)
 
 
@@ -101,11 +116,11 @@ def load_projectors(path: Path, names: list[str]) -> list[LayerProjector]:
 def save_factors(path: Path, factors: list[KfacFactors]) -> None:
     tensors = {}
     for f in factors:
-        tensors[f"{f.name}.a"] = f.a.double().contiguous()
-        tensors[f"{f.name}.s"] = f.s.double().contiguous()
+        tensors[f"{f.name}.a"] = f.a.double()
+        tensors[f"{f.name}.s"] = f.s.double()
         tensors[f"{f.name}.examples"] = torch.tensor([f.examples], dtype=torch.int64)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
+    save_file(_unshared(tensors), str(tmp))
     _fsync_replace(tmp, path)
 
 

@@ -187,3 +187,27 @@ def test_settings_round_trip_and_older_manifests_keep_their_meaning() -> None:
     assert restored.projection.dims_for("lm_head", 64, 1000, head=True) == (32, 32)
     assert (restored.curvature, restored.fisher_labels) == ("full", "data")
     assert IndexConfig().projection.dims_for("lm_head", 64, 1000, head=True) == (32, 128)
+
+
+def test_factors_and_projections_that_share_memory_save_and_load_back(tmp_path) -> None:
+    """One tensor object used for several layers, for A and S, or a view into a larger
+    tensor: each is written as its own values (safetensors refuses shared memory)."""
+    import torch
+
+    from attribution.projection import KfacFactors, LayerProjector
+    from attribution.store import load_factors, load_projectors, save_factors, save_projectors
+
+    eye = torch.eye(3, dtype=torch.float64)
+    big = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    factors = [KfacFactors("a", eye, eye, 5), KfacFactors("b", eye, 2 * eye, 7)]
+    projectors = [LayerProjector("a", big[:2], big[2:4]), LayerProjector("b", big[:2], big.T)]
+    save_factors(tmp_path / "f.safetensors", factors)
+    save_projectors(tmp_path / "p.safetensors", projectors)
+    got = load_factors(tmp_path / "f.safetensors", ["a", "b"])
+    assert [(g.name, g.examples) for g in got] == [("a", 5), ("b", 7)]
+    for g, f in zip(got, factors, strict=True):
+        assert torch.equal(g.a, f.a) and torch.equal(g.s, f.s)
+    back = load_projectors(tmp_path / "p.safetensors", ["a", "b"])
+    for g, p in zip(back, projectors, strict=True):
+        assert torch.equal(g.p_in, p.p_in) and torch.equal(g.p_out, p.p_out)
+    assert torch.equal(big, torch.arange(24, dtype=torch.float32).reshape(6, 4))
