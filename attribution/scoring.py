@@ -168,18 +168,8 @@ def score(
     if query_grads.ndim != 2 or query_grads.shape[1] != index.dim:
         raise ValueError(f"query gradients must be (n, {index.dim}), got {query_grads.shape}")
     query_ids = query_ids if query_ids is not None else [str(i) for i in range(n_q)]
-    cols = index.metadata_columns(["provider", "self_influence"])
-    providers = sorted(cols["provider"].unique().to_list())
-    codes = (
-        cols["provider"]
-        .replace_strict(providers, list(range(len(providers))), return_dtype=pl.Int64)
-        .to_numpy()
-        .copy()
-    )
-    inv_sqrt = (
-        _inverse_sqrt(cols["self_influence"].to_numpy()) if config.relatif else np.ones(index.rows)
-    )
-    del cols
+    providers, codes = index.provider_codes()
+    inv_sqrt = _inverse_sqrt(index.self_influence) if config.relatif else np.ones(index.rows)
     parts = [
         _score_pass(
             index,
@@ -203,27 +193,36 @@ def score(
 
 
 def _add_provider_sums(
-    st: np.ndarray, codes: np.ndarray, signed: np.ndarray, positive: np.ndarray
+    st: np.ndarray,
+    codes: np.ndarray,
+    signed: np.ndarray,
+    positive: np.ndarray,
+    buffer: np.ndarray | None = None,
 ) -> None:
     """Add Σ_{rows i of provider p} st[i] (and of max(st[i], 0)) to signed[:, p] (positive).
 
-    `st` is a (rows, queries) float32 score chunk, `codes` the rows' provider numbers. Rows are
-    grouped by provider (a stable sort, skipped when they already come in runs, as rows of one
-    shard do) and each group is summed in one `np.add.reduceat`: sequential, single-threaded
-    and deterministic, with no per-row work in Python.
+    `st` is a (rows, queries) float32 score chunk (left unchanged), `codes` the rows' provider
+    numbers. Rows that come in runs, as rows of one shard do, are summed run by run (numpy's
+    pairwise sums over contiguous rows). Rows of many short runs are added into their
+    provider's row with one `index_add_` each for the signed scores and the positive part, so
+    no sorted copy of the scores is made. Either way the work is a few passes over the chunk.
+    The positive part is written into `buffer` (same shape as `st`) when given: one buffer
+    reused for every chunk keeps the process from collecting freed chunk-sized blocks.
     """
+    pos = np.maximum(st, 0, out=buffer)
     change = np.flatnonzero(codes[1:] != codes[:-1]) + 1
-    sorted_copy = change.size + 1 > max(64, codes.size // 64)
-    if sorted_copy:  # many short runs: group them by a stable sort (a copy of the scores)
-        order = np.argsort(codes, kind="stable")
-        codes = codes[order]
-        st = st[order]
-        change = np.flatnonzero(codes[1:] != codes[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    run_codes = codes[starts]
-    np.add.at(signed.T, run_codes, np.add.reduceat(st, starts, axis=0))
-    pos = np.maximum(st, 0, out=st) if sorted_copy else np.maximum(st, 0)
-    np.add.at(positive.T, run_codes, np.add.reduceat(pos, starts, axis=0))
+    if change.size + 1 <= max(64, codes.size // 64):
+        bounds = np.concatenate(([0], change, [codes.size]))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            p = int(codes[a])
+            signed[:, p] += st[a:b].sum(axis=0)
+            positive[:, p] += pos[a:b].sum(axis=0)
+        return
+    rows = torch.from_numpy(st)
+    index = torch.from_numpy(np.asarray(codes, dtype=np.int64))
+    shape = (signed.shape[1], st.shape[1])
+    signed += torch.zeros(shape).index_add_(0, index, rows).numpy().T
+    positive += torch.zeros(shape).index_add_(0, index, torch.from_numpy(pos)).numpy().T
 
 
 def _score_pass(
@@ -246,6 +245,7 @@ def _score_pass(
     # into contiguous rows of one reused buffer, and per-provider sums become sums of row runs.
     qt = q.T.contiguous()  # (D, n_q)
     scores = torch.empty(chunk, n_q, dtype=torch.float32)
+    positive_part = np.empty((chunk, n_q), np.float32)
     convert: np.ndarray | None = None  # float32 rows of a lower-precision part
     for start, parts in _chunks(index, chunk):
         r = 0
@@ -261,7 +261,9 @@ def _score_pass(
         del parts, part  # drop the mappings before the next chunk is mapped
         st = scores[:r]  # (r, n_q)
         st *= torch.from_numpy(inv_sqrt[start : start + r].astype(np.float32))[:, None]
-        _add_provider_sums(st.numpy(), codes[start : start + r], signed, positive)
+        _add_provider_sums(
+            st.numpy(), codes[start : start + r], signed, positive, positive_part[:r]
+        )
         if dense is not None:
             dense[:, start : start + r] = st.T.numpy()
         kk = min(k, r)

@@ -196,6 +196,22 @@ class GradientIndex:
             .collect()
         )
 
+    def provider_codes(self) -> tuple[list[str], np.ndarray]:
+        """The providers (sorted) and each row's position among them (small unsigned ints).
+
+        The provider column is decoded straight into an enum, so the per-row strings are never
+        held in memory at once: scoring a large index reads about one byte per row here.
+        """
+        scan = pl.scan_parquet(self.root / METADATA_FILE).select("provider")
+        providers = sorted(scan.unique().collect()["provider"].to_list())
+        codes = (
+            scan.select(pl.col("provider").cast(pl.Enum(providers)).to_physical())
+            .collect()
+            .to_series()
+            .to_numpy()
+        )
+        return providers, codes
+
     @property
     def self_influence(self) -> np.ndarray:
         return self.metadata_columns(["self_influence"])["self_influence"].to_numpy()

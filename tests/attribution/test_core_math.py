@@ -393,3 +393,25 @@ def test_ekfac_eigenvalues_from_the_fisher_loss_equal_an_explicit_matrix(tmp_pat
     # ... and not those of the stored rows.
     stored, _ = ekfac_reference(g, q, index.build["layers"], index.projectors(), factors, 0.2)
     assert rel_err(result.dense, stored) > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["runs", "interleaved", "one provider"])
+def test_provider_sums_of_a_chunk_equal_a_dense_sum(layout) -> None:
+    from attribution.scoring import _add_provider_sums
+
+    rng = np.random.default_rng(3)
+    rows, n_q, n_p = 3000, 7, 5
+    st = rng.standard_normal((rows, n_q)).astype(np.float32)
+    codes = {
+        "runs": np.repeat(np.arange(n_p), rows // n_p),
+        "interleaved": rng.integers(0, n_p, rows),
+        "one provider": np.full(rows, 2),
+    }[layout].astype(np.uint8)
+    before = st.copy()
+    signed, positive = np.ones((n_q, n_p)), np.ones((n_q, n_p))  # sums are added
+    _add_provider_sums(st, codes, signed, positive)
+    np.testing.assert_array_equal(st, before)
+    for p in range(n_p):
+        mine = st[codes == p].astype(np.float64)
+        np.testing.assert_allclose(signed[:, p], 1 + mine.sum(0), rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(positive[:, p], 1 + np.maximum(mine, 0).sum(0), rtol=1e-5)
