@@ -211,6 +211,10 @@ PEERS = {
 def run_peer(name: str, setting: Setting, workdir: Path) -> tuple[np.ndarray | None, dict]:
     """(scores or None, status: ok / error with the exception text, seconds)."""
     start = time.perf_counter()
+    # Peers draw Fisher labels (and LogIX its projections) from the global generators: seed them
+    # so that a rerun reproduces every peer's numbers.
+    torch.manual_seed(0)
+    np.random.seed(0)
     try:
         scores = PEERS[name](setting, workdir)
         if scores.shape != (setting.n_queries, setting.n_train):
