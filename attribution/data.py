@@ -92,6 +92,33 @@ def _shard_kind(path: str) -> str:
     return suffix
 
 
+def _check_unicode(path: str, line: int, name: str, value: str) -> str:
+    """Refuse a lone UTF-16 surrogate (JSON allows the escape `"\\ud800"`): it is not a
+    character, and tokenizers, hashes and databases all fail on it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            path,
+            line,
+            name,
+            f"lone UTF-16 surrogate {value[exc.start]!r} at character {exc.start + 1}; "
+            "not valid Unicode text",
+        ) from exc
+    return value
+
+
+def _check_no_nul(path: str, line: int, name: str, value: str) -> str:
+    """Refuse NUL in what the ledger stores or hashes: PostgreSQL cannot store it in text, and
+    `Query.text_sha256` uses it to separate prompt and completion."""
+    position = value.find("\x00")
+    if position >= 0:
+        raise InputError(
+            path, line, name, f"contains a NUL character (\\u0000) at character {position + 1}"
+        )
+    return value
+
+
 def _check_text(path: str, line: int, value: object) -> str:
     if value is None:
         raise InputError(path, line, "text", "missing")
@@ -99,7 +126,7 @@ def _check_text(path: str, line: int, value: object) -> str:
         raise InputError(path, line, "text", f"expected a string, got {type(value).__name__}")
     if not value.strip():
         raise InputError(path, line, "text", "empty")
-    return value
+    return _check_unicode(path, line, "text", value)
 
 
 def _read_parquet_text(path: str):
@@ -172,7 +199,7 @@ def _parse_id(path: str, line: int, value: object) -> str:
     text = str(value)
     if not text.strip():
         raise InputError(path, line, "id", "empty")
-    return text
+    return _check_no_nul(path, line, "id", _check_unicode(path, line, "id", text))
 
 
 def _parse_timestamp(path: str, line: int, value: object) -> datetime:
@@ -194,7 +221,12 @@ def _parse_timestamp(path: str, line: int, value: object) -> datetime:
             "timestamp",
             f"{value!r} has no UTC offset; add one, e.g. '{value}Z' or '{value}+00:00'",
         )
-    return stamp.astimezone(UTC)
+    try:
+        return stamp.astimezone(UTC)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+01:00 is a moment in year 0 UTC
+        raise InputError(
+            path, line, "timestamp", f"{value!r} is outside years 1 to 9999 when converted to UTC"
+        ) from exc
 
 
 def _parse_weight(path: str, line: int, obj: dict) -> Decimal:
@@ -229,7 +261,7 @@ def _parse_text_field(path: str, line: int, obj: dict, name: str, allow_empty: b
         raise InputError(path, line, name, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value:
         raise InputError(path, line, name, "empty")
-    return value
+    return _check_no_nul(path, line, name, _check_unicode(path, line, name, value))
 
 
 def parse_query(path: str, line: int, obj: dict) -> Query:
@@ -247,8 +279,10 @@ def read_queries(path: str | os.PathLike[str]) -> list[Query]:
     """Read and validate every line of a queries.jsonl file before returning any of it.
 
     Each line: `id` (string or integer, unique in the file), `timestamp` (ISO 8601 with an
-    offset or `Z`; naive timestamps are rejected), `prompt` (string, may be empty),
-    `completion` (non-empty string), and optionally `weight` or `revenue` (non-negative number).
+    offset or `Z`; naive timestamps, and those outside years 1 to 9999 in UTC, are rejected),
+    `prompt` (string, may be empty), `completion` (non-empty string), and optionally `weight` or
+    `revenue` (non-negative number). `id`, `prompt` and `completion` must be valid Unicode (no
+    lone surrogate) without NUL.
     """
     path = str(path)
     queries: list[Query] = []

@@ -70,7 +70,12 @@ def test_parquet_and_jsonl_shards_read_identically(tmp_path):
 
 @pytest.mark.parametrize(
     ("row", "message"),
-    [({"other": "x"}, "missing"), ({"text": 5}, "expected a string"), ({"text": " "}, "empty")],
+    [
+        ({"other": "x"}, "missing"),
+        ({"text": 5}, "expected a string"),
+        ({"text": " "}, "empty"),
+        ({"text": "a \ud800 b"}, "lone UTF-16 surrogate '\\\\ud800' at character 3"),
+    ],
 )
 def test_jsonl_shard_errors_name_the_line_and_the_text_field(tmp_path, row, message):
     path = write_lines(tmp_path / "s.jsonl", [json.dumps({"text": "ok"}), "", json.dumps(row)])
@@ -158,6 +163,17 @@ def test_query_text_sha256_hashes_prompt_nul_completion():
         ({"prompt": ...}, "prompt", "missing"),
         ({"completion": ""}, "completion", "empty"),
         ({"completion": ["x"]}, "completion", "expected a string"),
+        # JSON may escape a lone UTF-16 surrogate; it is not a character and cannot be encoded.
+        ({"id": "q\ud800"}, "id", "lone UTF-16 surrogate"),
+        ({"prompt": "\udfff p"}, "prompt", "lone UTF-16 surrogate"),
+        ({"completion": "c \ud83d"}, "completion", "lone UTF-16 surrogate"),
+        # NUL cannot be stored in PostgreSQL text and separates prompt from completion in hashes.
+        ({"id": "q\u0000"}, "id", "NUL character"),
+        ({"prompt": "p\u0000"}, "prompt", "NUL character"),
+        ({"completion": "\u0000c"}, "completion", "NUL character"),
+        # Valid offsets whose UTC moment falls outside years 1..9999.
+        ({"timestamp": "0001-01-01T00:00:00+01:00"}, "timestamp", "years 1 to 9999"),
+        ({"timestamp": "9999-12-31T23:59:59-01:00"}, "timestamp", "years 1 to 9999"),
     ],
 )
 def test_bad_query_fields_name_file_line_and_field(tmp_path, fields, field, message):
@@ -195,3 +211,19 @@ def test_non_utc_offsets_are_converted_to_utc(tmp_path):
     stamp = read_queries(path)[0].timestamp
     assert stamp == datetime(2024, 7, 1, 0, 30, tzinfo=timezone(timedelta(hours=-5)))
     assert stamp.utcoffset() == timedelta(0) and stamp.hour == 5
+
+
+def test_surrogate_pairs_are_characters_and_accepted(tmp_path):
+    path = write_lines(tmp_path / "q.jsonl", [query_line(completion="\U0001f600")])
+    assert '"\\ud83d\\ude00"' in path.read_text()  # written as an escaped pair
+    assert read_queries(path)[0].completion == "\U0001f600"
+
+
+def test_extreme_timestamps_that_stay_in_range_are_accepted(tmp_path):
+    lines = [
+        query_line(id="a", timestamp="0001-01-01T00:00:00-01:00"),
+        query_line(id="b", timestamp="9999-12-31T23:59:59+01:00"),
+    ]
+    first, second = read_queries(write_lines(tmp_path / "q.jsonl", lines))
+    assert first.timestamp == datetime(1, 1, 1, 1, tzinfo=UTC)
+    assert second.timestamp == datetime(9999, 12, 31, 22, 59, 59, tzinfo=UTC)

@@ -1,0 +1,159 @@
+"""Bad input at the edges of what Python, the tokenizer, the model and SQL accept: each case is
+refused like any other bad input, with one line naming the file, line and field (or the option),
+exit status 1, and nothing written: no ledger rows, no running run, no index files.
+
+Driven in-process through click's runner (the entry point itself is covered by
+test_end_to_end.py), against one SQLite ledger with an index and an attributed file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from ledger.cli import cli
+from ledger.db import make_engine, session_scope
+from tests.cli.workspace import PROVIDERS
+
+TABLES = (
+    "shards",
+    "gradient_indexes",
+    "attribution_runs",
+    "queries",
+    "query_results",
+    "credits",
+    "statements",
+    "statement_lines",
+)
+
+
+def run(url: str, *args: str):
+    return CliRunner().invoke(cli, ["--db", url, *args], env={"LEDGER_QUIET": "1"})
+
+
+def ok(url: str, *args: str) -> str:
+    result = run(url, *args)
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    return result.stdout
+
+
+def refused(url: str, *args: str) -> str:
+    """Run a command that must be refused; return its one line of error."""
+    result = run(url, *args)
+    assert isinstance(result.exception, SystemExit), (args, result.exception)  # no traceback
+    assert result.exit_code == 1, (args, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def counts(url: str) -> dict[str, int]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in TABLES}
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def ledger_url(workspace: Path, tmp_path_factory) -> str:
+    """A ledger with the workspace's shards plus one long text (more tokens than the model's
+    48 positions), an index over them, and the workspace's outputs attributed."""
+    root = tmp_path_factory.mktemp("edges")
+    url = f"sqlite:///{root / 'ledger.db'}"
+    ok(url, "init")
+    ok(url, "providers", "add", *PROVIDERS)
+    for name in PROVIDERS:
+        ok(url, "shards", "add", str(workspace / "shards" / f"{name}-000.jsonl"), "--provider",
+           name)  # fmt: skip
+    rows = (workspace / "shards" / "stellar-000.jsonl").read_text().splitlines()
+    long_text = " ".join(json.loads(row)["text"] for row in rows)
+    (root / "stellar-long.jsonl").write_text(json.dumps({"text": long_text}) + "\n")
+    ok(url, "shards", "add", str(root / "stellar-long.jsonl"), "--provider", "stellar")
+    ok(url, "index", "--model", str(workspace / "model"), "--out", str(root / "indexes"),
+       "--kind", "random", "--k-in", "4", "--k-out", "4", "--max-length", "48")  # fmt: skip
+    ok(url, "attribute", "--outputs", str(workspace / "queries.jsonl"))
+    return url
+
+
+def outputs_file(workspace: Path, tmp_path: Path, **changes: object) -> Path:
+    """The workspace's first two outputs, the second with `changes`, written as JSON escapes
+    (json.dumps escapes a lone surrogate as "\\ud800" and NUL as "\\u0000")."""
+    lines = (workspace / "queries.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    row["id"] = "edge-case"
+    row.update(changes)
+    row = {k: v for k, v in row.items() if v is not None}
+    path = tmp_path / "outputs.jsonl"
+    path.write_text(lines[0] + "\n" + json.dumps(row) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("id", "q\ud800"), ("prompt", "a \udfff star"), ("completion", " is \ud83d faint")],
+)
+def test_a_lone_surrogate_in_an_output_is_refused(
+    ledger_url: str, workspace: Path, tmp_path: Path, field: str, value: str
+) -> None:
+    path = outputs_file(workspace, tmp_path, **{field: value})
+    assert "\\ud" in path.read_text()
+    before = counts(ledger_url)
+    line = refused(ledger_url, "attribute", "--outputs", str(path))
+    assert f"{path}, line 2, field '{field}': lone UTF-16 surrogate" in line
+    assert counts(ledger_url) == before
+
+
+def test_a_lone_surrogate_in_a_shard_is_refused_by_shards_add_and_by_index(
+    workspace: Path, tmp_path: Path
+) -> None:
+    from attribution.data import sha256_file
+    from ledger.registry import add_shard
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    ok(url, "init")
+    ok(url, "providers", "add", "stellar")
+    shard = tmp_path / "bad.jsonl"
+    shard.write_text('{"text": "the star shines ."}\n{"text": "a comet \\udc80 orbits"}\n')
+    line = refused(url, "shards", "add", str(shard), "--provider", "stellar")
+    assert f"{shard}, line 2, field 'text': lone UTF-16 surrogate" in line
+    assert counts(url)["shards"] == 0
+    # A shard registered before rows were checked for this is refused when indexed.
+    engine = make_engine(url)
+    with session_scope(engine) as session:
+        add_shard(session, str(shard), sha256_file(shard), "stellar", 2)
+    engine.dispose()
+    out = tmp_path / "indexes"
+    line = refused(url, "index", "--model", str(workspace / "model"), "--out", str(out),
+                   "--max-length", "48")  # fmt: skip
+    assert f"{shard}, line 2, field 'text': lone UTF-16 surrogate" in line
+    assert counts(url)["gradient_indexes"] == 0
+    assert not any(p.is_file() for p in out.rglob("*"))
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_timestamp_outside_the_years_of_utc_is_refused(
+    ledger_url: str, workspace: Path, tmp_path: Path, stamp: str
+) -> None:
+    path = outputs_file(workspace, tmp_path, timestamp=stamp)
+    before = counts(ledger_url)
+    line = refused(ledger_url, "attribute", "--outputs", str(path))
+    assert f"line 2, field 'timestamp': '{stamp}' is outside years 1 to 9999" in line
+    assert counts(ledger_url) == before
+
+
+@pytest.mark.parametrize("field", ["id", "prompt", "completion"])
+def test_a_nul_character_in_an_output_is_refused(
+    ledger_url: str, workspace: Path, tmp_path: Path, field: str
+) -> None:
+    path = outputs_file(workspace, tmp_path, **{field: "x\u0000y"})
+    assert "\\u0000" in path.read_text()
+    before = counts(ledger_url)
+    line = refused(ledger_url, "attribute", "--outputs", str(path))
+    assert f"{path}, line 2, field '{field}': contains a NUL character" in line
+    assert counts(ledger_url) == before
