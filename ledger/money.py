@@ -16,6 +16,9 @@ from numbers import Rational
 
 from ledger.errors import MoneyError
 
+MAX_MINOR = 2**63 - 1
+"""The most minor units an amount may have: the largest value of SQL's signed 64-bit BIGINT."""
+
 # ISO 4217 minor units.
 CURRENCIES: dict[str, int] = {
     "AUD": 2,
@@ -63,11 +66,38 @@ def normalize_currency(currency: str) -> str:
     return currency.strip().upper()
 
 
+def decimal_places(value: Decimal) -> int:
+    """Decimal places of a finite `Decimal` without its trailing zeros (``"19.990"`` → 2).
+
+    Read from the digits, not with `Decimal.normalize`, which rounds to the context's 28 digits
+    (``"1.0000000000000000000000000001"`` would count as 0 places) and overflows on large
+    exponents (``"1e999999999"``).
+    """
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    significant = "".join(map(str, digits)).rstrip("0")
+    if not significant:
+        return 0
+    return max(0, -(exponent + len(digits) - len(significant)))
+
+
+def fits_bigint(value: Decimal, places: int) -> bool:
+    """Whether ``value × 10^places`` (a whole number) fits SQL's BIGINT: ``|minor| ≤ MAX_MINOR``."""
+    if not value:
+        return True
+    # adjusted() is the exponent of the leading digit; checking it first keeps int() away from
+    # numbers such as 1e999999999.
+    if value.adjusted() + places > len(str(MAX_MINOR)):
+        return False
+    return abs(int(value.scaleb(places))) <= MAX_MINOR
+
+
 def parse_amount(text: str | int | Decimal, currency: str) -> Decimal:
     """Parse an amount such as ``"250000"`` or ``"19.99"`` exactly, as a `Decimal`.
 
-    Refuses floats (they are not exact), non-finite values, and more decimal places than the
-    currency has (``"1.005"`` in USD, ``"10.5"`` in JPY).
+    Refuses floats (they are not exact), non-finite values, more decimal places than the
+    currency has (``"1.005"`` in USD, ``"10.5"`` in JPY), and amounts whose minor units do not
+    fit SQL's BIGINT (``"1e30"``).
     """
     places = minor_units(currency)
     if isinstance(text, float) or isinstance(text, bool):
@@ -78,12 +108,15 @@ def parse_amount(text: str | int | Decimal, currency: str) -> Decimal:
         raise MoneyError(f"invalid amount {text!r}: not a decimal number") from exc
     if not value.is_finite():
         raise MoneyError(f"invalid amount {text!r}: not a finite number")
-    exponent = value.normalize().as_tuple().exponent
-    assert isinstance(exponent, int)
-    if -exponent > places:
+    if decimal_places(value) > places:
         raise MoneyError(
             f"invalid amount {text!r}: {normalize_currency(currency)} allows at most "
             f"{places} decimal place{'s' if places != 1 else ''}"
+        )
+    if not fits_bigint(value, places):
+        raise MoneyError(
+            f"invalid amount {text!r}: too large for the ledger (its limit is "
+            f"{format_minor(MAX_MINOR, currency)} {normalize_currency(currency)})"
         )
     return value
 

@@ -173,6 +173,8 @@ def find_statement(session: Session, period: Period) -> m.Statement | None:
 
 def get_statement(session: Session, statement_id: int) -> m.Statement:
     """The statement with this id; raises `NotFoundError` otherwise."""
+    if statement_id > 2**63 - 1:  # no SQL integer id is this large; SQLite's driver overflows
+        raise NotFoundError(f"unknown statement {statement_id!r}")
     statement = session.get(m.Statement, statement_id)
     if statement is None:
         raise NotFoundError(f"unknown statement {statement_id!r}")

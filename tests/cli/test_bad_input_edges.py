@@ -147,6 +147,31 @@ def test_a_timestamp_outside_the_years_of_utc_is_refused(
     assert counts(ledger_url) == before
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--pool", "1e30"],
+        ["--pool", "9" * 30],
+        ["--pool", "92233720368547758.08"],
+        ["--pool", "1e999999999"],
+        ["--pool", "1000", "--min-payout", "1e30"],
+        ["--pool", "1000", "--currency", "JPY", "--min-payout", "9223372036854775808"],
+    ],
+)
+def test_a_pool_or_minimum_beyond_bigint_minor_units_is_refused(
+    ledger_url: str, args: list[str]
+) -> None:
+    before = counts(ledger_url)
+    line = refused(ledger_url, "report", "--period", "2024-Q3", *args)
+    assert f"invalid amount '{args[-1]}': too large for the ledger" in line
+    assert counts(ledger_url) == before
+
+
+def test_a_statement_id_beyond_any_sql_integer_is_unknown(ledger_url: str) -> None:
+    line = refused(ledger_url, "statements", "finalize", "9" * 20)
+    assert line == f"Error: unknown statement {'9' * 20}"
+
+
 @pytest.mark.parametrize("field", ["id", "prompt", "completion"])
 def test_a_nul_character_in_an_output_is_refused(
     ledger_url: str, workspace: Path, tmp_path: Path, field: str

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from ledger.errors import MoneyError
 from ledger.money import (
     CURRENCIES,
+    MAX_MINOR,
     allocate,
     apply_minimum_payout,
     format_minor,
@@ -66,6 +67,39 @@ def test_parse_amount_is_exact_and_refuses_extra_decimals() -> None:
     assert format_minor(1999, "USD") == "19.99"
     assert format_minor(5, "JPY") == "5"
     assert format_minor(7, "BHD") == "0.007"
+
+
+def test_amounts_whose_minor_units_do_not_fit_a_bigint_are_refused() -> None:
+    # The ledger stores minor units in BIGINT columns: at most 2**63 - 1.
+    assert MAX_MINOR == 2**63 - 1
+    assert to_minor(parse_amount("92233720368547758.07", "USD"), "USD") == MAX_MINOR
+    assert to_minor(parse_amount(str(MAX_MINOR), "JPY"), "JPY") == MAX_MINOR
+    assert to_minor(parse_amount("-92233720368547758.07", "USD"), "USD") == -MAX_MINOR
+    assert to_minor(parse_amount("1e3", "USD"), "USD") == 100000
+    for text, currency in [
+        ("1e30", "USD"),
+        ("92233720368547758.08", "USD"),
+        ("-92233720368547758.08", "USD"),
+        ("9223372036854775808", "JPY"),
+        ("9223372036854775.808", "BHD"),
+        ("9" * 40, "USD"),
+        ("1e999999999", "USD"),  # an exponent beyond the decimal context's
+    ]:
+        with pytest.raises(MoneyError, match="too large for the ledger") as info:
+            parse_amount(text, currency)
+        assert text in str(info.value)
+    with pytest.raises(MoneyError, match="too large"):
+        parse_amount(10**30, "USD")
+
+
+def test_decimal_places_are_counted_exactly_beyond_the_decimal_context() -> None:
+    # 29 significant digits: rounding to the context's 28 would make this a whole number.
+    with pytest.raises(MoneyError, match="decimal place"):
+        parse_amount("1.0000000000000000000000000001", "USD")
+    with pytest.raises(MoneyError, match="decimal place"):
+        parse_amount("1e-999999999", "USD")
+    assert parse_amount("0e999999999", "USD") == 0
+    assert to_minor(parse_amount("12.50000000000000000000000000000", "USD"), "USD") == 1250
 
 
 def test_allocation_breaks_ties_by_name() -> None:
