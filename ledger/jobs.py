@@ -52,6 +52,7 @@ from ledger.recording import (
     record_results,
     start_run,
     to_utc_naive,
+    weight_problem,
     weight_to_micros,
 )
 from ledger.registry import add_shard, get_provider, list_shards, register_index
@@ -253,6 +254,25 @@ def check_known_queries(session: Session, queries: list[Query], path: str) -> No
                     )
 
 
+def check_storable(queries: list[Query], path: str) -> None:
+    """Refuse, before anything is written, a query that the ledger's columns cannot hold: an id
+    longer than `queries.external_id`, or a weight that is not a whole number of millionths
+    within BIGINT `weight_micros`."""
+    id_length = m.Query.__table__.c.external_id.type.length
+    for q in queries:
+        problem = weight_problem(q.weight)
+        if len(q.id) <= id_length and problem is None:
+            continue
+        line, obj = next(
+            ((line, obj) for line, obj in read_jsonl(path) if str(obj.get("id")) == q.id),
+            (None, {}),
+        )
+        if len(q.id) > id_length:
+            raise InputError(path, line, "id", f"longer than {id_length} characters ({len(q.id)})")
+        field = "revenue" if obj.get("revenue") is not None else "weight"
+        raise InputError(path, line, field, f"{obj.get(field, str(q.weight))!r} {problem}")
+
+
 def query_lines(path: str) -> dict[str, int]:
     """Line number of each query id in a queries file (for errors found after parsing)."""
     return {str(obj.get("id")): line for line, obj in read_jsonl(path)}
@@ -319,6 +339,7 @@ def attribute_outputs(
     queries = read_queries(outputs)  # every line is validated before anything is written
     if not queries:
         raise InputError(outputs, None, None, "no queries in the file")
+    check_storable(queries, outputs)
     with session_scope(engine) as session:
         index = open_ledger_index(session, index_ref)
         check_known_queries(session, queries, outputs)

@@ -22,9 +22,13 @@ from sqlalchemy.orm import Session
 from ledger import models as m
 from ledger.errors import ConflictError, LedgerError, NotFoundError
 from ledger.models import utcnow
+from ledger.money import MAX_MINOR, decimal_places, fits_bigint
 from ledger.registry import canonical_json, check_sha256, get_index
 
-WEIGHT_SCALE = 1_000_000
+WEIGHT_PLACES = 6
+WEIGHT_SCALE = 10**WEIGHT_PLACES
+MAX_WEIGHT = Decimal(MAX_MINOR).scaleb(-WEIGHT_PLACES)
+"""The largest weight `weight_micros` (BIGINT millionths) holds: 9223372036854.775807."""
 _CHUNK = 500  # keeps IN (...) lists well under every driver's parameter limit
 
 T = TypeVar("T")
@@ -96,12 +100,20 @@ def weight_to_micros(weight: Decimal | int | str, external_id: str = "?") -> int
         raise LedgerError(f"query {external_id!r}: weight {weight!r} is not a number") from exc
     if not value.is_finite() or value < 0:
         raise LedgerError(f"query {external_id!r}: weight {weight!r} must be finite and >= 0")
-    micros = value * WEIGHT_SCALE
-    if micros != micros.to_integral_value():
-        raise LedgerError(
-            f"query {external_id!r}: weight {weight!r} has more than 6 decimal places"
-        )
-    return int(micros)
+    problem = weight_problem(value)
+    if problem is not None:
+        raise LedgerError(f"query {external_id!r}: weight {weight!r} {problem}")
+    return int(value.scaleb(WEIGHT_PLACES))
+
+
+def weight_problem(value: Decimal) -> str | None:
+    """Why a finite, non-negative weight cannot be stored as whole millionths in the BIGINT
+    ``weight_micros`` column (too many decimal places, or too large), or None if it can."""
+    if decimal_places(value) > WEIGHT_PLACES:
+        return f"has more than {WEIGHT_PLACES} decimal places; the ledger keeps millionths"
+    if not fits_bigint(value, WEIGHT_PLACES):
+        return f"is too large for the ledger (its limit is {MAX_WEIGHT})"
+    return None
 
 
 def micros_to_weight(micros: int) -> Decimal:

@@ -148,6 +148,26 @@ def test_a_timestamp_outside_the_years_of_utc_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("changes", "field", "message"),
+    [
+        ({"revenue": "1e30"}, "revenue", "'1e30' is too large for the ledger"),
+        ({"revenue": "9223372036854.775808"}, "revenue", "'9223372036854.775808' is too"),
+        ({"weight": 1e30}, "weight", "1e+30 is too large for the ledger"),
+        ({"weight": "0.1234567"}, "weight", "'0.1234567' has more than 6 decimal places"),
+        ({"id": "q" * 201}, "id", "longer than 200 characters (201)"),
+    ],
+)
+def test_values_the_ledger_cannot_store_are_refused_before_a_run_is_recorded(
+    ledger_url: str, workspace: Path, tmp_path: Path, changes: dict, field: str, message: str
+) -> None:
+    path = outputs_file(workspace, tmp_path, **changes)
+    before = counts(ledger_url)
+    line = refused(ledger_url, "attribute", "--outputs", str(path))
+    assert f"{path}, line 2, field '{field}': {message}" in line
+    assert counts(ledger_url) == before  # in particular no run left 'running'
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["--pool", "1e30"],

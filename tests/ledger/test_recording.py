@@ -18,6 +18,7 @@ from ledger.recording import (
     query_explanation,
     record_results,
     start_run,
+    weight_to_micros,
 )
 from ledger.registry import (
     add_provider,
@@ -156,3 +157,18 @@ def test_served_at_is_stored_in_utc_and_weights_exactly(engine: Engine) -> None:
         assert query_explanation(s, "q1")["weight"] == "12345.678901"
         assert s.scalar(select(func.count()).select_from(m.Query)) == 1
     assert served.astimezone(UTC).replace(tzinfo=None) == datetime(2024, 6, 30, 23, 30)
+
+
+def test_weights_must_fit_bigint_millionths() -> None:
+    assert weight_to_micros(Decimal("9223372036854.775807")) == 2**63 - 1
+    assert weight_to_micros(Decimal("1e3")) == 1_000_000_000
+    for weight, message in [
+        (Decimal("9223372036854.775808"), "too large for the ledger"),
+        (Decimal("1e30"), "too large for the ledger"),
+        (Decimal("1e999999999"), "too large for the ledger"),  # beyond the decimal context
+        (Decimal("0.1234567"), "more than 6 decimal places"),
+        # 29 significant digits: the context's rounding to 28 would hide the 7th place.
+        (Decimal("1234567890123.4567890000000000001"), "more than 6 decimal places"),
+    ]:
+        with pytest.raises(LedgerError, match=message):
+            weight_to_micros(weight, "q1")
