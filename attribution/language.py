@@ -15,6 +15,7 @@ from attribution.config import IndexConfig, ScoreConfig
 from attribution.data import Query, ShardSpec, sha256_file
 from attribution.index import build_index
 from attribution.lm import (
+    check_max_length,
     hash_model_weights,
     hash_tokenizer,
     lm_fisher_loss,
@@ -81,12 +82,16 @@ def index_language_model(
 ) -> GradientIndex:
     """Build (or resume) the gradient index of text shards for a local causal LM.
 
+    `max_length` (tokens per training chunk) must not exceed the position limit the model's
+    config declares (`n_positions`, `max_position_embeddings` or `n_ctx`).
+
     `loaded` (model, tokenizer) and `info` (`model_info(model_dir)`) may be passed by a caller
     that already has them, so the model is neither loaded nor hashed twice.
     """
     if not shards:
         raise ValueError("no training shards to index")
     model, tokenizer = loaded if loaded is not None else load_causal_lm(model_dir)
+    check_max_length(model, model_dir, max_length)  # before any file is written
     return build_index(
         model,
         lm_loss,

@@ -77,6 +77,40 @@ def load_causal_lm(
     return model, tokenizer
 
 
+POSITION_LIMIT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")
+"""Config fields in which Hugging Face models declare how many token positions they take."""
+
+
+def position_limit(model: nn.Module) -> tuple[str, int] | None:
+    """`(config field, tokens)`: the fewest positions the model's config declares, if any."""
+    config = getattr(model, "config", None)
+    declared = config.to_dict() if hasattr(config, "to_dict") else {}
+    limits = [
+        (declared[name], name)
+        for name in POSITION_LIMIT_FIELDS
+        if isinstance(declared.get(name), int) and declared[name] > 0
+    ]
+    if not limits:
+        return None
+    tokens, name = min(limits)
+    return name, tokens
+
+
+def check_max_length(model: nn.Module, model_dir: str | os.PathLike[str], max_length: int) -> None:
+    """Refuse chunks longer than the model's position limit: the forward pass would index past
+    its position embeddings (an `IndexError` deep in the model)."""
+    limit = position_limit(model)
+    if limit is not None and max_length > limit[1]:
+        name, tokens = limit
+        raise InputError(
+            os.path.join(str(model_dir), "config.json"),
+            None,
+            name,
+            f"the model takes at most {tokens} tokens, so the max length must be at most "
+            f"{tokens} (got {max_length})",
+        )
+
+
 def _hash_named_files(paths: Iterable[Path]) -> str:
     # Hash "name\0sha256\n" lines so names and contents both count, unambiguously.
     digest = hashlib.sha256()

@@ -13,6 +13,7 @@ from transformers import GPT2LMHeadModel
 from attribution.data import Query, ShardSpec
 from attribution.lm import (
     IGNORE_INDEX,
+    check_max_length,
     chunk_token_ids,
     count_train_examples,
     encode_query,
@@ -267,3 +268,22 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     write_workspace_model(tiny_model(base), no_pad, tmp_path / "m")
     _, loaded_tok = load_causal_lm(tmp_path / "m")
     assert loaded_tok.pad_token == "<eos>"
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tokenizer):
+    model = tiny_model(tokenizer)  # n_positions=32
+    check_max_length(model, "model", 32)
+    with pytest.raises(InputError) as err:
+        check_max_length(model, "model", 33)
+    assert (err.value.path, err.value.line, err.value.field) == ("model/config.json", None,
+                                                                  "n_positions")  # fmt: skip
+    assert "at most 32 tokens" in err.value.message and "33" in err.value.message
+    from transformers import PretrainedConfig
+
+    class Other(torch.nn.Module):  # a model that names its limit max_position_embeddings
+        config = PretrainedConfig(max_position_embeddings=16)
+
+    with pytest.raises(InputError, match="at most 16 tokens") as err:
+        check_max_length(Other(), "other", 17)
+    assert err.value.field == "max_position_embeddings"
+    check_max_length(torch.nn.Linear(2, 2), "plain", 10_000)  # no config: nothing to check

@@ -192,6 +192,22 @@ def test_a_statement_id_beyond_any_sql_integer_is_unknown(ledger_url: str) -> No
     assert line == f"Error: unknown statement {'9' * 20}"
 
 
+def test_a_max_length_beyond_the_models_positions_is_refused(
+    ledger_url: str, workspace: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "indexes"
+    before = counts(ledger_url)
+    line = refused(ledger_url, "index", "--model", str(workspace / "model"), "--out", str(out),
+                   "--kind", "random", "--k-in", "4", "--k-out", "4", "--max-length", "49")  # fmt: skip
+    model_config = workspace / "model" / "config.json"
+    assert line == (
+        f"Error: {model_config}, field 'n_positions': the model takes at most 48 tokens, so the "
+        "max length must be at most 48 (got 49)"
+    )
+    assert counts(ledger_url) == before
+    assert not any(p.is_file() for p in out.rglob("*"))
+
+
 @pytest.mark.parametrize("field", ["id", "prompt", "completion"])
 def test_a_nul_character_in_an_output_is_refused(
     ledger_url: str, workspace: Path, tmp_path: Path, field: str

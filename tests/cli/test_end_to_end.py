@@ -297,7 +297,8 @@ def test_index_records_its_fisher_labels(workspace: Path, tmp_path: Path) -> Non
     assert proc.returncode != 0 and "--fisher-labels" in proc.stderr
     # Settings the model cannot satisfy: one line, exit 1, no index directory left behind.
     proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
-                  str(tmp_path / "y"), "--modules", "nothing.*", check=False)  # fmt: skip
+                  str(tmp_path / "y"), "--max-length", "48", "--modules", "nothing.*",
+                  check=False)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "Error: no Linear or Conv1D layer matches the projection's module patterns ['nothing.*']"
