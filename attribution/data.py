@@ -241,6 +241,9 @@ def _parse_weight(path: str, line: int, obj: dict) -> Decimal:
         raise InputError(path, line, name, f"expected a number, got {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(path, line, name, f"must be a finite number, got {value}")
+    if isinstance(value, str) and not value.isascii():
+        # Decimal() reads any Unicode digits ('１２' is 12); a number here is ASCII.
+        raise InputError(path, line, name, f"not a number: {value!r}")
     try:
         # str() first: Decimal(0.1) would carry the float's binary error into money.
         number = Decimal(str(value).strip())

@@ -663,7 +663,7 @@ def _statement_id(session: Any, ref: str) -> int:
     from ledger.periods import parse_period
     from ledger.statements import find_statement
 
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():  # str.isdigit alone also takes '２' and '²'
         return int(ref)
     found = find_statement(session, parse_period(ref))
     if found is None:

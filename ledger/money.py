@@ -95,13 +95,15 @@ def fits_bigint(value: Decimal, places: int) -> bool:
 def parse_amount(text: str | int | Decimal, currency: str) -> Decimal:
     """Parse an amount such as ``"250000"`` or ``"19.99"`` exactly, as a `Decimal`.
 
-    Refuses floats (they are not exact), non-finite values, more decimal places than the
-    currency has (``"1.005"`` in USD, ``"10.5"`` in JPY), and amounts whose minor units do not
-    fit SQL's BIGINT (``"1e30"``).
+    Refuses floats (they are not exact), non-ASCII text (`Decimal` reads ``"１２"`` as 12),
+    non-finite values, more decimal places than the currency has (``"1.005"`` in USD,
+    ``"10.5"`` in JPY), and amounts whose minor units do not fit SQL's BIGINT (``"1e30"``).
     """
     places = minor_units(currency)
     if isinstance(text, float) or isinstance(text, bool):
         raise MoneyError(f"amount {text!r} must be given as a string or Decimal, not a float")
+    if isinstance(text, str) and not text.isascii():
+        raise MoneyError(f"invalid amount {text!r}: not a decimal number")
     try:
         value = Decimal(text.strip() if isinstance(text, str) else text)
     except (InvalidOperation, ValueError) as exc:

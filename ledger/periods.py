@@ -20,11 +20,12 @@ from ledger.errors import PeriodError
 
 ACCEPTED_FORMS = "YYYY, YYYY-H1|H2, YYYY-Q1..Q4, YYYY-MM, or YYYY-MM-DD..YYYY-MM-DD (end exclusive)"
 
-_YEAR = re.compile(r"^(\d{4})$")
-_HALF = re.compile(r"^(\d{4})-H([12])$")
-_QUARTER = re.compile(r"^(\d{4})-Q(\d)$")
-_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
-_RANGE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.\.(\d{4}-\d{2}-\d{2})$")
+# [0-9], not \d: \d and int() also accept other scripts' digits ('２０２４-Q3' would be 2024-Q3).
+_YEAR = re.compile(r"^([0-9]{4})$")
+_HALF = re.compile(r"^([0-9]{4})-H([12])$")
+_QUARTER = re.compile(r"^([0-9]{4})-Q([0-9])$")
+_MONTH = re.compile(r"^([0-9]{4})-([0-9]{2})$")
+_RANGE = re.compile(r"^([0-9]{4}-[0-9]{2}-[0-9]{2})\.\.([0-9]{4}-[0-9]{2}-[0-9]{2})$")
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,7 @@ def test_query_text_sha256_hashes_prompt_nul_completion():
         ({"weight": -1}, "weight", "negative"),
         ({"weight": "NaN"}, "weight", "finite"),
         ({"revenue": "ten"}, "revenue", "not a number"),
+        ({"revenue": "\uff11\uff12"}, "revenue", "not a number"),  # fullwidth digits: ASCII only
         ({"weight": True}, "weight", "expected a number"),
         ({"weight": 1, "revenue": 2}, "revenue", "not both"),
         ({"id": ""}, "id", "empty"),

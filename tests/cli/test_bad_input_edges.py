@@ -208,6 +208,27 @@ def test_a_max_length_beyond_the_models_positions_is_refused(
     assert not any(p.is_file() for p in out.rglob("*"))
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "--period", "\uff12\uff10\uff12\uff14-Q3"],  # fullwidth 2024
+        ["report", "--period", "2024-Q\uff13"],
+        ["report", "--period", "\u0662\u0660\u0662\u0664"],  # Arabic-Indic 2024
+        ["report", "--period", "2024-Q3", "--pool", "\uff11\uff10\uff10"],
+        ["statements", "finalize", "\uff11"],
+        ["statements", "finalize", "\u00b2"],  # superscript two: isdigit, but not int()
+    ],
+)
+def test_periods_and_numbers_with_non_ascii_digits_are_refused(
+    ledger_url: str, args: list[str]
+) -> None:
+    before = counts(ledger_url)
+    line = refused(ledger_url, *args)
+    assert "invalid period" in line or "invalid amount" in line, line
+    assert args[-1] in line
+    assert counts(ledger_url) == before
+
+
 @pytest.mark.parametrize("field", ["id", "prompt", "completion"])
 def test_a_nul_character_in_an_output_is_refused(
     ledger_url: str, workspace: Path, tmp_path: Path, field: str

@@ -102,6 +102,12 @@ def test_decimal_places_are_counted_exactly_beyond_the_decimal_context() -> None
     assert to_minor(parse_amount("12.50000000000000000000000000000", "USD"), "USD") == 1250
 
 
+def test_amounts_must_be_written_with_ascii_digits() -> None:
+    for text in ["\uff11\uff12", "1\uff10", "\u0661\u0662"]:  # Decimal() reads these as 12, 10, 12
+        with pytest.raises(MoneyError, match="not a decimal number"):
+            parse_amount(text, "USD")
+
+
 def test_allocation_breaks_ties_by_name() -> None:
     assert allocate(1, {"b": 1.0, "a": 1.0}) == {"a": 1, "b": 0}
     assert allocate(2, {"c": 1, "b": 1, "a": 1}) == {"a": 1, "b": 1, "c": 0}

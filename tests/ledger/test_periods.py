@@ -52,6 +52,14 @@ def test_period_labels_parse_to_half_open_utc_intervals(
         "2024-07-01..2024-07-01",
         "2024-02-30..2024-03-01",
         "2024-7",
+        # Only ASCII digits: \\d, str.isdigit and int() also take other scripts' digits.
+        "\uff12\uff10\uff12\uff14-Q3",  # fullwidth 2024
+        "2024-Q\uff13",
+        "2024-\uff10\uff17",
+        "\uff12\uff10\uff12\uff14",
+        "2024-H\uff11",
+        "\u0662\u0660\u0662\u0664-Q3",  # Arabic-Indic 2024
+        "2024-07-01..2024-10-\uff10\uff11",
     ],
 )
 def test_bad_period_labels_raise_a_value_error_naming_the_value_and_the_forms(text: str) -> None:
