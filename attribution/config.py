@@ -20,6 +20,10 @@ DEFAULT_FISHER_LABELS = "sampled"
 DEFAULT_HEAD_PROJECTION = "random"
 DEFAULT_HEAD_K_OUT = 128
 DEFAULT_CURVATURE_LABELS = "data"
+DEFAULT_LM_CURVATURE_LABELS = "sampled"
+"""Language models (`attribution.language`, `ledger index`) fit the curvature's eigenvalues on
+sampled-label gradients by default; see benchmarks/accuracy/rationale.md."""
+DEFAULT_CURVATURE_EXAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,11 @@ class IndexConfig:
     `fisher_loss`). The stored and scored gradients use the training labels either way."""
     curvature_draws: int = 1
     """Independent label draws per example when `curvature_labels` is `sampled`."""
+    curvature_examples: int | None = DEFAULT_CURVATURE_EXAMPLES
+    """At most about this many training examples (whole batches, spread evenly over the data
+    in its order) go through the pass of `curvature_labels="sampled"`; None: every example.
+    Bounds that pass's cost on a large corpus: each of the d eigenvalues per layer is a mean
+    over the examples, which a few thousand estimate well."""
     damping_factor: float = DEFAULT_DAMPING_FACTOR
     """λ_l = damping_factor × mean eigenvalue of the layer's projected Fisher."""
     rows_per_block: int = 1024
@@ -118,6 +127,8 @@ class IndexConfig:
             fisher_labels=d.get("fisher_labels", "data"),
             curvature_labels=d.get("curvature_labels", "data"),
             curvature_draws=d.get("curvature_draws", 1),
+            # Indexes written before the setting existed ran the pass over every example.
+            curvature_examples=d.get("curvature_examples"),
             damping_factor=d["damping_factor"],
             rows_per_block=d["rows_per_block"],
         )
@@ -135,3 +146,9 @@ class ScoreConfig:
     """Upper bound on the score block held in memory (queries × rows × 4 bytes)."""
     dense: bool = False
     """Also return the full (queries × training rows) score matrix; only for small cases."""
+
+
+LANGUAGE_MODEL_INDEX = IndexConfig(curvature_labels=DEFAULT_LM_CURVATURE_LABELS)
+"""The defaults of a causal language model's index (`attribution.language`, `ledger index`):
+`IndexConfig`'s, with the curvature's eigenvalues fitted on sampled-label gradients of at most
+`DEFAULT_CURVATURE_EXAMPLES` examples."""

@@ -205,12 +205,40 @@ def _check_curvature_labels(fisher_loss: LossFn | None, config: IndexConfig) -> 
             )
         if config.curvature_draws < 1:
             raise ValueError(f"curvature_draws must be positive, got {config.curvature_draws}")
+        if config.curvature_examples is not None and config.curvature_examples < 1:
+            raise ValueError(
+                f"curvature_examples must be positive or None, got {config.curvature_examples}"
+            )
 
 
 def _curvature_seed(seed: int, draw: int, batch: int) -> int:
     """Seed of the labels drawn for the curvature pass: apart from the first pass's."""
     digest = hashlib.sha256(f"curvature:{seed}:{draw}:{batch}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class CurvatureSample:
+    """Which batches go through the sampled-label curvature pass: all of them when `cap` is
+    None or at least `total` (training examples); else whole batches spread evenly over the
+    data, about `cap` examples in all, never none.
+
+    A batch is taken when the examples taken so far would otherwise fall half a batch behind
+    the even share `cap / total` of the examples seen, so a corpus ordered by provider or shard
+    is sampled throughout, not only at its start."""
+
+    def __init__(self, total: int, cap: int | None) -> None:
+        self.total = total
+        self.share = 1.0 if cap is None or cap >= total else cap / total
+        self.seen = self.taken = 0
+
+    def take(self, n: int) -> bool:
+        """Whether the next batch, of `n` examples, is taken."""
+        self.seen += n
+        take = self.taken + n / 2 <= self.share * self.seen or (
+            self.taken == 0 and self.seen >= self.total
+        )
+        self.taken += n if take else 0
+        return take
 
 
 def sampled_curvature_rows(
@@ -220,21 +248,30 @@ def sampled_curvature_rows(
     layers: dict[str, nn.Module],
     projectors: list[LayerProjector],
     config: IndexConfig,
+    total: int,
     show_progress: bool = False,
+    used: dict | None = None,
 ) -> Iterator[np.ndarray]:
     """Projected gradients of labels drawn from the model, batch by batch, for every draw:
-    the rows the curvature is fitted on when `config.curvature_labels` is "sampled". Each
-    (draw, batch) has its own seed, so every pass yields the same rows."""
+    the rows the curvature is fitted on when `config.curvature_labels` is "sampled". Only the
+    batches `CurvatureSample` picks (of `total` training examples, at most about
+    `config.curvature_examples`) are used. Each (draw, batch) has its own seed, so every pass
+    yields the same rows. `used["examples"]`: examples of one draw, once a pass completes."""
     with eval_mode(model):
         for draw in range(config.curvature_draws):
             batches = progress(
                 data, desc=f"curvature labels (draw {draw + 1})", enabled=show_progress,
                 unit="batch",
             )  # fmt: skip
+            sample = CurvatureSample(total, config.curvature_examples)
             for number, batch in enumerate(batches):
+                if not sample.take(len(batch)):
+                    continue
                 with seeded_sampling(_curvature_seed(config.projection.seed, draw, number)):
                     g = projected_gradients(model, fisher_loss, batch, layers, projectors)
                 yield g.detach().cpu().numpy().astype(np.float64)
+            if used is not None:
+                used["examples"] = sample.taken
 
 
 def build_index(
@@ -300,12 +337,21 @@ def build_index(
         write_json(build_path, build)
 
     _log_gradients(model, loss_fn, data, root, layers, projectors, config, show_progress)
-    sampled = None
+    sampled, used = None, {}
     if config.curvature_labels == "sampled":
+        total = _stored_rows(root)
         sampled = lambda: sampled_curvature_rows(  # noqa: E731
-            model, fisher_loss, data, layers, projectors, config, show_progress
+            model, fisher_loss, data, layers, projectors, config, total, show_progress, used
         )
-    return _finalise(root, build, config, fingerprint, sampled)
+    return _finalise(root, build, config, fingerprint, sampled, used)
+
+
+def _stored_rows(root: Path) -> int:
+    """Rows in the index's complete blocks."""
+    return sum(
+        pl.scan_parquet(block_paths(root, i)[1]).select(pl.len()).collect().item()
+        for i in completed_blocks(root)
+    )
 
 
 def _log_gradients(
@@ -318,11 +364,8 @@ def _log_gradients(
     config: IndexConfig,
     show_progress: bool,
 ) -> None:
-    done = completed_blocks(root)
-    rows_done = sum(
-        pl.scan_parquet(block_paths(root, i)[1]).select(pl.len()).collect().item() for i in done
-    )
-    next_block = len(done)
+    next_block = len(completed_blocks(root))
+    rows_done = _stored_rows(root)
     dtype = np.dtype(config.dtype)
     grads: list[np.ndarray] = []
     meta: list[dict] = []
@@ -373,9 +416,11 @@ def _finalise(
     config: IndexConfig,
     fingerprint: dict,
     curvature_rows: Callable[[], Iterable[np.ndarray]] | None = None,
+    curvature_used: dict | None = None,
 ) -> GradientIndex:
     """Curvature (from `curvature_rows()` when given, else from the stored rows) and
-    self-influence of the stored rows, then the metadata and manifest."""
+    self-influence of the stored rows, then the metadata and manifest. `curvature_used`:
+    {"examples": n} once `curvature_rows` has run, recorded in the manifest."""
     blocks = completed_blocks(root)
     if not blocks:
         raise ValueError("the training data yielded no example: nothing to index")
@@ -410,6 +455,7 @@ def _finalise(
             "data": fingerprint["data"],
             "layers": build["layers"],
             "rows": meta.height,
+            "curvature_examples_used": (curvature_used or {}).get("examples", meta.height),
             "dim": build["dim"],
             "blocks": [{"file": p.name, "sha256": _sha256(p)} for p in grad_files],
             "projections_sha256": _sha256(root / PROJECTIONS_FILE),

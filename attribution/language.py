@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from attribution.config import IndexConfig, ScoreConfig
+from attribution.config import LANGUAGE_MODEL_INDEX, IndexConfig, ScoreConfig
 from attribution.data import Query, ShardSpec, sha256_file
 from attribution.index import build_index
 from attribution.lm import (
@@ -85,7 +85,8 @@ def index_language_model(
     `max_length` (tokens per training chunk) must not exceed the position limit the model's
     config declares (`n_positions`, `max_position_embeddings` or `n_ctx`).
 
-    `loaded` (model, tokenizer) and `info` (`model_info(model_dir)`) may be passed by a caller
+    `config` defaults to `LANGUAGE_MODEL_INDEX` (eigenvalues fitted on sampled-label
+    gradients). `loaded` (model, tokenizer) and `info` (`model_info(model_dir)`) may be passed by a caller
     that already has them, so the model is neither loaded nor hashed twice.
     """
     if not shards:
@@ -97,7 +98,7 @@ def index_language_model(
         lm_loss,
         TextShards(shards, tokenizer, max_length, batch_size),
         out_dir,
-        config,
+        config or LANGUAGE_MODEL_INDEX,
         fisher_loss=lm_fisher_loss,
         model_info=info if info is not None else model_info(model_dir),
         data_info=shards_info(shards, max_length, batch_size),

@@ -19,12 +19,13 @@ from sqlalchemy.exc import OperationalError
 
 from attribution.config import (
     DEFAULT_CURVATURE,
-    DEFAULT_CURVATURE_LABELS,
+    DEFAULT_CURVATURE_EXAMPLES,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
     DEFAULT_HEAD_K_OUT,
     DEFAULT_HEAD_PROJECTION,
     DEFAULT_K,
+    DEFAULT_LM_CURVATURE_LABELS,
     IndexConfig,
     ProjectionConfig,
     ScoreConfig,
@@ -291,10 +292,10 @@ def shards_list(ctx: Context, fmt: str) -> None:
 @click.option(
     "--curvature-labels",
     type=click.Choice(["data", "sampled"]),
-    default=DEFAULT_CURVATURE_LABELS,
+    default=DEFAULT_LM_CURVATURE_LABELS,
     show_default=True,
-    help="Gradients the curvature's eigenvalues are fitted on: the stored ones (text's own "
-    "tokens) or a further pass with tokens drawn from the model.",
+    help="Gradients the curvature's eigenvalues are fitted on: a further pass with tokens "
+    "drawn from the model, or the stored ones (text's own tokens; no further pass).",
 )
 @click.option(
     "--curvature-draws",
@@ -302,6 +303,14 @@ def shards_list(ctx: Context, fmt: str) -> None:
     default=1,
     show_default=True,
     help="Draws per example for --curvature-labels sampled.",
+)
+@click.option(
+    "--curvature-examples",
+    type=int,
+    default=DEFAULT_CURVATURE_EXAMPLES,
+    show_default=True,
+    help="At most about this many examples, spread over the data, go through the pass of "
+    "--curvature-labels sampled (0: all).",
 )
 @click.option(
     "--damping",
@@ -339,6 +348,7 @@ def index_cmd(
     fisher_labels: str,
     curvature_labels: str,
     curvature_draws: int,
+    curvature_examples: int,
     damping: float,
     dtype: str,
     batch_size: int,
@@ -359,10 +369,9 @@ def index_cmd(
     ):
         if value < 1:
             raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
-    if head_k_out < 0:
-        raise click.BadParameter(
-            f"must be 0 or positive, got {head_k_out}", param_hint="--head-k-out"
-        )
+    for name, value in (("--head-k-out", head_k_out), ("--curvature-examples", curvature_examples)):
+        if value < 0:
+            raise click.BadParameter(f"must be 0 or positive, got {value}", param_hint=name)
     if damping <= 0:
         raise click.BadParameter(f"must be positive, got {damping}", param_hint="--damping")
     config = IndexConfig(
@@ -381,6 +390,7 @@ def index_cmd(
         fisher_labels=fisher_labels,
         curvature_labels=curvature_labels,
         curvature_draws=curvature_draws,
+        curvature_examples=curvature_examples or None,
         damping_factor=damping,
     )
     try:

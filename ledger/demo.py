@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from attribution import IndexConfig
+from attribution.config import LANGUAGE_MODEL_INDEX
 from attribution.synthetic import (
     TOPICS,
     build_word_tokenizer,
@@ -91,7 +91,7 @@ def run_demo(
         engine,
         model_dir,
         root / "indexes",
-        IndexConfig(),
+        LANGUAGE_MODEL_INDEX,
         max_length=64,
         batch_size=16,
         show_progress=not quiet,

@@ -154,7 +154,10 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"{len(s['providers'])} providers)", "",
                 f"Plan: {s['plan']}. Defaults under test: kind `{d['kind']}`, k={d['k']}, "
                 f"curvature `{d.get('curvature', 'full')}`, KFAC-factor labels "
-                f"`{d.get('fisher_labels', 'data')}`, damping factor {d['damping_factor']:g}, "
+                f"`{d.get('fisher_labels', 'data')}`, eigenvalue labels "
+                f"`{d.get('curvature_labels', 'data')}` (at most "
+                f"{d.get('curvature_examples')} examples), damping factor "
+                f"{d['damping_factor']:g}, "
                 f"output head's vocabulary side {d.get('head_projection', 'pca')} with k_out "
                 f"{d.get('head_k_out')}. Setting took {s['seconds']:.0f} s "
                 f"({s['retrains_this_run']} retrains this run).", "", "### Headline", ""]  # fmt: skip

@@ -20,9 +20,12 @@ import torch
 
 from attribution.config import (
     DEFAULT_CURVATURE,
+    DEFAULT_CURVATURE_EXAMPLES,
+    DEFAULT_CURVATURE_LABELS,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
     DEFAULT_K,
+    DEFAULT_LM_CURVATURE_LABELS,
     ProjectionConfig,
 )
 from attribution.projection import find_layers, layer_widths, output_head, output_head_name
@@ -145,6 +148,12 @@ def _held_out_damping(label: str, per_factor: dict[float, np.ndarray]) -> dict:
     return {"index": label, "curvature": DEFAULT_CURVATURE, "splits": out}
 
 
+def default_curvature_labels(setting: Setting) -> str:
+    """The labels the defaults fit the curvature's eigenvalues on: `LANGUAGE_MODEL_INDEX`'s for
+    language models, `IndexConfig`'s otherwise."""
+    return DEFAULT_LM_CURVATURE_LABELS if setting.task == "lm" else DEFAULT_CURVATURE_LABELS
+
+
 def _variants(
     setting: Setting,
     workdir: Path,
@@ -158,11 +167,12 @@ def _variants(
     The output head (models that have one): the defaults track it, even when its weight is
     tied to the input embedding, and give its vocabulary side `head_k_out` random directions
     under PCA. Measured: the head left out (when tied; for ours and for kronfluence), its
-    vocabulary side by PCA, smaller sizes for it, and that side unprojected (alone and with
-    sampled-label eigenvalues). Every model: EKFAC eigenvalues fitted
-    on sampled-label gradients (`curvature_labels="sampled"`, as kronfluence fits them)
-    instead of the stored training-label gradients, for the default index and for exact
-    EKFAC.
+    vocabulary side by PCA, smaller sizes for it, and that side unprojected (with either
+    eigenvalue labels). Every model: EKFAC eigenvalues fitted on the other labels than the
+    setting's defaults (sampled-label gradients, `curvature_labels="sampled"`, as kronfluence
+    fits them, for language models; the stored training-label gradients otherwise), sampled
+    labels with four draws per example, and with a quarter of the examples
+    (`curvature_examples`); and exact EKFAC with sampled-label eigenvalues.
     """
     masks, losses, names, rises = truth
     base = setting.base_model()
@@ -171,12 +181,18 @@ def _variants(
     head_module, tied = output_head(base)
     rows: dict[str, np.ndarray | None] = {}
 
-    def library(suffix: str, curvature_labels: str = "data", curvature_draws: int = 1,
+    labels = default_curvature_labels(setting)
+    other = "data" if labels == "sampled" else "sampled"
+    described = {"data": "stored (training-label) gradients", "sampled": "sampled labels"}
+
+    def library(suffix: str, curvature_labels: str = labels, curvature_draws: int = 1,
+                curvature_examples: int | None = DEFAULT_CURVATURE_EXAMPLES,
                 **projection) -> np.ndarray:  # fmt: skip
         variant = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
                                 projection=projection, suffix=suffix,
                                 curvature_labels=curvature_labels,
-                                curvature_draws=curvature_draws)  # fmt: skip
+                                curvature_draws=curvature_draws,
+                                curvature_examples=curvature_examples)  # fmt: skip
         return methods.library_scores(variant, False)
 
     if head is not None:
@@ -190,18 +206,24 @@ def _variants(
         vocab = layer_widths(head_module)[1]
         whole = f"head k_out = vocabulary ({vocab}, that side unprojected)"
         rows[whole] = library("-head-whole", head_k_out=vocab)
-        rows[f"{whole}, eigenvalues from sampled labels"] = library(
-            "-head-whole-curv-sampled1", head_k_out=vocab, curvature_labels="sampled"
+        rows[f"{whole}, eigenvalues from {described[other]}"] = library(
+            f"-head-whole-curv-{other}", head_k_out=vocab, curvature_labels=other
         )
-    for draws in (1, 4):
-        rows[f"eigenvalues from sampled labels, {draws} draw(s) per example"] = library(
-            f"-curv-sampled{draws}", curvature_labels="sampled", curvature_draws=draws
-        )
+    rows[f"eigenvalues from {described[other]}"] = library(f"-curv-{other}", curvature_labels=other)
+    rows["eigenvalues from sampled labels, 4 draws per example"] = library(
+        "-curv-sampled4", curvature_labels="sampled", curvature_draws=4
+    )
+    quarter = max(1, setting.n_train // 4)
+    rows[f"eigenvalues from sampled labels of {quarter} of the {setting.n_train} examples "
+         f"(`curvature_examples`)"] = library(
+        "-curv-sampled-quarter", curvature_labels="sampled", curvature_examples=quarter
+    )  # fmt: skip
     rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}"] = methods.influence_scores(
         identity, DEFAULT_DAMPING_FACTOR, False, curvature_kind="ekfac"
     )
     exact_sampled = methods.build(setting, "identity", 0, "float32", workdir, curvature="ekfac",
-                                  suffix="-curv-sampled1", curvature_labels="sampled")  # fmt: skip
+                                  suffix="-curv-sampled1", curvature_labels="sampled",
+                                  curvature_examples=None)  # fmt: skip
     rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}, eigenvalues from sampled labels"] = (
         methods.library_scores(exact_sampled, False)
     )
@@ -261,14 +283,12 @@ def evaluate_setting(
     )  # fmt: skip
 
     sweep = []
-    sweep_per_query: dict[tuple[str, str, float], np.ndarray] = {}
     for b in builds:
         for curv in methods.CURVATURE_KINDS:
             for factor in FACTORS:
                 raw = methods.influence_scores(b, factor, relatif=False, curvature_kind=curv)
                 rel = methods.influence_scores(b, factor, relatif=True, curvature_kind=curv)
                 per_query = lds_per_query(raw, masks, losses)
-                sweep_per_query[(b.label, curv, factor)] = per_query
                 sweep.append({
                     "index": b.label, "kind": b.kind, "k": b.k, "dtype": b.dtype, "dim": b.dim,
                     "curvature": curv, "storage_bytes": b.storage_bytes,
@@ -281,7 +301,18 @@ def evaluate_setting(
 
     by_label = {b.label: b for b in builds}
     identity = by_label["identity-float32"]
-    default = by_label[f"{DEFAULT_KIND}-k{DEFAULT_K}-float32"]
+    labels = default_curvature_labels(setting)
+    stored = by_label[f"{DEFAULT_KIND}-k{DEFAULT_K}-float32"]
+    # The defaults' index. The sweep's indexes fit their eigenvalues on the stored gradients
+    # (so both curvature kinds come from identical rows); with sampled-label eigenvalues (the
+    # language-model default) the default index is built again with them. Rows below that
+    # reuse a sweep index say so (`on_stored`).
+    default = stored
+    on_stored = ""
+    if labels != "data":
+        default = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
+                                suffix=f"-curv-{labels}", curvature_labels=labels)  # fmt: skip
+        on_stored = ", eigenvalues from stored gradients"
 
     def best_factor(label: str, curv: str) -> float:
         rows = [r for r in sweep if r["index"] == label and r["curvature"] == curv]
@@ -293,9 +324,9 @@ def evaluate_setting(
             methods.influence_scores(b, factor, True, curvature_kind=curv),
         )
 
-    full_logra = f"logra full Fisher, {DEFAULT_KIND} k={DEFAULT_K}"
+    full_logra = f"logra full Fisher, {DEFAULT_KIND} k={DEFAULT_K}"  # always on stored rows
     best = {
-        full_logra: best_factor(default.label, "full"),
+        full_logra: best_factor(stored.label, "full"),
         EXACT_FULL: best_factor(identity.label, "full"),
         EXACT_EKFAC: best_factor(identity.label, "ekfac"),
     }
@@ -305,7 +336,7 @@ def evaluate_setting(
     library = (methods.library_scores(default, False), methods.library_scores(default, True))
     scores = {
         "logra (defaults)": library,
-        full_logra: pair(default, best[full_logra], "full"),
+        full_logra: pair(stored, best[full_logra], "full"),
         EXACT_FULL: pair(identity, best[EXACT_FULL], "full"),
         EXACT_EKFAC: pair(identity, best[EXACT_EKFAC], "ekfac"),
         "gradient dot product": (methods.grad_dot_scores(identity), None),
@@ -314,10 +345,12 @@ def evaluate_setting(
     if larger in by_label and DEFAULT_K != 64:
         # The next projection size up at the default curvature and damping, for the trade-off.
         scores[f"logra k=64 ({DEFAULT_KIND}, {DEFAULT_CURVATURE}, factor "
-               f"{DEFAULT_DAMPING_FACTOR:g})"] = pair(
+               f"{DEFAULT_DAMPING_FACTOR:g}{on_stored})"] = pair(
             by_label[larger], DEFAULT_DAMPING_FACTOR, DEFAULT_CURVATURE)  # fmt: skip
     labels_variant = by_label[f"{DEFAULT_KIND}-k{DEFAULT_K}-float32-{other_labels}-labels"]
-    scores[f"logra, KFAC factors from {other_labels} labels"] = pair(
+    if on_stored:
+        scores[f"logra{on_stored}"] = pair(stored, DEFAULT_DAMPING_FACTOR, DEFAULT_CURVATURE)
+    scores[f"logra, KFAC factors from {other_labels} labels{on_stored}"] = pair(
         labels_variant, DEFAULT_DAMPING_FACTOR, DEFAULT_CURVATURE
     )
     # The library's scoring path at the index's damping must agree with the re-damped one.
@@ -328,7 +361,14 @@ def evaluate_setting(
     )
     held_out = _held_out_damping(
         default.label,
-        {f: sweep_per_query[(default.label, DEFAULT_CURVATURE, f)] for f in FACTORS},
+        {
+            f: lds_per_query(
+                methods.influence_scores(default, f, False, curvature_kind=DEFAULT_CURVATURE),
+                masks,
+                losses,
+            )  # fmt: skip
+            for f in FACTORS
+        },
     )
     peer_status = {}
     for peer in peers:
@@ -396,6 +436,8 @@ def evaluate_setting(
             "curvature": DEFAULT_CURVATURE,
             "damping_factor": DEFAULT_DAMPING_FACTOR,
             "fisher_labels": DEFAULT_FISHER_LABELS,
+            "curvature_labels": labels,
+            "curvature_examples": DEFAULT_CURVATURE_EXAMPLES,
             "head_k_out": ProjectionConfig().head_k_out,
             "head_projection": ProjectionConfig().head_projection,
         },

@@ -10,7 +10,7 @@ import torch
 
 from attribution import Batch, IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
 from attribution.curvature import LayerSlice
-from attribution.index import make_projectors
+from attribution.index import CurvatureSample, make_projectors
 from attribution.projection import (
     find_layers,
     layer_specs,
@@ -361,18 +361,22 @@ def test_ekfac_scores_equal_an_explicitly_built_ekfac_matrix(tmp_path, case, kin
                 np.testing.assert_allclose(overlap, np.eye(k), atol=1e-5)
 
 
+@pytest.mark.parametrize("cap", [None, 4])
 @pytest.mark.parametrize("case", ["mlp", "gpt2"])
-def test_ekfac_eigenvalues_from_the_fisher_loss_equal_an_explicit_matrix(tmp_path, case) -> None:
+def test_ekfac_eigenvalues_from_the_fisher_loss_equal_an_explicit_matrix(
+    tmp_path, case, cap
+) -> None:
     """With curvature_labels="sampled", the eigenvalues are the second moments of the Fisher
-    loss's projected gradients (recomputed here one example at a time), averaged over draws;
-    the stored and scored rows stay the training loss's."""
+    loss's projected gradients (recomputed here one example at a time) over the batches the
+    `curvature_examples` cap keeps, averaged over draws; the stored and scored rows stay the
+    training loss's, all of them."""
     make_model, loss_fn, make_batches = CASES[case]
     model, batches = make_model(), make_batches()
     queries = make_batches(n=5, seed=13)
     fisher = shifted_label_loss(loss_fn)  # deterministic: every draw gives the same rows
     config = IndexConfig(projection=ProjectionConfig(kind="pca", k_in=3, k_out=2),
                          damping_factor=0.2, rows_per_block=6, curvature_labels="sampled",
-                         curvature_draws=2)  # fmt: skip
+                         curvature_draws=2, curvature_examples=cap)  # fmt: skip
     index = build_index(
         model, loss_fn, batches, tmp_path, config, fisher_loss=fisher, show_progress=False
     )
@@ -383,7 +387,12 @@ def test_ekfac_eigenvalues_from_the_fisher_loss_equal_an_explicit_matrix(tmp_pat
     np.testing.assert_allclose(
         g, project(full_gradients(model, loss_fn, batches, names), index.projectors()), atol=1e-9
     )
-    curv_rows = project(full_gradients(model, fisher, batches, names), index.projectors())
+    n = sum(len(b) for b in batches)
+    sample = CurvatureSample(n, cap)
+    kept = [b for b in batches if sample.take(len(b))]
+    assert (len(kept) < len(batches)) == (cap is not None)
+    assert index.manifest["curvature_examples_used"] == sum(len(b) for b in kept)
+    curv_rows = project(full_gradients(model, fisher, kept, names), index.projectors())
     factors = kfac_factors_reference(model, fisher, batches, names)
     expected, expected_self = ekfac_reference(
         g, q, index.build["layers"], index.projectors(), factors, 0.2, curv_rows=curv_rows

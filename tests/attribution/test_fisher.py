@@ -10,6 +10,7 @@ import torch
 
 from attribution import IndexConfig, ProjectionConfig, build_index
 from attribution.fisher import sample_targets, sampled_cross_entropy
+from attribution.index import CurvatureSample
 from attribution.lm import IGNORE_INDEX, lm_fisher_loss, lm_loss
 from attribution.projection import seeded_sampling
 from tests.attribution.tiny import (
@@ -186,4 +187,62 @@ def test_curvature_from_sampled_labels_needs_a_fisher_loss_and_positive_draws(tm
     with pytest.raises(ValueError, match="curvature_draws must be positive"):
         build_index(tiny_mlp(), classification_loss, batches, tmp_path / "b", cfg,
                     fisher_loss=classification_fisher_loss, show_progress=False)  # fmt: skip
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    cfg = dataclasses.replace(cfg, curvature_draws=1, curvature_examples=0)
+    with pytest.raises(ValueError, match="curvature_examples must be positive or None"):
+        build_index(tiny_mlp(), classification_loss, batches, tmp_path / "c", cfg,
+                    fisher_loss=classification_fisher_loss, show_progress=False)  # fmt: skip
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+@pytest.mark.parametrize(
+    "sizes, cap",
+    [
+        ([8] * 100, 200),  # a quarter of equal batches
+        ([8] * 100, 8),  # one batch
+        ([8] * 100, 3),  # less than a batch still takes one
+        ([3, 16, 1, 7, 16, 16, 2, 9] * 40, 500),  # uneven batches
+        ([5] * 10, 50),  # cap = total: everything
+        ([5] * 10, 10**6),
+        ([5] * 10, None),
+    ],
+)
+def test_the_curvature_sample_takes_about_cap_examples_spread_over_the_data(sizes, cap) -> None:
+    total = sum(sizes)
+    sample = CurvatureSample(total, cap)
+    taken = [sample.take(n) for n in sizes]
+    kept = [n for n, t in zip(sizes, taken, strict=True) if t]
+    if cap is None or cap >= total:
+        assert all(taken)
+        return
+    assert kept, "never none"
+    assert abs(sum(kept) - max(cap, kept[0])) <= max(sizes) / 2 + 1e-9
+    assert sample.taken == sum(kept)
+    # Spread: every tenth of the data (by position) holds about a tenth of what is kept.
+    if sum(kept) >= 10 * max(sizes):
+        ends = np.cumsum(sizes)
+        for tenth in range(10):
+            inside = (ends > total * tenth / 10) & (ends <= total * (tenth + 1) / 10)
+            share = sum(n for n, t, i in zip(sizes, taken, inside, strict=True) if t and i)
+            assert abs(share - sum(kept) / 10) <= 2 * max(sizes)
+    # The same sizes give the same choice (resumed and repeated passes agree).
+    again = CurvatureSample(total, cap)
+    assert [again.take(n) for n in sizes] == taken
+
+
+def test_a_capped_curvature_pass_fits_on_fewer_examples_and_is_recorded(tmp_path) -> None:
+    batches = mlp_batches(n=40, batch_size=4)
+    model = tiny_mlp()
+    built = {}
+    for label, cap in (("all", None), ("cap", 12), ("above", 1000)):
+        cfg = IndexConfig(projection=ProjectionConfig(kind="random", k_in=3, k_out=3),
+                          curvature_labels="sampled", curvature_examples=cap)  # fmt: skip
+        built[label] = build_index(model, classification_loss, batches, tmp_path / label, cfg,
+                                   fisher_loss=classification_fisher_loss,
+                                   show_progress=False)  # fmt: skip
+    used = {k: v.manifest["curvature_examples_used"] for k, v in built.items()}
+    assert used == {"all": 40, "cap": 12, "above": 40}
+    assert {k: v.rows for k, v in built.items()} == {"all": 40, "cap": 40, "above": 40}
+    eig = {k: np.concatenate([c.eigvals for c in v.curvature.layers]) for k, v in built.items()}
+    np.testing.assert_array_equal(eig["all"], eig["above"])
+    assert not np.allclose(eig["all"], eig["cap"])
+    assert built["cap"].manifest["config"]["curvature_examples"] == 12

@@ -248,7 +248,8 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
     for label, flags in (("default", ()), ("no-head", ("--no-tied-head",)),
                          ("head-pca", ("--head-projection", "pca")),
                          ("head-k", ("--head-k-out", "0")),
-                         ("curv", ("--curvature-labels", "sampled", "--curvature-draws", "2"))):  # fmt: skip
+                         ("curv", ("--curvature-labels", "data",)),
+                         ("draws", ("--curvature-draws", "2", "--curvature-examples", "5"))):  # fmt: skip
         out = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
                      str(tmp_path / label), "--k-in", "4", "--k-out", "4", "--max-length", "48",
                      *flags).stdout  # fmt: skip
@@ -268,13 +269,25 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
     proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
                   str(tmp_path / "z"), "--head-k-out", "-1", check=False)  # fmt: skip
     assert proc.returncode != 0 and "--head-k-out" in proc.stderr
-    # Curvature from sampled labels: same stored rows and eigenbasis, other eigenvalues.
-    config = built["curv"].manifest["config"]
-    assert (config["curvature_labels"], config["curvature_draws"]) == ("sampled", 2)
-    rows = {k: np.concatenate([a for _, a in built[k].blocks()]) for k in ("default", "curv")}
-    np.testing.assert_array_equal(rows["default"], rows["curv"])
-    eig = {k: built[k].curvature.layers[-1].eigvals for k in ("default", "curv")}
-    assert not np.allclose(eig["default"], eig["curv"])
+    # Eigenvalues: by default from sampled labels of at most 4,096 examples; from the stored
+    # rows with --curvature-labels data. Same stored rows and eigenbasis, other eigenvalues.
+    config = {k: v.manifest["config"] for k, v in built.items()}
+    assert (config["default"]["curvature_labels"], config["default"]["curvature_examples"]) == (
+        "sampled", 4096,
+    )  # fmt: skip
+    assert config["curv"]["curvature_labels"] == "data"
+    assert (config["draws"]["curvature_draws"], config["draws"]["curvature_examples"]) == (2, 5)
+    rows = built["default"].rows
+    assert built["default"].manifest["curvature_examples_used"] == rows
+    assert built["draws"].manifest["curvature_examples_used"] < rows
+    blocks = {k: np.concatenate([a for _, a in v.blocks()]) for k, v in built.items()}
+    eig = {k: v.curvature.layers[-1].eigvals for k, v in built.items()}
+    for other in ("curv", "draws"):
+        np.testing.assert_array_equal(blocks["default"], blocks[other])
+        assert not np.allclose(eig["default"], eig[other])
+    proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
+                  str(tmp_path / "z"), "--curvature-examples", "-3", check=False)  # fmt: skip
+    assert proc.returncode != 0 and "--curvature-examples" in proc.stderr
 
 
 def test_index_records_its_fisher_labels(workspace: Path, tmp_path: Path) -> None:
