@@ -15,8 +15,10 @@ tokens of random token ids (every token real). The loss is `attribution.lm.lm_lo
   measured with float32 storage (the default) and float16 storage;
 - reported separately: the first pass (`make_projectors`: raw activation and output-gradient
   KFAC factors in float64, output gradients from labels sampled from the model (the default
-  `fisher_labels="sampled"`), then the PCA eigendecompositions) and the index
-  finalisation (curvature fit, self-influence, metadata, manifest).
+  `fisher_labels="sampled"`), then the PCA eigendecompositions), the language-model
+  default's curvature pass (`sampled_curvature_rows` with `LANGUAGE_MODEL_INDEX`: projected
+  gradients of labels drawn from the model, over at most `curvature_examples` examples, here
+  all of them) and the index finalisation (curvature fit, self-influence, metadata, manifest).
 
 Throughput is tokens per second (batch × sequence length per batch); the ratio is logging ÷
 training (target ≥ 1.0). Steps alternate batch by batch (train, log float32, log float16),
@@ -112,13 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from attribution.config import IndexConfig
+    from attribution.config import LANGUAGE_MODEL_INDEX, IndexConfig
     from attribution.index import (
         _finalise,
         _layout,
         _log_gradients,
         fixed_output_projections,
         make_projectors,
+        sampled_curvature_rows,
     )
     from attribution.lm import lm_fisher_loss, lm_loss
     from attribution.manifest import write_json
@@ -155,6 +158,18 @@ def main(argv: list[str] | None = None) -> dict:
     t_factor_pass, _ = timed(
         lambda: kfac_factors(
             model, lm_fisher_loss, batches, layers, None, seed=0, fixed_out=fixed_out
+        )
+    )
+
+    # The language-model default's curvature pass (labels drawn from the model), timed once
+    # over every batch; a corpus above `curvature_examples` runs it on that many examples only.
+    examples = args.batch * args.batches
+    t_curvature_pass, _ = timed(
+        lambda: sum(
+            1
+            for _ in sampled_curvature_rows(
+                model, lm_fisher_loss, batches, layers, projectors, LANGUAGE_MODEL_INDEX, examples
+            )
         )
     )
 
@@ -258,6 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio_factor_pass_over_train": tokens / t_factor_pass / rate["train"],
             "eigendecomposition_seconds": t_pca - t_factor_pass,
         },
+        "curvature_pass": {
+            "seconds": t_curvature_pass,
+            "examples": examples,
+            "tokens_per_s": tokens / t_curvature_pass,
+            "ratio_over_train": tokens / t_curvature_pass / rate["train"],
+            "curvature_examples_cap": LANGUAGE_MODEL_INDEX.curvature_examples,
+        },
         "finalise": {"seconds": t_final},
         "target": 1.0,
         "meets_target": bool(ratio32 >= 1.0),
@@ -278,6 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
                 fmt(tokens / t_factor_pass / rate["train"]),
             ),
             ("first pass, PCA eigendecompositions", f"{t_pca - t_factor_pass:.2f} s", ""),
+            (
+                "LM curvature pass (sampled labels)",
+                fmt(tokens / t_curvature_pass, 0),
+                fmt(tokens / t_curvature_pass / rate["train"]),
+            ),
             ("finalise (curvature, manifest)", f"{t_final:.2f} s", ""),
         ],
         header=("", "tokens/s", "÷ training"),
