@@ -23,7 +23,17 @@ def canonical_json(document: Any) -> str:
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise LedgerError(f"invalid provider name {name!r}: must be a non-empty string")
-    return name.strip()
+    name = name.strip()
+    limit = Provider.__table__.c.name.type.length
+    if len(name) > limit:
+        raise LedgerError(f"invalid provider name {name[:40]!r}…: longer than {limit} characters")
+    if "\x00" in name:
+        raise LedgerError(f"invalid provider name {name!r}: contains a NUL character")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (undecodable bytes on the command line)
+        raise LedgerError(f"invalid provider name {name!r}: not valid Unicode text") from exc
+    return name
 
 
 def check_sha256(value: str, what: str) -> str:

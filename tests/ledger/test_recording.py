@@ -56,6 +56,25 @@ def test_providers_and_shards_are_registered_once(engine: Engine) -> None:
             register_index(s, sha("i"), "/idx", {"k": 2})
 
 
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("p" * 201, "longer than 200 characters"),
+        ("acme\x00", "NUL"),
+        ("acme\udcff", "not valid Unicode"),  # undecodable byte from a command line
+        ("  ", "non-empty"),
+    ],
+)
+def test_provider_names_the_ledger_cannot_store_are_refused(engine, name, message) -> None:
+    with session_scope(engine) as s:
+        with pytest.raises(LedgerError, match=message):
+            add_provider(s, name)
+        with pytest.raises(LedgerError, match=message):
+            get_or_create_provider(s, name)
+        add_provider(s, "p" * 200)  # the longest name that fits
+    assert count(engine, "providers") == 1
+
+
 def test_recording_twice_does_not_double_count(engine: Engine) -> None:
     results = [result("q1", T0, {"a": 3.0, "b": 1.0}), result("q2", T0, {"a": 1.0})]
     with session_scope(engine) as s:
