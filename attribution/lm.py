@@ -273,27 +273,30 @@ def train_batches(
         yield flush()
 
 
-def encode_query(query: Query, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+def encode_query(
+    query: Query, tokenizer, max_length: int, warn: bool = True
+) -> tuple[list[int], list[int]]:
     """`(input_ids, labels)` for one query: labels are -100 on the prompt (and BOS).
 
     Prompt and completion are tokenised separately so the boundary is exact. Too long: the
     prompt is cut from the left; a completion longer than `max_length` keeps its first
-    `max_length` tokens (with a warning).
+    `max_length` tokens (with a warning unless `warn` is false: a check before scoring).
     """
     prompt = _bos(tokenizer) + _encode(tokenizer, query.prompt)
     completion = _encode(tokenizer, query.completion)
     if not completion:
         raise InputError("<queries>", None, "completion", f"query {query.id!r} has no tokens")
     if len(completion) > max_length:
-        logger.warning(
-            "query %s: completion of %d tokens truncated to %d",
-            query.id,
-            len(completion),
-            max_length,
-        )
+        if warn:
+            logger.warning(
+                "query %s: completion of %d tokens truncated to %d",
+                query.id,
+                len(completion),
+                max_length,
+            )
         completion = completion[:max_length]
     prompt = prompt[len(prompt) - min(len(prompt), max_length - len(completion)) :]
-    if not prompt:
+    if not prompt and warn:
         logger.warning(
             "query %s: no prompt context, the first completion token is not scored", query.id
         )

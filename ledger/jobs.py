@@ -282,7 +282,7 @@ def check_encodable(queries: list[Query], tokenizer, max_length: int, path: str)
     """Refuse, before anything is written, an output the tokenizer turns into no completion."""
     for q in queries:
         try:
-            encode_query(q, tokenizer, max_length)
+            encode_query(q, tokenizer, max_length, warn=False)  # scoring warns, once
         except InputError as exc:
             line = query_lines(path).get(q.id)
             raise InputError(path, line, exc.field, exc.message) from exc

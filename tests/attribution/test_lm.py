@@ -125,7 +125,11 @@ def test_completion_longer_than_max_length_keeps_its_start(tokenizer, caplog):
     with caplog.at_level("WARNING", logger="attribution.lm"):
         ids, labels = encode_query(query("q", "the", "a comet orbits slowly"), tokenizer, 3)
     assert ids == labels == ids_of(tokenizer, "a comet orbits")
-    assert "truncated" in caplog.text
+    assert caplog.text.count("truncated") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attribution.lm"):  # a check before scoring
+        quiet = encode_query(query("q", "the", "a comet orbits slowly"), tokenizer, 3, warn=False)
+    assert quiet == (ids, labels) and not caplog.text
 
 
 def test_bos_is_prepended_to_prompts_and_texts_and_never_scored(tmp_path):

@@ -239,3 +239,15 @@ def test_a_nul_character_in_an_output_is_refused(
     line = refused(ledger_url, "attribute", "--outputs", str(path))
     assert f"{path}, line 2, field '{field}': contains a NUL character" in line
     assert counts(ledger_url) == before
+
+
+@pytest.mark.parametrize("finalize", [(), ("--finalize",)])
+def test_a_report_to_a_missing_directory_is_refused_before_the_statement_is_built(
+    ledger_url: str, tmp_path: Path, finalize: tuple[str, ...]
+) -> None:
+    before = counts(ledger_url)
+    out = tmp_path / "missing" / "statement.csv"
+    line = refused(ledger_url, "report", "--period", "2024-Q3", "--pool", "1000", "--currency",
+                   "USD", "--format", "csv", "--out", str(out), *finalize)  # fmt: skip
+    assert str(out.parent) in line and "does not exist" in line
+    assert counts(ledger_url) == before and not out.parent.exists()
