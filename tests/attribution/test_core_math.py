@@ -362,7 +362,7 @@ def test_ekfac_scores_equal_an_explicitly_built_ekfac_matrix(tmp_path, case, kin
 
 
 @pytest.mark.parametrize("cap", [None, 4])
-@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_ekfac_eigenvalues_from_the_fisher_loss_equal_an_explicit_matrix(
     tmp_path, case, cap
 ) -> None:
