@@ -163,6 +163,15 @@ def build_ledger_index(
     )
     with session_scope(engine) as session:
         register_index(session, index.id, str(out.resolve()), index.manifest)
+    indexed = set(index.metadata_columns(["shard"])["shard"].unique().to_list())
+    for shard in shards:
+        if shard.name not in indexed:
+            log.warning(
+                "shard %s (provider %s) yields no training example of 2 or more tokens: "
+                "it earns no credit",
+                shard.path,
+                shard.provider,
+            )
     return index
 
 

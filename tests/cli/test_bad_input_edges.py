@@ -251,3 +251,23 @@ def test_a_report_to_a_missing_directory_is_refused_before_the_statement_is_buil
                    "USD", "--format", "csv", "--out", str(out), *finalize)  # fmt: skip
     assert str(out.parent) in line and "does not exist" in line
     assert counts(ledger_url) == before and not out.parent.exists()
+
+
+def test_a_shard_that_yields_no_training_example_is_named_in_a_warning(
+    workspace: Path, tmp_path: Path, caplog
+) -> None:
+    """A one-token text (this tokenizer adds no BOS) makes no next-token example, so its
+    provider would silently earn nothing: indexing says so."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ok(url, "init")
+    ok(url, "providers", "add", "stellar", "lone-voice")
+    ok(url, "shards", "add", str(workspace / "shards" / "stellar-000.jsonl"), "--provider",
+       "stellar")  # fmt: skip
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text(json.dumps({"text": "zzzz"}) + "\n")
+    ok(url, "shards", "add", str(lone), "--provider", "lone-voice")
+    with caplog.at_level("WARNING", logger="ledger.jobs"):
+        ok(url, "index", "--model", str(workspace / "model"), "--out", str(tmp_path / "indexes"),
+           "--kind", "random", "--k-in", "2", "--k-out", "2", "--max-length", "48")  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "no training example" in r.getMessage()]
+    assert len(warnings) == 1 and str(lone) in warnings[0] and "lone-voice" in warnings[0]
