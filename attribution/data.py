@@ -24,29 +24,34 @@ SHARD_SUFFIXES = (".jsonl", ".parquet")
 def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
     """Yield `(line_number, object)` for each non-blank line of a JSONL file (1-based lines).
 
-    A line that is not valid JSON, or is valid JSON but not an object, raises `InputError`.
+    The file is UTF-8, optionally with a byte-order mark (as some editors write). A line that
+    is not valid UTF-8, not valid JSON, or valid JSON but not an object raises `InputError`
+    with its line number.
     """
     path = str(path)
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")
     except OSError as exc:
         raise InputError(path, None, None, f"cannot open file: {exc.strerror}") from exc
     with handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(path, number, None, f"malformed JSON: {exc.msg}") from exc
-                if not isinstance(obj, dict):
-                    raise InputError(
-                        path, number, None, f"expected a JSON object, got {type(obj).__name__}"
-                    )
-                yield number, obj
-        except UnicodeDecodeError as exc:
-            raise InputError(path, None, None, "file is not valid UTF-8") from exc
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    path, number, None, f"not valid UTF-8 (byte {exc.start + 1} of the line)"
+                ) from exc
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(path, number, None, f"malformed JSON: {exc.msg}") from exc
+            if not isinstance(obj, dict):
+                raise InputError(
+                    path, number, None, f"expected a JSON object, got {type(obj).__name__}"
+                )
+            yield number, obj
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

@@ -52,6 +52,28 @@ def test_read_jsonl_rejects_a_line_that_is_not_an_object(tmp_path):
         list(read_jsonl(path))
 
 
+def test_read_jsonl_accepts_a_byte_order_mark_and_crlf_line_ends(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"b": "\xc3\xa9"}\r\n')
+    assert list(read_jsonl(path)) == [(1, {"a": 1}), (2, {"b": "\u00e9"})]
+    queries = tmp_path / "q.jsonl"
+    queries.write_bytes(b"\xef\xbb\xbf" + query_line().encode() + b"\n")
+    assert [q.id for q in read_queries(queries)] == ["q1"]
+    # Only at the very start: a mark inside the file is no JSON.
+    path.write_bytes(b'{"a": 1}\n\xef\xbb\xbf{"a": 2}\n')
+    with pytest.raises(InputError, match="line 2: malformed JSON"):
+        list(read_jsonl(path))
+
+
+def test_read_jsonl_names_the_line_that_is_not_utf8(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": "caf\xe9"}\n')
+    with pytest.raises(InputError) as err:
+        list(read_jsonl(path))
+    assert (err.value.line, err.value.field) == (3, None)
+    assert "not valid UTF-8" in str(err.value) and str(path) in str(err.value)
+
+
 def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="cannot open file"):
         list(read_jsonl(tmp_path / "nope.jsonl"))
