@@ -6,7 +6,8 @@ parameters frozen (no weight gradient is computed); the hooks keep only projecte
 and output gradients. Rows are written in blocks, each atomically; a resumed build skips the
 rows of complete blocks and never writes a row twice. Once all blocks exist, the curvature (the
 EKFAC basis from the factors, its eigenvalues from the stored rows, or with
-`curvature_labels="sampled"` from a further pass of gradients of labels drawn from the model)
+`curvature_labels="sampled"` from a further pass of gradients of labels drawn from the model,
+over at most about `curvature_examples` examples spread over the data)
 and the self-influence of every row are computed. Under PCA the output head's vocabulary side
 is projected randomly, already during the first pass (`fixed_output_projections`).
 """
