@@ -49,7 +49,7 @@ from benchmarks.accuracy.retrain import (
     set_threads,
     subset_losses,
 )
-from benchmarks.accuracy.settings import Setting, lm_setting, mlp_setting
+from benchmarks.accuracy.settings import SETTINGS, Setting
 
 log = logging.getLogger("benchmarks.accuracy")
 
@@ -459,7 +459,9 @@ def evaluate_setting(
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small plan, results *-quick.*")
-    parser.add_argument("--settings", default="mlp,lm", help="comma list of mlp, lm")
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}"
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip peer libraries")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -471,8 +473,11 @@ def main(argv: list[str] | None = None) -> dict:
     peers = [] if args.no_peers else list(PEERS)
     start = time.perf_counter()
     results = []
+    unknown = [w for w in args.settings.split(",") if w not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
     for which in args.settings.split(","):
-        setting = mlp_setting() if which == "mlp" else lm_setting(workdir / "gpt2-data")
+        setting = SETTINGS[which](workdir)
         results.append(evaluate_setting(setting, plans[setting.name], workdir, peers, args.quick))
     report = {
         "command": "python -m benchmarks.accuracy.run" + (" --quick" if args.quick else ""),

@@ -191,6 +191,7 @@ LM_OVERLAP_PAIRS = [("astronomy", "cooking"), ("law", "medicine")]
 
 def lm_setting(
     workdir: Path,
+    name: str = "gpt2-corpus",
     docs_per_provider: int = 40,
     queries_per_provider: int = 16,
     overlap: float = 0.3,
@@ -204,7 +205,8 @@ def lm_setting(
 ) -> Setting:
     """GPT-2 (n_embd 24, 2 layers) on six providers: two overlapping pairs, two distinct ones.
 
-    Recipe: `epochs` passes over the rows in a seeded shuffled order, minibatches of
+    `name` names the setting (and its ground-truth cache); `SETTINGS` holds the ones the
+    harness runs. Recipe: `epochs` passes over the rows in a seeded shuffled order, minibatches of
     `batch_size`, AdamW on the mean token NLL. Queries are completions sampled from the base
     model for prompts in each provider's style (`sample_queries`).
     """
@@ -263,7 +265,7 @@ def lm_setting(
         return np.stack([loss.numpy(), -np.ones(len(loss))]).astype(np.float64)
 
     setting = Setting(
-        name="gpt2-corpus",
+        name=name,
         task="lm",
         providers=providers,
         train_data=list(train_batches(shards, tokenizer, max_length, batch_size)),
@@ -314,3 +316,16 @@ def lm_setting(
 
     setting.collate = collate
     return setting
+
+
+SETTINGS = {
+    "mlp": lambda workdir: mlp_setting(),
+    "lm": lambda workdir: lm_setting(workdir / "gpt2-data"),
+    # A second corpus and model: other documents and queries (seed 1), more style overlap
+    # between the paired providers (0.5), and a wider model (n_embd 32), so that a default
+    # chosen on one toy language model is checked on another.
+    "lm-b": lambda workdir: lm_setting(
+        workdir / "gpt2-b-data", name="gpt2-corpus-b", seed=1, overlap=0.5, n_embd=32
+    ),
+}
+"""Settings of `python -m benchmarks.accuracy.run --settings`, by key: workdir → Setting."""
