@@ -13,22 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text
 
 from ledger.cli import cli
 from ledger.db import make_engine, session_scope
-from tests.cli.workspace import PROVIDERS
-
-TABLES = (
-    "shards",
-    "gradient_indexes",
-    "attribution_runs",
-    "queries",
-    "query_results",
-    "credits",
-    "statements",
-    "statement_lines",
-)
+from tests.cli.workspace import PROVIDERS, ledger_counts
 
 
 def run(url: str, *args: str):
@@ -51,13 +39,7 @@ def refused(url: str, *args: str) -> str:
     return lines[0]
 
 
-def counts(url: str) -> dict[str, int]:
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in TABLES}
-    finally:
-        engine.dispose()
+counts = ledger_counts
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from sqlalchemy import text
 
 from ledger.db import make_engine
-from tests.cli.workspace import PROVIDERS
+from tests.cli.workspace import PROVIDERS, ledger_counts
 
 LEDGER = [sys.executable, "-c", "from ledger.cli import main; main()"]
 
@@ -29,29 +29,6 @@ def ledger(cwd: Path, url: str, *args: str, check: bool = True) -> subprocess.Co
     if check and proc.returncode != 0:
         raise AssertionError(f"ledger {' '.join(args)} failed:\n{proc.stderr}")
     return proc
-
-
-def ledger_counts(url: str) -> dict[str, int]:
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            return {
-                t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
-                for t in (
-                    "providers",
-                    "shards",
-                    "gradient_indexes",
-                    "attribution_runs",
-                    "queries",
-                    "query_results",
-                    "credits",
-                    "top_examples",
-                    "statements",
-                    "statement_lines",
-                )
-            }
-    finally:
-        engine.dispose()
 
 
 def test_pipeline_credits_planted_providers_is_idempotent_and_pays_the_pool(

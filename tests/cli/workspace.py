@@ -20,6 +20,22 @@ from attribution.synthetic import (
 PROVIDERS = {"stellar": "astronomy", "galley": "cooking", "statute": "law"}
 
 
+def ledger_counts(url: str) -> dict[str, int]:
+    """Rows in every table a command may write: compared before and after a refused one."""
+    from sqlalchemy import text
+
+    from ledger.db import make_engine
+
+    tables = ("providers", "shards", "gradient_indexes", "attribution_runs", "queries",
+              "query_results", "credits", "top_examples", "statements", "statement_lines")  # fmt: skip
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in tables}
+    finally:
+        engine.dispose()
+
+
 def build_workspace(root: Path) -> Path:
     """Three providers with distinct topics, a tiny GPT-2 trained on them, outputs in 2024-Q3
     imitating each provider (`provider_hint`), one of them carrying revenue."""
