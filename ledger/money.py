@@ -215,6 +215,11 @@ def apply_minimum_payout(
     for key in sorted(set(allocated) | set(carried_in)):
         a, c = int(allocated.get(key, 0)), int(carried_in.get(key, 0))
         due = a + c
+        if due > MAX_MINOR:
+            raise MoneyError(
+                f"{key}: {a} minor units allocated plus {c} carried in exceed the largest amount "
+                f"the ledger stores ({MAX_MINOR} minor units)"
+            )
         if min_payout_minor is not None and due < min_payout_minor:
             result[key] = Payout(a, c, 0, due)
         else:

@@ -155,6 +155,15 @@ def test_minimum_payout_conserves_money(
             assert p.payable >= minimum
 
 
+def test_a_payable_beyond_bigint_minor_units_is_refused() -> None:
+    fits = apply_minimum_payout({"a": MAX_MINOR - 5}, {"a": 5}, None)
+    assert fits["a"].payable == MAX_MINOR
+    with pytest.raises(MoneyError, match="a: .* exceed the largest amount"):
+        apply_minimum_payout({"a": MAX_MINOR - 5, "b": 1}, {"a": 6}, None)
+    with pytest.raises(MoneyError, match="exceed the largest amount"):  # held back as well
+        apply_minimum_payout({"a": MAX_MINOR}, {"a": 1}, MAX_MINOR)
+
+
 @SETTINGS
 @given(
     pools_=st.lists(st.integers(0, 10_000), min_size=1, max_size=6),
