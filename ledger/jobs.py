@@ -34,7 +34,13 @@ from attribution.language import (
     model_info,
     shards_info,
 )
-from attribution.lm import encode_query, lm_loss, load_causal_lm, query_batches
+from attribution.lm import (
+    encode_query,
+    lm_loss,
+    load_causal_lm,
+    position_limit,
+    query_batches,
+)
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
 from attribution.scoring import score_queries
@@ -287,6 +293,14 @@ def query_lines(path: str) -> dict[str, int]:
     return {str(obj.get("id")): line for line, obj in read_jsonl(path)}
 
 
+def query_max_length(index: GradientIndex, model) -> int:
+    """Tokens per output when scoring: the index's chunk length (128 when it records none),
+    never more than the positions the model's config declares."""
+    max_length = int(index.manifest["data"].get("max_length", 128))
+    limit = position_limit(model)
+    return max_length if limit is None else min(max_length, limit[1])
+
+
 def check_encodable(queries: list[Query], tokenizer, max_length: int, path: str) -> None:
     """Refuse, before anything is written, an output the tokenizer turns into no completion."""
     for q in queries:
@@ -357,7 +371,7 @@ def attribute_outputs(
         raise LedgerError("the index does not record its model; pass --model DIR")
     check_model_matches(model_dir, index)
     model, tokenizer = load_causal_lm(model_dir)
-    max_length = int(index.manifest["data"].get("max_length", 128))
+    max_length = query_max_length(index, model)
     check_encodable(queries, tokenizer, max_length, outputs)
     manifest = run_manifest(index, outputs, config)
     with session_scope(engine) as session:
@@ -439,7 +453,7 @@ def verify_run(
     group = [queries[i] for i in picked]
     config = ScoreConfig(**manifest["score"])
     model, tokenizer = load_causal_lm(model_dir)
-    max_length = int(index.manifest["data"].get("max_length", 128))
+    max_length = query_max_length(index, model)
     result = score_queries(
         model, lm_loss, query_batches(group, tokenizer, max_length, 16), index, config
     )

@@ -291,3 +291,17 @@ def test_max_length_beyond_the_models_positions_is_refused(tokenizer):
         check_max_length(Other(), "other", 17)
     assert err.value.field == "max_position_embeddings"
     check_max_length(torch.nn.Linear(2, 2), "plain", 10_000)  # no config: nothing to check
+
+
+def test_outputs_are_scored_within_the_models_positions(tokenizer):
+    from types import SimpleNamespace
+
+    from ledger.jobs import query_max_length
+
+    model = tiny_model(tokenizer)  # n_positions=32
+    index = lambda data: SimpleNamespace(manifest={"data": data})  # noqa: E731
+    assert query_max_length(index({"max_length": 24}), model) == 24
+    # An index that records more (built before the limit was checked), or nothing (128).
+    assert query_max_length(index({"max_length": 64}), model) == 32
+    assert query_max_length(index({}), model) == 32
+    assert query_max_length(index({"max_length": 64}), torch.nn.Linear(2, 2)) == 64
