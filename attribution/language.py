@@ -86,8 +86,8 @@ def index_language_model(
     config declares (`n_positions`, `max_position_embeddings` or `n_ctx`).
 
     `config` defaults to `LANGUAGE_MODEL_INDEX` (eigenvalues fitted on sampled-label
-    gradients). `loaded` (model, tokenizer) and `info` (`model_info(model_dir)`) may be passed by a caller
-    that already has them, so the model is neither loaded nor hashed twice.
+    gradients). `loaded` (model, tokenizer) and `info` (`model_info(model_dir)`) may be passed
+    by a caller that already has them, so the model is neither loaded nor hashed twice.
     """
     if not shards:
         raise ValueError("no training shards to index")

@@ -522,11 +522,10 @@ def report(
     from ledger.statements import build_statement, finalize_statement, find_statement
 
     p = parse_period(period)
-    if out is not None and not Path(out).absolute().parent.is_dir():
+    out_dir = Path(out).absolute().parent if out is not None else None
+    if out_dir is not None and not out_dir.is_dir():
         # Checked before the statement is built, so a bad path leaves the ledger as it was.
-        raise click.ClickException(
-            f"--out {out}: directory {Path(out).absolute().parent} does not exist"
-        )
+        raise click.ClickException(f"--out {out}: directory {out_dir} does not exist")
     pool_amount = parse_amount(pool, currency) if pool is not None else None
     minimum = parse_amount(min_payout, currency) if min_payout is not None else None
     with session_scope(ctx.engine()) as session:

@@ -42,7 +42,14 @@ from ledger.errors import (
     NotFoundError,
     StatementFinalError,
 )
-from ledger.money import allocate, apply_minimum_payout, format_minor, minor_units, to_minor
+from ledger.money import (
+    MAX_MINOR,
+    allocate,
+    apply_minimum_payout,
+    format_minor,
+    minor_units,
+    to_minor,
+)
 from ledger.periods import Period
 from ledger.recording import to_utc_naive
 from ledger.registry import get_provider
@@ -173,7 +180,7 @@ def find_statement(session: Session, period: Period) -> m.Statement | None:
 
 def get_statement(session: Session, statement_id: int) -> m.Statement:
     """The statement with this id; raises `NotFoundError` otherwise."""
-    if statement_id > 2**63 - 1:  # no SQL integer id is this large; SQLite's driver overflows
+    if statement_id > MAX_MINOR:  # beyond any BIGINT id; SQLite's driver would overflow
         raise NotFoundError(f"unknown statement {statement_id!r}")
     statement = session.get(m.Statement, statement_id)
     if statement is None:

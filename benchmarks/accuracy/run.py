@@ -21,11 +21,11 @@ import torch
 from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_CURVATURE_EXAMPLES,
-    DEFAULT_CURVATURE_LABELS,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
     DEFAULT_K,
-    DEFAULT_LM_CURVATURE_LABELS,
+    LANGUAGE_MODEL_INDEX,
+    IndexConfig,
     ProjectionConfig,
 )
 from attribution.projection import find_layers, layer_widths, output_head, output_head_name
@@ -151,7 +151,8 @@ def _held_out_damping(label: str, per_factor: dict[float, np.ndarray]) -> dict:
 def default_curvature_labels(setting: Setting) -> str:
     """The labels the defaults fit the curvature's eigenvalues on: `LANGUAGE_MODEL_INDEX`'s for
     language models, `IndexConfig`'s otherwise."""
-    return DEFAULT_LM_CURVATURE_LABELS if setting.task == "lm" else DEFAULT_CURVATURE_LABELS
+    config = LANGUAGE_MODEL_INDEX if setting.task == "lm" else IndexConfig()
+    return config.curvature_labels
 
 
 def _variants(
@@ -161,8 +162,10 @@ def _variants(
     truth: tuple,
     defaults: tuple[np.ndarray, np.ndarray],
     identity: methods.BuiltIndex,
+    stored: methods.BuiltIndex,
 ) -> dict:
-    """Variants of the defaults, paired per query against them.
+    """Variants of the defaults, paired per query against them. `stored`: the sweep's default
+    index, whose eigenvalues come from the stored gradients (reused, not built again).
 
     The output head (models that have one): the defaults track it, even when its weight is
     tied to the input embedding, and give its vocabulary side `head_k_out` random directions
@@ -209,7 +212,11 @@ def _variants(
         rows[f"{whole}, eigenvalues from {described[other]}"] = library(
             f"-head-whole-curv-{other}", head_k_out=vocab, curvature_labels=other
         )
-    rows[f"eigenvalues from {described[other]}"] = library(f"-curv-{other}", curvature_labels=other)
+    rows[f"eigenvalues from {described[other]}"] = (
+        methods.library_scores(stored, False)
+        if other == "data"
+        else library(f"-curv-{other}", curvature_labels=other)
+    )
     rows["eigenvalues from sampled labels, 4 draws per example"] = library(
         "-curv-sampled4", curvature_labels="sampled", curvature_draws=4
     )
@@ -410,7 +417,7 @@ def evaluate_setting(
     variants = _variants(
         setting, workdir, peers, (masks, losses, names, rises),
         (per_query["logra (defaults)"], rho["logra (defaults)"]),
-        identity,
+        identity, stored,
     )  # fmt: skip
 
     rankings: dict[str, np.ndarray | None] = {
