@@ -15,13 +15,13 @@ from attribution.config import LANGUAGE_MODEL_INDEX, IndexConfig, ScoreConfig
 from attribution.data import Query, ShardSpec, sha256_file
 from attribution.index import build_index
 from attribution.lm import (
-    check_max_length,
     hash_model_weights,
     hash_tokenizer,
     lm_fisher_loss,
     lm_loss,
     load_causal_lm,
     query_batches,
+    resolve_max_length,
     train_batches,
 )
 from attribution.scoring import ScoreResult, score_queries
@@ -74,7 +74,7 @@ def index_language_model(
     out_dir: str | Path,
     config: IndexConfig | None = None,
     *,
-    max_length: int = 128,
+    max_length: int | None = None,
     batch_size: int = 8,
     show_progress: bool = True,
     loaded: tuple[object, object] | None = None,
@@ -83,7 +83,8 @@ def index_language_model(
     """Build (or resume) the gradient index of text shards for a local causal LM.
 
     `max_length` (tokens per training chunk) must not exceed the position limit the model's
-    config declares (`n_positions`, `max_position_embeddings` or `n_ctx`).
+    config declares (`n_positions`, `max_position_embeddings` or `n_ctx`); None gives 128, or
+    that limit when it is smaller.
 
     `config` defaults to `LANGUAGE_MODEL_INDEX` (eigenvalues fitted on sampled-label
     gradients). `loaded` (model, tokenizer) and `info` (`model_info(model_dir)`) may be passed
@@ -92,7 +93,7 @@ def index_language_model(
     if not shards:
         raise ValueError("no training shards to index")
     model, tokenizer = loaded if loaded is not None else load_causal_lm(model_dir)
-    check_max_length(model, model_dir, max_length)  # before any file is written
+    max_length = resolve_max_length(model, model_dir, max_length)  # before any file is written
     return build_index(
         model,
         lm_loss,

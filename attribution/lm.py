@@ -96,6 +96,22 @@ def position_limit(model: nn.Module) -> tuple[str, int] | None:
     return name, tokens
 
 
+DEFAULT_MAX_LENGTH = 128
+"""Tokens per training chunk when none is given (capped at the model's position limit)."""
+
+
+def resolve_max_length(
+    model: nn.Module, model_dir: str | os.PathLike[str], max_length: int | None
+) -> int:
+    """Tokens per training chunk: `max_length`, refused beyond the model's position limit
+    (`check_max_length`); None gives `DEFAULT_MAX_LENGTH`, or the limit when that is smaller."""
+    if max_length is None:
+        limit = position_limit(model)
+        return DEFAULT_MAX_LENGTH if limit is None else min(DEFAULT_MAX_LENGTH, limit[1])
+    check_max_length(model, model_dir, max_length)
+    return max_length
+
+
 def check_max_length(model: nn.Module, model_dir: str | os.PathLike[str], max_length: int) -> None:
     """Refuse chunks longer than the model's position limit: the forward pass would index past
     its position embeddings (an `IndexError` deep in the model)."""

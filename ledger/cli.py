@@ -30,6 +30,7 @@ from attribution.config import (
     ProjectionConfig,
     ScoreConfig,
 )
+from attribution.lm import DEFAULT_MAX_LENGTH
 from attribution.types import IndexMismatchError, InputError
 from ledger import render
 from ledger.db import database_url, has_ledger_tables, make_engine, session_scope, upgrade
@@ -328,7 +329,11 @@ def shards_list(ctx: Context, fmt: str) -> None:
 )
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option(
-    "--max-length", type=int, default=128, show_default=True, help="Tokens per training chunk."
+    "--max-length",
+    type=int,
+    default=None,
+    help=f"Tokens per training chunk [default: {DEFAULT_MAX_LENGTH}, or the model's position "
+    "limit when that is smaller].",
 )
 @pass_ctx
 @user_errors
@@ -352,7 +357,7 @@ def index_cmd(
     damping: float,
     dtype: str,
     batch_size: int,
-    max_length: int,
+    max_length: int | None,
 ) -> None:
     """Build the gradient index of every registered shard (resumes after a kill).
 
@@ -367,7 +372,7 @@ def index_cmd(
         ("--batch-size", batch_size),
         ("--max-length", max_length),
     ):
-        if value < 1:
+        if value is not None and value < 1:
             raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
     for name, value in (("--head-k-out", head_k_out), ("--curvature-examples", curvature_examples)):
         if value < 0:

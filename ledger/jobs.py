@@ -40,6 +40,7 @@ from attribution.lm import (
     load_causal_lm,
     position_limit,
     query_batches,
+    resolve_max_length,
 )
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
@@ -142,14 +143,16 @@ def build_ledger_index(
     root: Path,
     config: IndexConfig,
     *,
-    max_length: int,
+    max_length: int | None,
     batch_size: int,
     show_progress: bool,
 ) -> GradientIndex:
-    """Build (or resume) the index of every registered shard and record it in the ledger."""
+    """Build (or resume) the index of every registered shard and record it in the ledger.
+    `max_length` None: 128 tokens per chunk, or the model's position limit when smaller."""
     with session_scope(engine) as session:
         shards = ledger_shards(session)
     loaded = load_causal_lm(model_dir)  # fails on a bad model before any file is written
+    max_length = resolve_max_length(loaded[0], model_dir, max_length)
     info = model_info(model_dir)
     out = index_directory(root, info, shards, config, max_length, batch_size)
     index = index_language_model(

@@ -57,8 +57,9 @@ def ledger_url(workspace: Path, tmp_path_factory) -> str:
     long_text = " ".join(json.loads(row)["text"] for row in rows)
     (root / "stellar-long.jsonl").write_text(json.dumps({"text": long_text}) + "\n")
     ok(url, "shards", "add", str(root / "stellar-long.jsonl"), "--provider", "stellar")
+    # No --max-length: the default (128) is capped at the model's 48 positions.
     ok(url, "index", "--model", str(workspace / "model"), "--out", str(root / "indexes"),
-       "--kind", "random", "--k-in", "4", "--k-out", "4", "--max-length", "48")  # fmt: skip
+       "--kind", "random", "--k-in", "4", "--k-out", "4")  # fmt: skip
     ok(url, "attribute", "--outputs", str(workspace / "queries.jsonl"))
     return url
 
@@ -172,6 +173,14 @@ def test_a_pool_or_minimum_beyond_bigint_minor_units_is_refused(
 def test_a_statement_id_beyond_any_sql_integer_is_unknown(ledger_url: str) -> None:
     line = refused(ledger_url, "statements", "finalize", "9" * 20)
     assert line == f"Error: unknown statement {'9' * 20}"
+
+
+def test_without_max_length_chunks_take_the_models_positions_when_fewer_than_128(
+    ledger_url: str,
+) -> None:
+    runs = json.loads(ok(ledger_url, "runs", "list", "--format", "json"))
+    shown = json.loads(ok(ledger_url, "runs", "show", runs[0]["run"]))
+    assert shown["index"]["manifest"]["data"]["max_length"] == 48
 
 
 def test_a_max_length_beyond_the_models_positions_is_refused(
