@@ -34,7 +34,9 @@ from tests.attribution.tiny import (
     tiny_gpt2,
     tiny_llama,
     tiny_mlp,
+    tiny_neox,
     tiny_opt,
+    tiny_qwen2,
 )
 
 CASES = {
@@ -42,6 +44,8 @@ CASES = {
     "gpt2": (tiny_gpt2, lm_loss, lm_batches),
     "opt": (tiny_opt, lm_loss, lm_batches),
     "llama": (tiny_llama, lm_loss, lm_batches),
+    "neox": (tiny_neox, lm_loss, lm_batches),
+    "qwen2": (tiny_qwen2, lm_loss, lm_batches),
 }
 FISHER = {classification_loss: classification_fisher_loss, lm_loss: lm_fisher_loss}
 
@@ -50,7 +54,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("case", ["mlp", "gpt2", "opt", "llama"])
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", ["random", "pca"])
 def test_logra_gradient_equals_full_gradient_projected_afterwards(case: str, kind: str) -> None:
     make_model, loss_fn, make_batches = CASES[case]

@@ -20,7 +20,9 @@ __all__ = [
     "tiny_gpt2",
     "tiny_llama",
     "tiny_mlp",
+    "tiny_neox",
     "tiny_opt",
+    "tiny_qwen2",
 ]
 
 
@@ -100,6 +102,33 @@ def tiny_llama(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
         attn_implementation="eager",
     )  # fmt: skip
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_neox(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """A 2-layer GPT-NeoX (Pythia): fused query-key-value layer, parallel residual, untied
+    head."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=17, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=12, max_position_embeddings=16, attn_implementation="eager",
+    )  # fmt: skip
+    return GPTNeoXForCausalLM(config).to(dtype).eval()
+
+
+def tiny_qwen2(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """A 2-layer Qwen2: grouped-query attention with biased projections, head tied to the
+    input embedding."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=17, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=12, max_position_embeddings=16,
+        tie_word_embeddings=True, attn_implementation="eager",
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).to(dtype).eval()
 
 
 def lm_batches(n: int = 10, batch_size: int = 4, seed: int = 2) -> list[Batch]:
