@@ -527,6 +527,8 @@ def report(
     from ledger.statements import build_statement, finalize_statement, find_statement
 
     p = parse_period(period)
+    if fmt == "parquet" and out is None:
+        raise click.ClickException("--format parquet writes a file: give --out FILE")
     out_dir = Path(out).absolute().parent if out is not None else None
     if out_dir is not None and not out_dir.is_dir():
         # Checked before the statement is built, so a bad path leaves the ledger as it was.

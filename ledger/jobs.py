@@ -76,6 +76,8 @@ def register_shards(engine: Engine, paths: list[str], provider: str) -> list[m.S
         if not os.path.isfile(path):
             raise InputError(path, None, None, "shard file not found")
         rows = sum(1 for _ in read_shard_texts(path))  # every row is validated here
+        if rows == 0:
+            raise InputError(path, None, None, "no rows: a shard needs at least one text")
         specs.append((os.path.abspath(path), sha256_file(path), rows))
     with session_scope(engine) as session:
         get_provider(session, provider)

@@ -58,7 +58,7 @@ def write_frame(frame: pl.DataFrame, fmt: str, out: str | None) -> str | None:
     """CSV or Parquet of a frame, to `out` (or CSV text returned for stdout)."""
     if fmt == "parquet":
         if not out:
-            raise ValueError("--format parquet needs --out FILE")
+            raise ValueError("parquet is written to a file: give `out`")
         frame.write_parquet(out)
         return None
     text = frame.write_csv()

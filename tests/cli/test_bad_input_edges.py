@@ -92,6 +92,27 @@ def test_a_lone_surrogate_in_an_output_is_refused(
     assert counts(ledger_url) == before
 
 
+@pytest.mark.parametrize("kind", ["empty", "blank lines", "parquet without rows"])
+def test_a_shard_without_rows_is_refused_and_nothing_is_registered(
+    workspace: Path, tmp_path: Path, kind: str
+) -> None:
+    import polars as pl
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    ok(url, "init")
+    ok(url, "providers", "add", "stellar")
+    if kind == "parquet without rows":
+        shard = tmp_path / "none.parquet"
+        pl.DataFrame({"text": []}, schema={"text": pl.String}).write_parquet(shard)
+    else:
+        shard = tmp_path / "none.jsonl"
+        shard.write_text("" if kind == "empty" else "\n  \n")
+    good = workspace / "shards" / "stellar-000.jsonl"
+    line = refused(url, "shards", "add", str(good), str(shard), "--provider", "stellar")
+    assert line == f"Error: {shard}: no rows: a shard needs at least one text"
+    assert counts(url)["shards"] == 0
+
+
 def test_a_lone_surrogate_in_a_shard_is_refused_by_shards_add_and_by_index(
     workspace: Path, tmp_path: Path
 ) -> None:
@@ -242,6 +263,17 @@ def test_a_report_to_a_missing_directory_is_refused_before_the_statement_is_buil
                    "USD", "--format", "csv", "--out", str(out), *finalize)  # fmt: skip
     assert str(out.parent) in line and "does not exist" in line
     assert counts(ledger_url) == before and not out.parent.exists()
+
+
+@pytest.mark.parametrize("finalize", [(), ("--finalize",)])
+def test_a_parquet_report_without_out_is_refused_before_the_statement_is_built(
+    ledger_url: str, finalize: tuple[str, ...]
+) -> None:
+    before = counts(ledger_url)
+    line = refused(ledger_url, "report", "--period", "2024-Q3", "--pool", "1000", "--format",
+                   "parquet", *finalize)  # fmt: skip
+    assert line == "Error: --format parquet writes a file: give --out FILE"
+    assert counts(ledger_url) == before
 
 
 def test_a_shard_that_yields_no_training_example_is_named_in_a_warning(
