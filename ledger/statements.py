@@ -404,6 +404,7 @@ def add_adjustment(
             m.StatementLine.provider_id == provider_row.id,
         )
     )
+    _check_payable_with_adjustment(session, target, provider_row, minor)
     adjustment = m.Adjustment(
         statement_id=target.id,
         corrects_statement_id=corrected.id,
@@ -468,6 +469,32 @@ ROW_SCHEMA = {
 }
 
 
+def _check_payable_with_adjustment(
+    session: Session, target: m.Statement, provider: m.Provider, minor: int
+) -> None:
+    """Refuse an adjustment after which the provider's adjustments on `target`, or what it is
+    paid there, would leave BIGINT minor units."""
+    earlier = session.scalar(
+        select(func.coalesce(func.sum(m.Adjustment.amount_minor), 0)).where(
+            m.Adjustment.statement_id == target.id, m.Adjustment.provider_id == provider.id
+        )
+    )
+    adjusted = int(earlier) + minor
+    payable = session.scalar(
+        select(m.StatementLine.payable_minor).where(
+            m.StatementLine.statement_id == target.id,
+            m.StatementLine.provider_id == provider.id,
+        )
+    )
+    for total in (adjusted, adjusted + (payable or 0)):
+        if abs(total) > MAX_MINOR:
+            raise MoneyError(
+                f"{provider.name}: this adjustment brings the provider's total on statement "
+                f"{target.id} ({target.period_label}) to {total} minor units, beyond the largest "
+                f"amount the ledger stores ({MAX_MINOR} minor units)"
+            )
+
+
 def statement_rows(session: Session, statement_id: int) -> pl.DataFrame:
     """One row per provider: value, share and exact amounts (minor units and decimal strings).
 
@@ -517,6 +544,13 @@ def statement_rows(session: Session, statement_id: int) -> pl.DataFrame:
                 "payable": format_minor(adj, cur),
             }
         )
+    for row in rows:
+        if row["payable_minor"] is not None and abs(row["payable_minor"]) > MAX_MINOR:
+            raise MoneyError(
+                f"{row['provider']}: payable {row['payable_minor']} minor units on statement "
+                f"{statement.id} ({statement.period_label}), adjustments included, exceed the "
+                f"largest amount the ledger stores ({MAX_MINOR} minor units)"
+            )
     rows.sort(key=lambda row: (-row["value"], row["provider"]))
     return pl.DataFrame(rows, schema=ROW_SCHEMA)
 

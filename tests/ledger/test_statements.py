@@ -9,12 +9,20 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
+import polars as pl
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DatabaseError
 
 from ledger.db import session_scope
-from ledger.errors import ConflictError, EmptyStatementError, LedgerError, StatementFinalError
+from ledger.errors import (
+    ConflictError,
+    EmptyStatementError,
+    LedgerError,
+    MoneyError,
+    StatementFinalError,
+)
+from ledger.money import MAX_MINOR, from_minor
 from ledger.periods import parse_period
 from ledger.statements import (
     add_adjustment,
@@ -262,6 +270,51 @@ def test_corrections_go_on_the_next_open_statement_and_point_at_what_they_correc
     with pytest.raises(DatabaseError, match="final"):
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM adjustments"))
+
+
+def test_adjustments_that_would_leave_bigint_are_refused_and_nothing_is_recorded(
+    engine: Engine,
+) -> None:
+    populate(
+        engine,
+        random_results(8, 40, datetime(2024, 7, 1))
+        + random_results(9, 10, datetime(2024, 10, 1), prefix="x"),
+    )
+    largest = from_minor(MAX_MINOR, "USD")  # one adjustment can hold it ...
+    with session_scope(engine) as s:
+        q3 = build_statement(s, Q3, Decimal("1000"), "USD")
+        finalize_statement(s, q3.id)
+        q4 = build_statement(s, Q4, Decimal("500"), "USD")
+        q3_id, q4_id = q3.id, q4.id
+        alpha = statement_rows(s, q4_id).filter(pl.col("provider") == "alpha").row(0, named=True)
+        paid = alpha["payable_minor"]
+        assert paid > 0
+        # ... but not on top of what alpha is already paid on Q4,
+        with pytest.raises(MoneyError, match=r"alpha: .*beyond the largest amount"):
+            add_adjustment(s, q3_id, "alpha", largest, "too much")
+        # which leaves room for exactly this much,
+        add_adjustment(s, q3_id, "alpha", from_minor(MAX_MINOR - paid, "USD"), "all of it")
+        # and then for nothing more, in one adjustment or across several.
+        with pytest.raises(MoneyError, match="beyond the largest amount"):
+            add_adjustment(s, q3_id, "alpha", Decimal("0.01"), "one cent more")
+        assert (
+            statement_rows(s, q4_id)
+            .filter(pl.col("provider") == "alpha")
+            .row(0, named=True)["payable_minor"]
+            == MAX_MINOR
+        )
+        # Negative totals are bounded the same way.
+        add_adjustment(s, q3_id, "beta", -largest, "all back")
+        with pytest.raises(MoneyError, match="beyond the largest amount"):
+            add_adjustment(s, q3_id, "beta", -largest, "more back")
+    with session_scope(engine) as s:
+        counted = s.scalar(text("SELECT COUNT(*) FROM adjustments"))
+    assert counted == 2
+    # A rebuild whose larger pool pushes alpha's payable past the limit is refused when read.
+    with pytest.raises(MoneyError, match=r"alpha: payable .* adjustments included"):
+        with session_scope(engine) as s:
+            build_statement(s, Q4, Decimal("1000"), "USD")
+            statement_rows(s, q4_id)
 
 
 def test_overlapping_pools_are_refused(engine: Engine) -> None:
