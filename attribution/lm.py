@@ -139,7 +139,13 @@ def hash_model_weights(model_dir: str | os.PathLike[str]) -> str:
     """Hex sha256 over the directory's `*.safetensors` files (sorted names and their bytes)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise InputError(str(model_dir), None, None, "no *.safetensors weight files")
+        raise InputError(
+            str(model_dir),
+            None,
+            None,
+            "no *.safetensors weight files (the ledger hashes weights in that format; convert "
+            "with `model.save_pretrained(DIR, safe_serialization=True)`)",
+        )
     return _hash_named_files(files)
 
 

@@ -12,6 +12,7 @@ from transformers import GPT2LMHeadModel
 
 from attribution.data import Query, ShardSpec
 from attribution.lm import (
+    DEFAULT_MAX_LENGTH,
     IGNORE_INDEX,
     check_max_length,
     chunk_token_ids,
@@ -22,6 +23,7 @@ from attribution.lm import (
     lm_loss,
     load_causal_lm,
     query_batches,
+    resolve_max_length,
     train_batches,
 )
 from attribution.synthetic import build_word_tokenizer, tiny_gpt2_config, write_workspace_model
@@ -252,8 +254,9 @@ def test_tokenizer_hash_survives_resaving_and_changes_with_the_vocabulary(tmp_pa
 
 
 def test_hashes_and_loading_fail_clearly_without_files(tmp_path):
-    with pytest.raises(InputError, match="no \\*.safetensors"):
+    with pytest.raises(InputError, match="no \\*.safetensors") as err:
         hash_model_weights(tmp_path)
+    assert "safe_serialization=True" in err.value.message  # how to convert a .bin checkpoint
     with pytest.raises(InputError, match="no tokenizer files"):
         hash_tokenizer(tmp_path)
     with pytest.raises(InputError, match="model directory not found"):
@@ -291,6 +294,22 @@ def test_max_length_beyond_the_models_positions_is_refused(tokenizer):
         check_max_length(Other(), "other", 17)
     assert err.value.field == "max_position_embeddings"
     check_max_length(torch.nn.Linear(2, 2), "plain", 10_000)  # no config: nothing to check
+
+
+def test_max_length_defaults_to_128_or_the_models_positions_when_fewer(tokenizer):
+    from transformers import PretrainedConfig
+
+    model = tiny_model(tokenizer)  # n_positions=32
+    assert resolve_max_length(model, "model", None) == 32
+    assert resolve_max_length(model, "model", 20) == 20
+    with pytest.raises(InputError, match="at most 32 tokens"):
+        resolve_max_length(model, "model", 33)
+
+    class Long(torch.nn.Module):
+        config = PretrainedConfig(max_position_embeddings=4096)
+
+    assert resolve_max_length(Long(), "long", None) == DEFAULT_MAX_LENGTH == 128
+    assert resolve_max_length(torch.nn.Linear(2, 2), "plain", None) == 128
 
 
 def test_outputs_are_scored_within_the_models_positions(tokenizer):
