@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from attribution.config import (
     DEFAULT_CURVATURE,
@@ -69,6 +69,14 @@ def user_errors(fn: Callable) -> Callable:
         except OperationalError as exc:
             detail = str(exc.orig).strip().splitlines()[0]
             raise click.ClickException(f"database error: {detail}") from exc
+        except IntegrityError as exc:
+            # Every write checks first; a conflict here means another process wrote the same
+            # rows between that check and this write (two runs of one command at once).
+            detail = str(exc.orig).strip().splitlines()[0]
+            raise click.ClickException(
+                f"another process wrote the same ledger rows at the same time ({detail}); this "
+                "step was rolled back: re-run the command to resume"
+            ) from exc
 
     return wrapper
 

@@ -76,3 +76,52 @@ def test_crash_mid_attribution_then_rerun_equals_a_clean_run(workspace, tmp_path
             s = build_statement(session, period, None)
             lines.append(statement_rows(session, s.id).select("provider", "value", "share"))
     assert lines[0].equals(lines[1])  # bit for bit
+
+
+def test_a_second_process_starting_the_same_run_meanwhile_is_a_one_line_error(
+    workspace, tmp_path, monkeypatch
+):
+    """Two `attribute` commands on one file at once: the other process records the run
+    between this one's check for it and its insert. The collision is one line, nothing is
+    written by the loser, and a re-run resumes the run to a clean run's ledger."""
+    from click.testing import CliRunner
+
+    from ledger.cli import cli
+    from ledger.models import AttributionRun as Run
+
+    outputs = str(workspace / "queries.jsonl")
+    clean = fresh_ledger(f"sqlite:///{tmp_path / 'clean.db'}", workspace, tmp_path)
+    jobs.attribute_outputs(clean, outputs, batch_size=2, show_progress=False)
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    engine = fresh_ledger(url, workspace, tmp_path)
+    real = jobs.start_run
+
+    def other_process_first(session, run_id, index_id, manifest):
+        other_engine = make_engine(url)
+        with session_scope(other_engine) as other:
+            real(other, run_id, index_id, manifest)
+        other_engine.dispose()
+        looked_up = session.get
+        # This process checked before the other one wrote: it finds no run.
+        monkeypatch.setattr(
+            session, "get", lambda kind, *a, **k: None if kind is Run else looked_up(kind, *a, **k)
+        )
+        try:
+            return real(session, run_id, index_id, manifest)
+        finally:
+            monkeypatch.setattr(session, "get", looked_up)
+
+    monkeypatch.setattr(jobs, "start_run", other_process_first)
+    args = ["--db", url, "attribute", "--outputs", outputs]
+    result = CliRunner().invoke(cli, args, env={"LEDGER_QUIET": "1"})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("Error: another process wrote the same ledger rows at the same time")
+    assert lines[0].endswith("re-run the command to resume")
+    assert counts(engine) == dict.fromkeys(counts(engine), 0)
+    monkeypatch.setattr(jobs, "start_run", real)
+    result = CliRunner().invoke(cli, args, env={"LEDGER_QUIET": "1"})
+    assert result.exit_code == 0, result.output
+    assert counts(engine) == counts(clean)
