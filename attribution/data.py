@@ -142,7 +142,7 @@ def _read_parquet_text(path: str):
     except Exception as exc:  # polars raises several error types for unreadable files
         raise InputError(path, None, None, f"cannot read parquet: {exc}") from exc
     if "text" not in frame.columns:
-        raise InputError(path, 1 if frame.height else None, "text", "missing column")
+        raise InputError(path, None, "text", "missing column")
     return frame.get_column("text")
 
 
@@ -150,7 +150,7 @@ def read_shard_texts(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
     """Yield `(row, text)` for each row of a shard, rows 0-based in file order.
 
     JSONL shards skip blank lines (so `row` counts objects, not lines); errors name the JSONL
-    line number, or the parquet row + 1.
+    line number, or the parquet row + 1 ("row 2").
     """
     path = str(path)
     if _shard_kind(path) == ".jsonl":
@@ -159,7 +159,11 @@ def read_shard_texts(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
     else:
         column = _read_parquet_text(path)
         for row, value in enumerate(column):
-            yield row, _check_text(path, row + 1, value)
+            try:
+                text = _check_text(path, row + 1, value)
+            except InputError as exc:  # a table has rows, not lines
+                raise InputError(exc.path, exc.line, exc.field, exc.message, unit="row") from None
+            yield row, text
 
 
 def count_shard_rows(path: str | os.PathLike[str]) -> int:

@@ -42,13 +42,17 @@ training mode), so that the gradient of the summed loss splits into per-example 
 
 
 class InputError(ValueError):
-    """Bad user input, located: file, line (1-based, or None) and field (or None)."""
+    """Bad user input, located: file, line (1-based, or None) and field (or None). `unit` names
+    what `line` counts: a text file's lines, or a table's rows (parquet)."""
 
-    def __init__(self, path: str, line: int | None, field: str | None, message: str) -> None:
+    def __init__(
+        self, path: str, line: int | None, field: str | None, message: str, unit: str = "line"
+    ) -> None:
         self.path, self.line, self.field, self.message = str(path), line, field, message
+        self.unit = unit
         where = self.path
         if line is not None:
-            where += f", line {line}"
+            where += f", {unit} {line}"
         if field is not None:
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")

@@ -112,6 +112,7 @@ def test_parquet_shard_errors_name_row_plus_one(tmp_path):
     with pytest.raises(InputError, match="missing") as err:
         list(read_shard_texts(path))
     assert (err.value.line, err.value.field) == (2, "text")
+    assert str(err.value) == f"{path}, row 2, field 'text': missing"
 
 
 def test_parquet_shard_without_text_column_is_rejected(tmp_path):
