@@ -153,27 +153,56 @@ def hash_model_weights(model_dir: str | os.PathLike[str]) -> str:
 _LOAD_ONLY_KEYS = ("local_files_only", "is_local", "name_or_path", "_commit_hash", "cache_dir")
 
 
-def hash_tokenizer(model_dir: str | os.PathLike[str]) -> str:
+# A special token written out in full with these attributes is the same token as its bare
+# string (transformers writes either form, depending on its version).
+_PLAIN_SPECIAL_TOKEN = {"lstrip": False, "rstrip": False, "single_word": False, "normalized": False}
+
+
+def _plain_special_tokens(value: object) -> object:
+    """`{"content": "<eos>", "lstrip": false, ...}` → `"<eos>"` when every other attribute is
+    the plain default; lists of tokens element by element; anything else unchanged."""
+    if isinstance(value, list):
+        return [_plain_special_tokens(v) for v in value]
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        rest = {k: v for k, v in value.items() if k not in ("content", "special")}
+        if all(_PLAIN_SPECIAL_TOKEN.get(k, object()) == v for k, v in rest.items()):
+            return value["content"]
+    return value
+
+
+def _canonical_json_hash(path: Path, special_tokens: bool) -> str:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(str(path), None, None, f"malformed JSON: {exc}") from exc
+    if isinstance(config, dict):
+        for key in _LOAD_ONLY_KEYS:
+            config.pop(key, None)
+        if special_tokens:
+            config = {k: _plain_special_tokens(v) for k, v in config.items()}
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def hash_tokenizer(model_dir: str | os.PathLike[str], legacy: bool = False) -> str:
     """Hex sha256 over the tokenizer files present (`TOKENIZER_FILES`, sorted by name).
 
-    `tokenizer_config.json` is hashed in canonical JSON form without the keys transformers adds
-    when re-saving a loaded tokenizer (`local_files_only`, `is_local`, ...), so saving a loaded
-    tokenizer again keeps its hash; every other file is hashed byte for byte.
+    `tokenizer_config.json` and `special_tokens_map.json` are hashed in canonical JSON form,
+    the first without the keys transformers adds when re-saving a loaded tokenizer
+    (`local_files_only`, `is_local`, ...), the second with plain special tokens as bare strings
+    (`"<eos>"`, however written), so saving a loaded tokenizer again, with this or another
+    version of transformers, keeps its hash; every other file is hashed byte for byte.
+    `legacy`: the hash of indexes built before special tokens were canonicalised
+    (`special_tokens_map.json` byte for byte).
     """
     files = sorted(p for name in TOKENIZER_FILES if (p := Path(model_dir) / name).is_file())
     if not files:
         raise InputError(str(model_dir), None, None, "no tokenizer files")
     digest = hashlib.sha256()
     for path in files:
-        if path.name == "tokenizer_config.json":
-            try:
-                config = json.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise InputError(str(path), None, None, f"malformed JSON: {exc}") from exc
-            for key in _LOAD_ONLY_KEYS:
-                config.pop(key, None)
-            canonical = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-            file_hash = hashlib.sha256(canonical).hexdigest()
+        canonical = ("tokenizer_config.json",) + (() if legacy else ("special_tokens_map.json",))
+        if path.name in canonical:
+            file_hash = _canonical_json_hash(path, path.name == "special_tokens_map.json")
         else:
             file_hash = sha256_file(path)
         digest.update(f"{path.name}\0{file_hash}\n".encode())

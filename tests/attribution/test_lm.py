@@ -253,6 +253,51 @@ def test_tokenizer_hash_survives_resaving_and_changes_with_the_vocabulary(tmp_pa
     assert hash_tokenizer(tmp_path / "c") != hash_tokenizer(tmp_path / "a")
 
 
+def test_tokenizer_hash_reads_special_tokens_in_either_form_and_still_sees_changes(
+    tmp_path, tokenizer
+):
+    """transformers writes plain special tokens as bare strings or as full dicts depending on
+    its version; both are the same tokenizer. A real change of attribute or content is not."""
+    write_workspace_model(tiny_model(tokenizer), tokenizer, tmp_path / "m")
+    path = tmp_path / "m" / "special_tokens_map.json"  # as transformers 4.x writes it
+    plain = {"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    path.write_text(json.dumps(plain, indent=2))
+    before = hash_tokenizer(tmp_path / "m")
+
+    def full(content, **attrs):
+        token = {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False}  # fmt: skip
+        return {**token, **attrs}
+
+    path.write_text(json.dumps({k: full(v) for k, v in plain.items()}, indent=4))
+    assert hash_tokenizer(tmp_path / "m") == before
+    assert hash_tokenizer(tmp_path / "m", legacy=True) != before  # the bytes did change
+    key = sorted(plain)[0]
+    for changed in (full(plain[key], lstrip=True), full(plain[key] + "x")):
+        path.write_text(json.dumps({**plain, key: changed}))
+        assert hash_tokenizer(tmp_path / "m") != before
+
+
+def test_an_index_with_the_earlier_tokenizer_hash_still_matches_its_model(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    from attribution.language import check_model_matches
+
+    directory = tmp_path / "m"
+    write_workspace_model(tiny_model(tokenizer), tokenizer, directory)
+    path = directory / "special_tokens_map.json"  # as transformers 4.x writes it
+    path.write_text(json.dumps({"eos_token": "<eos>"}, indent=2))  # not canonical: hashes differ
+    legacy, current = hash_tokenizer(directory, legacy=True), hash_tokenizer(directory)
+    assert legacy != current
+    weights = hash_model_weights(directory)
+    for recorded in (legacy, current):
+        manifest = {"model": {"weights_sha256": weights, "tokenizer_sha256": recorded}}
+        check_model_matches(directory, SimpleNamespace(manifest=manifest, root="idx"))
+    manifest = {"model": {"weights_sha256": weights, "tokenizer_sha256": "0" * 64}}
+    with pytest.raises(InputError, match="tokenizer_sha256"):
+        check_model_matches(directory, SimpleNamespace(manifest=manifest, root="idx"))
+
+
 def test_hashes_and_loading_fail_clearly_without_files(tmp_path):
     with pytest.raises(InputError, match="no \\*.safetensors") as err:
         hash_model_weights(tmp_path)
