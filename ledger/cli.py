@@ -621,7 +621,12 @@ def _statement_text(s: dict, lines: list[dict]) -> str:
             f"statement {adj['corrects_statement_id']} ({adj['corrects_period']}): "
             f"{adj['reason']}"
         )
-    runs = ", ".join(f"{r['run_id'][:16]} (index {r['index_id'][:16]})" for r in s["runs"])
+    runs = ", ".join(
+        f"{r['run_id'][:16]} (index {r['index_id'][:16]}"
+        + (", unfinished: interrupted or still running" if r["status"] != "finished" else "")
+        + ")"
+        for r in s["runs"]
+    )
     foot.append(f"Rests on runs: {runs or '(none)'}")
     return "\n".join(head + ["", body, ""] + foot)
 

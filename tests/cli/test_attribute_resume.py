@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import text
 
 import ledger.jobs as jobs
+from ledger.cli import cli
 from ledger.db import make_engine, session_scope, upgrade
 from ledger.periods import parse_period
 from ledger.registry import add_provider
@@ -64,9 +66,15 @@ def test_crash_mid_attribution_then_rerun_equals_a_clean_run(workspace, tmp_path
     with pytest.raises(RuntimeError, match="killed"):
         jobs.attribute_outputs(crashed, outputs, batch_size=2, show_progress=False)
     assert counts(crashed)["query_results"] == 4  # two batches of two committed
+    # A statement read now says that it rests on a run that never finished.
+    report = ["--db", str(crashed.url), "report", "--period", "2024-Q3"]
+    foot = CliRunner().invoke(cli, report).stdout.strip().splitlines()[-1]
+    assert foot.startswith("Rests on runs: ") and "unfinished: interrupted" in foot
     monkeypatch.setattr(jobs, "record_results", real)
     summary = jobs.attribute_outputs(crashed, outputs, batch_size=2, show_progress=False)
     assert summary.skipped == 4 and summary.attributed == summary.queries - 4
+    foot = CliRunner().invoke(cli, report).stdout.strip().splitlines()[-1]
+    assert foot.startswith("Rests on runs: ") and "unfinished" not in foot
 
     assert counts(crashed) == counts(clean)
     period = parse_period("2024-Q3")
@@ -84,9 +92,6 @@ def test_a_second_process_starting_the_same_run_meanwhile_is_a_one_line_error(
     """Two `attribute` commands on one file at once: the other process records the run
     between this one's check for it and its insert. The collision is one line, nothing is
     written by the loser, and a re-run resumes the run to a clean run's ledger."""
-    from click.testing import CliRunner
-
-    from ledger.cli import cli
     from ledger.models import AttributionRun as Run
 
     outputs = str(workspace / "queries.jsonl")
