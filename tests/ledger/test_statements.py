@@ -231,14 +231,19 @@ def test_small_amounts_are_carried_forward_to_the_next_statement(engine: Engine)
     assert paid + beta[-1][6] == 30000
 
 
-def test_corrections_go_on_the_next_open_statement_and_point_at_what_they_correct(
-    engine: Engine,
-) -> None:
+def populate_q3_and_q4(engine: Engine) -> None:
+    """40 credited outputs in 2024-Q3 and 10 in 2024-Q4."""
     populate(
         engine,
         random_results(8, 40, datetime(2024, 7, 1))
         + random_results(9, 10, datetime(2024, 10, 1), prefix="x"),
     )
+
+
+def test_corrections_go_on_the_next_open_statement_and_point_at_what_they_correct(
+    engine: Engine,
+) -> None:
+    populate_q3_and_q4(engine)
     with session_scope(engine) as s:
         q3 = build_statement(s, Q3, Decimal("1000"), "USD")
         with pytest.raises(LedgerError, match="draft"):
@@ -275,11 +280,7 @@ def test_corrections_go_on_the_next_open_statement_and_point_at_what_they_correc
 def test_adjustments_that_would_leave_bigint_are_refused_and_nothing_is_recorded(
     engine: Engine,
 ) -> None:
-    populate(
-        engine,
-        random_results(8, 40, datetime(2024, 7, 1))
-        + random_results(9, 10, datetime(2024, 10, 1), prefix="x"),
-    )
+    populate_q3_and_q4(engine)
     largest = from_minor(MAX_MINOR, "USD")  # one adjustment can hold it ...
     with session_scope(engine) as s:
         q3 = build_statement(s, Q3, Decimal("1000"), "USD")
