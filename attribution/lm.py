@@ -198,9 +198,9 @@ def hash_tokenizer(model_dir: str | os.PathLike[str], legacy: bool = False) -> s
     files = sorted(p for name in TOKENIZER_FILES if (p := Path(model_dir) / name).is_file())
     if not files:
         raise InputError(str(model_dir), None, None, "no tokenizer files")
+    canonical = ("tokenizer_config.json",) + (() if legacy else ("special_tokens_map.json",))
     digest = hashlib.sha256()
     for path in files:
-        canonical = ("tokenizer_config.json",) + (() if legacy else ("special_tokens_map.json",))
         if path.name in canonical:
             file_hash = _canonical_json_hash(path, path.name == "special_tokens_map.json")
         else:
