@@ -836,24 +836,16 @@ def explain(ctx: Context, query_id: str, fmt: str) -> None:
 def sql(ctx: Context, query: str, fmt: str) -> None:
     """Run a read-only SQL query against the ledger (views: see docs/sql.md).
 
-    Example: `ledger sql "SELECT * FROM statement_lines_named"`. The transaction is always
-    rolled back, so nothing can be changed this way.
+    Example: `ledger sql "SELECT * FROM statement_lines_named"`. The database runs it
+    read-only (SQLite's query_only, a PostgreSQL READ ONLY transaction, one statement) and the
+    transaction is rolled back, so nothing can be changed this way.
     """
-    from sqlalchemy import text
-    from sqlalchemy.exc import DBAPIError
+    from ledger.db import read_only_query
 
     first = query.lstrip().split(None, 1)[0].lower() if query.strip() else ""
     if first not in ("select", "with", "explain"):
         raise LedgerError("only SELECT (or WITH ... SELECT) queries are allowed here")
-    with ctx.engine().connect() as conn:
-        try:
-            result = conn.execute(text(query))
-            rows = [dict(r._mapping) for r in result]
-        except DBAPIError as exc:
-            raise LedgerError(f"SQL error: {str(exc.orig).strip().splitlines()[0]}") from exc
-        finally:
-            conn.rollback()
-    _emit(rows, fmt)
+    _emit(read_only_query(ctx.engine(), query), fmt)
 
 
 @cli.command()

@@ -122,3 +122,42 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def read_only_query(engine: Engine, query: str) -> list[dict[str, Any]]:
+    """The rows of one SQL query that cannot change the ledger.
+
+    The database enforces it, whatever the query says: SQLite runs it under
+    `PRAGMA query_only`, PostgreSQL in a `READ ONLY` transaction as a prepared statement (so it
+    is one statement: `...; COMMIT; DELETE ...` is refused). Either way the transaction is
+    rolled back. The text goes to the driver unchanged (no bind-parameter parsing, so `':'` and
+    `'%'` in literals are plain text). Raises `LedgerError` for a database error or a
+    statement that returns no rows.
+    """
+    with engine.connect() as conn:
+        dialect = conn.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise LedgerError(
+                f"read-only queries are supported on SQLite and PostgreSQL, not {dialect}"
+            )
+        raw = conn.connection.dbapi_connection
+        cursor = raw.cursor()
+        try:
+            if dialect == "sqlite":
+                cursor.execute("PRAGMA query_only = ON")
+                cursor.execute(query)
+            else:
+                cursor.execute("SET TRANSACTION READ ONLY")
+                cursor.execute(query, prepare=True)
+            if cursor.description is None:
+                raise LedgerError("the statement returns no rows; only queries that read are run")
+            names = [d[0] for d in cursor.description]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        except conn.dialect.loaded_dbapi.Error as exc:
+            raise LedgerError(f"SQL error: {str(exc).strip().splitlines()[0]}") from exc
+        finally:
+            raw.rollback()
+            if dialect == "sqlite":
+                cursor.execute("PRAGMA query_only = OFF")
+            cursor.close()
+    return rows

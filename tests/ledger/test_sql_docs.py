@@ -1,4 +1,5 @@
-"""Every SQL example in docs/sql.md runs on SQLite and PostgreSQL and returns rows."""
+"""Every SQL example in docs/sql.md runs on SQLite and PostgreSQL and returns rows, through the
+read-only path of `ledger sql`, which no query can use to change the ledger."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
-from ledger.db import session_scope
+from ledger.db import read_only_query, session_scope
+from ledger.errors import LedgerError
 from ledger.periods import parse_period
 from ledger.statements import add_adjustment, build_statement, finalize_statement
 from tests.ledger.helpers import record_run, result, setup_index
@@ -57,6 +59,43 @@ def test_sql_example_runs_and_returns_rows(analyst_db: Engine, sql: str) -> None
     with analyst_db.connect() as conn:
         rows = conn.execute(text(sql)).all()
     assert rows, f"no rows from:\n{sql}"
+    assert [tuple(r.values()) for r in read_only_query(analyst_db, sql)] == [tuple(r) for r in rows]
+
+
+TABLES = ("providers", "queries", "query_results", "credits", "top_examples", "statements",
+          "statement_lines", "adjustments")  # fmt: skip
+WRITES = [
+    "WITH x AS (SELECT 1) DELETE FROM top_examples",
+    "WITH d AS (DELETE FROM top_examples RETURNING *) SELECT COUNT(*) FROM d",
+    "WITH x AS (SELECT 1) INSERT INTO providers (name, created_at) VALUES ('x', '2024-01-01')",
+    "WITH x AS (SELECT 1) UPDATE credits SET credit = 0",
+    "SELECT 1; DELETE FROM top_examples",
+    "SELECT 1; COMMIT; DELETE FROM top_examples",
+    "EXPLAIN ANALYZE DELETE FROM top_examples",
+    "SELECT 1 FOR UPDATE",
+]
+
+
+@pytest.mark.parametrize("sql", WRITES, ids=[f"write{i}" for i in range(len(WRITES))])
+def test_no_query_can_change_the_ledger(analyst_db: Engine, sql: str) -> None:
+    def counts() -> dict[str, int]:
+        with analyst_db.connect() as conn:
+            return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in TABLES}
+
+    before = counts()
+    assert before["top_examples"] > 0 and before["credits"] > 0
+    try:
+        read_only_query(analyst_db, sql)
+    except LedgerError as exc:
+        assert str(exc).startswith("SQL error: ") and "\n" not in str(exc)
+    assert counts() == before
+    with analyst_db.connect() as conn:  # and every credit is as it was
+        assert conn.execute(text("SELECT MIN(credit) FROM credits")).scalar_one() > 0
+
+
+def test_read_only_queries_take_colons_and_percent_signs_literally(analyst_db: Engine) -> None:
+    rows = read_only_query(analyst_db, "SELECT 'a:b' AS s, '10%' AS p")
+    assert rows == [{"s": "a:b", "p": "10%"}]
 
 
 def test_views_give_exact_amounts_and_the_current_credits(analyst_db: Engine) -> None:
