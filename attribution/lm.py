@@ -64,13 +64,24 @@ def load_causal_lm(
         raise InputError(
             model_dir, None, None, "no config.json: not a Hugging Face model directory"
         )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a failure is reported below, in one line
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, attn_implementation="eager", dtype=dtype, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(model_dir, None, None, f"cannot load model or tokenizer: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - every loader failure is a problem of the directory
+        # (bad JSON, truncated or mismatched weights, missing files), reported in one line.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[0] if lines else type(exc).__name__
+        if "ignore_mismatched_sizes" in detail or "size mismatch" in str(exc):
+            detail = "the weights' shapes do not match config.json"
+        raise InputError(
+            model_dir, None, None, f"cannot load model or tokenizer: {type(exc).__name__}: {detail}"
+        ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -204,6 +204,38 @@ def test_without_max_length_chunks_take_the_models_positions_when_fewer_than_128
     assert shown["index"]["manifest"]["data"]["max_length"] == 48
 
 
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("truncated weights", "SafetensorError: "),
+        ("config of another width", "RuntimeError: the weights' shapes do not match config.json"),
+        ("malformed config.json", "OSError: "),
+    ],
+)
+def test_a_damaged_model_directory_is_refused_in_one_line(
+    ledger_url: str, workspace: Path, tmp_path: Path, damage: str, expected: str
+) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(workspace / "model", model)
+    if damage == "truncated weights":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "config of another width":
+        config = json.loads((model / "config.json").read_text())
+        config["n_embd"] *= 2
+        (model / "config.json").write_text(json.dumps(config))
+    else:
+        (model / "config.json").write_text("{not json")
+    out = tmp_path / "indexes"
+    before = counts(ledger_url)
+    line = refused(ledger_url, "index", "--model", str(model), "--out", str(out))
+    assert line.startswith(f"Error: {model}: cannot load model or tokenizer: {expected}")
+    assert counts(ledger_url) == before
+    assert not any(p.is_file() for p in out.rglob("*"))
+
+
 def test_a_max_length_beyond_the_models_positions_is_refused(
     ledger_url: str, workspace: Path, tmp_path: Path
 ) -> None:
