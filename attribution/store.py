@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from attribution.config import IndexConfig
 from attribution.curvature import Bases, Curvature, LayerSlice, kfac_bases
+from attribution.manifest import verify_id
 from attribution.projection import KfacFactors, LayerProjector
+from attribution.types import IndexDamagedError
 
 BUILD_FILE = "build.json"
 MANIFEST_FILE = "manifest.json"
@@ -138,6 +140,18 @@ def layer_slices(layers: list[dict]) -> list[LayerSlice]:
     ]
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _read_json(root: Path, name: str) -> dict:
+    try:
+        return json.loads((root / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise IndexDamagedError(root, name, _first_line(exc)) from exc
+
+
 @dataclass
 class GradientIndex:
     """A complete gradient index opened for reading; gradient blocks are memory-mapped."""
@@ -153,10 +167,48 @@ class GradientIndex:
         if not (root / MANIFEST_FILE).exists():
             state = "incomplete (resume its build)" if (root / BUILD_FILE).exists() else "missing"
             raise FileNotFoundError(f"{root}: no gradient index here, it is {state}")
-        build = json.loads((root / BUILD_FILE).read_text())
-        manifest = json.loads((root / MANIFEST_FILE).read_text())
-        curvature = Curvature.load(root / CURVATURE_FILE, layer_slices(build["layers"]))
-        return GradientIndex(root, build, manifest, curvature)
+        build, manifest = (_read_json(root, name) for name in (BUILD_FILE, MANIFEST_FILE))
+        if not verify_id(manifest):
+            raise IndexDamagedError(root, MANIFEST_FILE, "its content does not match its id")
+        try:
+            curvature = Curvature.load(root / CURVATURE_FILE, layer_slices(build["layers"]))
+        except Exception as exc:  # noqa: BLE001 - whatever the reader raises on a bad file
+            raise IndexDamagedError(root, CURVATURE_FILE, _first_line(exc)) from exc
+        index = GradientIndex(root, build, manifest, curvature)
+        index.check_files()
+        return index
+
+    def check_files(self) -> None:
+        """Refuse, before any scoring, an index whose files are missing or cut short: every
+        block holds the rows and width the manifest says, the metadata every row, and the
+        projection and factor files exist. Reads headers only (`ledger verify` hashes them)."""
+        for name in (PROJECTIONS_FILE, FACTORS_FILE):
+            if not (self.root / name).is_file():
+                raise IndexDamagedError(self.root, name, "missing")
+        rows = 0
+        for path in self.block_files():
+            name = f"{BLOCKS_DIR}/{path.name}"
+            try:
+                block = np.load(path, mmap_mode="r")
+            except Exception as exc:  # noqa: BLE001 - missing, truncated, not an array
+                raise IndexDamagedError(self.root, name, _first_line(exc)) from exc
+            if block.ndim != 2 or block.shape[1] != self.dim:
+                raise IndexDamagedError(
+                    self.root, name, f"shape {block.shape}, expected (rows, {self.dim})"
+                )
+            rows += block.shape[0]
+        if rows != self.rows:
+            raise IndexDamagedError(
+                self.root, BLOCKS_DIR, f"{rows} rows, the manifest says {self.rows}"
+            )
+        try:
+            listed = pl.scan_parquet(self.root / METADATA_FILE).select(pl.len()).collect().item()
+        except Exception as exc:  # noqa: BLE001 - missing or unreadable parquet
+            raise IndexDamagedError(self.root, METADATA_FILE, _first_line(exc)) from exc
+        if listed != self.rows:
+            raise IndexDamagedError(
+                self.root, METADATA_FILE, f"{listed} rows, the manifest says {self.rows}"
+            )
 
     @property
     def id(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,17 @@ class InputError(ValueError):
         if field is not None:
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")
+
+
+class IndexDamagedError(ValueError):
+    """A complete index whose files are missing, cut short or changed since it was built."""
+
+    def __init__(self, root: str | os.PathLike[str], file: str, reason: str) -> None:
+        self.root, self.file, self.reason = str(root), file, reason
+        super().__init__(
+            f"{root}: the gradient index is damaged ({file}: {reason}); restore its files, or "
+            "delete the directory and build the index again"
+        )
 
 
 class IndexMismatchError(ValueError):

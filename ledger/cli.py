@@ -31,7 +31,7 @@ from attribution.config import (
     ScoreConfig,
 )
 from attribution.lm import DEFAULT_MAX_LENGTH
-from attribution.types import IndexMismatchError, InputError
+from attribution.types import IndexDamagedError, IndexMismatchError, InputError
 from ledger import render
 from ledger.db import database_url, has_ledger_tables, make_engine, session_scope, upgrade
 from ledger.errors import LedgerError
@@ -64,7 +64,13 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (InputError, LedgerError, IndexMismatchError, FileNotFoundError) as exc:
+        except (
+            InputError,
+            LedgerError,
+            IndexMismatchError,
+            IndexDamagedError,
+            FileNotFoundError,
+        ) as exc:
             raise click.ClickException(str(exc).splitlines()[0]) from exc
         except OperationalError as exc:
             detail = str(exc.orig).strip().splitlines()[0]

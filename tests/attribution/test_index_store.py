@@ -211,3 +211,48 @@ def test_factors_and_projections_that_share_memory_save_and_load_back(tmp_path) 
     for g, p in zip(back, projectors, strict=True):
         assert torch.equal(g.p_in, p.p_in) and torch.equal(g.p_out, p.p_out)
     assert torch.equal(big, torch.arange(24, dtype=torch.float32).reshape(6, 4))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _edit_manifest(path: Path) -> None:
+    manifest = json.loads(path.read_text())
+    manifest["rows"] += 1
+    path.write_text(json.dumps(manifest))
+
+
+DAMAGES = {
+    "block cut short": ("blocks/grads-000000.npy", _truncate, "blocks/grads-000000.npy: "),
+    "block missing": ("blocks/grads-000001.npy", Path.unlink, "blocks/grads-000001.npy: "),
+    "curvature cut short": ("curvature.safetensors", _truncate, "curvature.safetensors: "),
+    "metadata cut short": ("metadata.parquet", _truncate, "metadata.parquet: "),
+    "projections missing": ("projections.safetensors", Path.unlink, "projections.safetensors: missing"),
+    "manifest edited": ("manifest.json", _edit_manifest, "manifest.json: its content does not match its id"),
+    "build settings unreadable": ("build.json", lambda p: p.write_text("{"), "build.json: "),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_index_is_refused_when_opened_naming_the_file(tmp_path, damage) -> None:
+    from attribution.types import IndexDamagedError
+
+    built = build_index(
+        tiny_mlp(),
+        classification_loss,
+        mlp_batches(),
+        tmp_path / "idx",
+        IndexConfig(projection=ProjectionConfig(kind="random", k_in=2, k_out=2), rows_per_block=10),
+        fisher_loss=classification_fisher_loss,
+        show_progress=False,
+    )
+    assert built.build["blocks"] >= 2
+    GradientIndex.open(built.root)  # intact: opens
+    name, spoil, expected = DAMAGES[damage]
+    spoil(built.root / name)
+    with pytest.raises(IndexDamagedError) as err:
+        GradientIndex.open(built.root)
+    message = str(err.value)
+    assert message.startswith(f"{built.root}: the gradient index is damaged ({expected}")
+    assert "\n" not in message and "build the index again" in message
