@@ -776,23 +776,33 @@ def runs_show(ctx: Context, run_id: str) -> None:
 @click.option(
     "--sample", type=int, default=8, show_default=True, help="Outputs re-computed and compared."
 )
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    help="Model directory (default: the one the index was built from).",
+)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @pass_ctx
 @user_errors
-def verify(ctx: Context, run_id: str, outputs: str | None, sample: int, fmt: str) -> None:
+def verify(
+    ctx: Context, run_id: str, outputs: str | None, sample: int, model_dir: str | None, fmt: str
+) -> None:
     """Re-check a run from its manifest: hashes of index, model and queries, and a sample of
     outputs re-computed and compared with the ledger. Exit status 1 on any disagreement."""
     from ledger.jobs import verify_run
 
-    v = verify_run(ctx.engine(), run_id, outputs, sample=sample)
+    v = verify_run(ctx.engine(), run_id, outputs, model_dir=model_dir, sample=sample)
     if fmt == "json":
         click.echo(render.to_json(v.as_dict()))
     else:
         for name, ok in v.checks.items():
             click.echo(f"{'ok  ' if ok else 'FAIL'} {name}")
-        if v.sampled == 0:
+        for note in v.notes:  # nothing was re-computed: this is why
+            click.echo(f"     {note}")
+        if not v.notes and v.sampled == 0:
             click.echo("FAIL no sampled output is still credited by this run (superseded)")
-        else:
+        elif not v.notes:
             click.echo(
                 f"{'ok  ' if v.agreeing == v.sampled else 'FAIL'} re-computed "
                 f"{v.agreeing}/{v.sampled} outputs agree "

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC
 from pathlib import Path
 
@@ -45,7 +45,7 @@ from attribution.lm import (
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
 from attribution.scoring import score_queries
-from attribution.types import InputError
+from attribution.types import IndexDamagedError, InputError
 from ledger import models as m
 from ledger.db import session_scope
 from ledger.errors import ConflictError, LedgerError, NotFoundError
@@ -259,7 +259,7 @@ def check_known_queries(session: Session, queries: list[Query], path: str) -> No
         )
         for ext, served_at, weight, text in rows:
             q = by_id[ext]
-            for field, old, new in (
+            for name, old, new in (
                 ("timestamp", served_at, to_utc_naive(q.timestamp)),
                 ("weight", weight, weight_to_micros(q.weight, ext)),
                 ("prompt", text, q.text_sha256),
@@ -268,9 +268,9 @@ def check_known_queries(session: Session, queries: list[Query], path: str) -> No
                     raise InputError(
                         path,
                         query_lines(path).get(ext),
-                        field,
+                        name,
                         f"query {ext!r} is already in the ledger with another "
-                        f"{field if field != 'prompt' else 'prompt/completion'}",
+                        f"{name if name != 'prompt' else 'prompt/completion'}",
                     )
 
 
@@ -407,6 +407,8 @@ class Verification:
     sampled: int
     agreeing: int
     max_credit_difference: float
+    notes: list[str] = field(default_factory=list)
+    """Why a check failed, where a reason is known (a damaged index file)."""
 
     @property
     def ok(self) -> bool:
@@ -434,10 +436,18 @@ def verify_run(
         run = get_run(session, _resolve_run_id(session, run_id))
         manifest = json.loads(run.manifest)
         index_path, index_id, run_id = run.index.path, run.index_id, run.id
-    index = GradientIndex.open(index_path)
     outputs = outputs or manifest["queries_file"]["name"]
     if not os.path.isfile(outputs):
         raise InputError(outputs, None, None, "queries file of the run not found (pass --outputs)")
+    try:
+        index = GradientIndex.open(index_path)
+    except IndexDamagedError as exc:
+        checks = {
+            "run manifest id": verify_id(manifest) and manifest["id"] == run_id,
+            "index files intact": False,
+            "queries file sha256": sha256_file(outputs) == manifest["queries_file"]["sha256"],
+        }
+        return Verification(run_id, checks, 0, 0, float("nan"), [str(exc)])
     checks = {
         "run manifest id": verify_id(manifest) and manifest["id"] == run_id,
         "index manifest id": verify_id(index.manifest) and index.id == index_id,

@@ -326,3 +326,37 @@ def test_a_shard_that_yields_no_training_example_is_named_in_a_warning(
            "--kind", "random", "--k-in", "2", "--k-out", "2", "--max-length", "48")  # fmt: skip
     warnings = [r.getMessage() for r in caplog.records if "no training example" in r.getMessage()]
     assert len(warnings) == 1 and str(lone) in warnings[0] and "lone-voice" in warnings[0]
+
+
+def test_verify_takes_a_moved_model_and_reports_a_damaged_index(
+    workspace: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ok(url, "init")
+    ok(url, "providers", "add", *PROVIDERS)
+    for name in PROVIDERS:
+        ok(url, "shards", "add", str(workspace / "shards" / f"{name}-000.jsonl"), "--provider",
+           name)  # fmt: skip
+    ok(url, "index", "--model", str(workspace / "model"), "--out", str(tmp_path / "indexes"),
+       "--kind", "random", "--k-in", "4", "--k-out", "4")  # fmt: skip
+    outputs = str(workspace / "queries.jsonl")
+    run_id = json.loads(ok(url, "attribute", "--outputs", outputs, "--format", "json"))["run_id"]
+    moved = tmp_path / "moved-model"
+    shutil.copytree(workspace / "model", moved)
+    args = ("verify", run_id[:12], "--outputs", outputs, "--sample", "2")
+    assert "re-computed 2/2 outputs agree" in ok(url, *args, "--model", str(moved))
+
+    index_dir = next((tmp_path / "indexes").iterdir())
+    curvature = index_dir / "curvature.safetensors"
+    curvature.write_bytes(curvature.read_bytes()[:100])
+    result = run(url, *args)
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert "FAIL index files intact" in lines
+    assert "ok   run manifest id" in lines and "ok   queries file sha256" in lines
+    assert any("the gradient index is damaged (curvature.safetensors: " in x for x in lines)
+    report = json.loads(run(url, *args, "--format", "json").stdout)
+    assert report["ok"] is False and report["checks"]["index files intact"] is False
+    assert "curvature.safetensors" in report["notes"][0]
