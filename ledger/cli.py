@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -890,5 +891,26 @@ def _emit(rows: list[dict], fmt: str, right: tuple[str, ...] = ()) -> None:
         click.echo(render.table(rows, right=right))
 
 
+# click 8.2+ signals a group called without a command with this usage error.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main() -> None:
-    cli(prog_name="ledger")
+    """The `ledger` entry point. Every error is one line on stderr: usage errors (a missing or
+    invalid option) exit 2 with a pointer to the command's help, other errors exit 1."""
+    try:
+        code = cli.main(prog_name="ledger", standalone_mode=False)
+    except _NO_ARGS_IS_HELP as exc:  # `ledger` or `ledger statements` alone: the help
+        click.echo(exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        click.echo(f"Error: {exc.format_message()}{where}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

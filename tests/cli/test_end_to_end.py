@@ -325,3 +325,28 @@ def test_every_command_explains_itself(command: list[str], tmp_path: Path) -> No
     )
     assert proc.returncode == 0
     assert "Usage:" in proc.stdout and len(proc.stdout.splitlines()) > 4
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["index", "--model", "m", "--k-in", "0"], "Error: Invalid value for --k-in: must be positive, got 0 (see `ledger index --help`)"),
+        (["report"], "Error: Missing option '--period'. (see `ledger report --help`)"),
+        (["report", "--period", "2024-Q3", "--format", "xml"], "Error: Invalid value for '--format': "),
+        (["shards", "add", "--provider", "p"], "Error: Missing argument 'PATHS...'. (see `ledger shards add --help`)"),
+        (["nosuchcommand"], "Error: No such command 'nosuchcommand'. (see `ledger --help`)"),
+    ],
+)  # fmt: skip
+def test_a_usage_error_is_one_line_with_exit_status_2(
+    command: list[str], expected: str, tmp_path: Path
+) -> None:
+    proc = subprocess.run([*LEDGER, *command], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+
+
+def test_a_group_without_a_command_shows_its_help(tmp_path: Path) -> None:
+    proc = subprocess.run([*LEDGER, "statements"], capture_output=True, text=True, cwd=tmp_path)
+    assert "Usage: ledger statements" in proc.stderr and "finalize" in proc.stderr
+    assert not proc.stderr.startswith("Error")
