@@ -42,17 +42,23 @@ def refused(url: str, *args: str) -> str:
 counts = ledger_counts
 
 
-@pytest.fixture(scope="module")
-def ledger_url(workspace: Path, tmp_path_factory) -> str:
-    """A ledger with the workspace's shards plus one long text (more tokens than the model's
-    48 positions), an index over them, and the workspace's outputs attributed."""
-    root = tmp_path_factory.mktemp("edges")
+def workspace_ledger(workspace: Path, root: Path) -> str:
+    """A new SQLite ledger in `root` with the workspace's providers and shards registered."""
     url = f"sqlite:///{root / 'ledger.db'}"
     ok(url, "init")
     ok(url, "providers", "add", *PROVIDERS)
     for name in PROVIDERS:
         ok(url, "shards", "add", str(workspace / "shards" / f"{name}-000.jsonl"), "--provider",
            name)  # fmt: skip
+    return url
+
+
+@pytest.fixture(scope="module")
+def ledger_url(workspace: Path, tmp_path_factory) -> str:
+    """A ledger with the workspace's shards plus one long text (more tokens than the model's
+    48 positions), an index over them, and the workspace's outputs attributed."""
+    root = tmp_path_factory.mktemp("edges")
+    url = workspace_ledger(workspace, root)
     rows = (workspace / "shards" / "stellar-000.jsonl").read_text().splitlines()
     long_text = " ".join(json.loads(row)["text"] for row in rows)
     (root / "stellar-long.jsonl").write_text(json.dumps({"text": long_text}) + "\n")
@@ -333,12 +339,7 @@ def test_verify_takes_a_moved_model_and_reports_a_damaged_index(
 ) -> None:
     import shutil
 
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    ok(url, "init")
-    ok(url, "providers", "add", *PROVIDERS)
-    for name in PROVIDERS:
-        ok(url, "shards", "add", str(workspace / "shards" / f"{name}-000.jsonl"), "--provider",
-           name)  # fmt: skip
+    url = workspace_ledger(workspace, tmp_path)
     ok(url, "index", "--model", str(workspace / "model"), "--out", str(tmp_path / "indexes"),
        "--kind", "random", "--k-in", "4", "--k-out", "4")  # fmt: skip
     outputs = str(workspace / "queries.jsonl")
