@@ -111,8 +111,9 @@ def check_model_matches(model_dir: str | Path, index: GradientIndex) -> None:
     """Refuse a model whose weights or tokenizer differ from those the index was built with."""
     expected = index.manifest.get("model", {})
     found = model_info(model_dir)
-    if expected.get("tokenizer_sha256") == hash_tokenizer(model_dir, legacy=True):
-        found["tokenizer_sha256"] = expected["tokenizer_sha256"]  # hashed the earlier way
+    recorded = expected.get("tokenizer_sha256")
+    if recorded != found["tokenizer_sha256"] and recorded == hash_tokenizer(model_dir, legacy=True):
+        found["tokenizer_sha256"] = recorded  # an index hashed the earlier way
     for key in ("weights_sha256", "tokenizer_sha256"):
         if expected.get(key) != found[key]:
             raise InputError(

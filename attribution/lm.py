@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attribution.data import Query, ShardSpec, read_shard_texts, sha256_file
-from attribution.types import Batch, InputError
+from attribution.types import Batch, InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ def load_causal_lm(
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - every loader failure is a problem of the directory
         # (bad JSON, truncated or mismatched weights, missing files), reported in one line.
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = lines[0] if lines else type(exc).__name__
+        detail = first_line(exc)
         if "ignore_mismatched_sizes" in detail or "size mismatch" in str(exc):
             detail = "the weights' shapes do not match config.json"
         raise InputError(

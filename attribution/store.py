@@ -29,7 +29,7 @@ from attribution.config import IndexConfig
 from attribution.curvature import Bases, Curvature, LayerSlice, kfac_bases
 from attribution.manifest import verify_id
 from attribution.projection import KfacFactors, LayerProjector
-from attribution.types import IndexDamagedError
+from attribution.types import IndexDamagedError, first_line
 
 BUILD_FILE = "build.json"
 MANIFEST_FILE = "manifest.json"
@@ -140,16 +140,11 @@ def layer_slices(layers: list[dict]) -> list[LayerSlice]:
     ]
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _read_json(root: Path, name: str) -> dict:
     try:
         return json.loads((root / name).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise IndexDamagedError(root, name, _first_line(exc)) from exc
+        raise IndexDamagedError(root, name, first_line(exc)) from exc
 
 
 @dataclass
@@ -173,7 +168,7 @@ class GradientIndex:
         try:
             curvature = Curvature.load(root / CURVATURE_FILE, layer_slices(build["layers"]))
         except Exception as exc:  # noqa: BLE001 - whatever the reader raises on a bad file
-            raise IndexDamagedError(root, CURVATURE_FILE, _first_line(exc)) from exc
+            raise IndexDamagedError(root, CURVATURE_FILE, first_line(exc)) from exc
         index = GradientIndex(root, build, manifest, curvature)
         index.check_files()
         return index
@@ -191,7 +186,7 @@ class GradientIndex:
             try:
                 block = np.load(path, mmap_mode="r")
             except Exception as exc:  # noqa: BLE001 - missing, truncated, not an array
-                raise IndexDamagedError(self.root, name, _first_line(exc)) from exc
+                raise IndexDamagedError(self.root, name, first_line(exc)) from exc
             if block.ndim != 2 or block.shape[1] != self.dim:
                 raise IndexDamagedError(
                     self.root, name, f"shape {block.shape}, expected (rows, {self.dim})"
@@ -204,7 +199,7 @@ class GradientIndex:
         try:
             listed = pl.scan_parquet(self.root / METADATA_FILE).select(pl.len()).collect().item()
         except Exception as exc:  # noqa: BLE001 - missing or unreadable parquet
-            raise IndexDamagedError(self.root, METADATA_FILE, _first_line(exc)) from exc
+            raise IndexDamagedError(self.root, METADATA_FILE, first_line(exc)) from exc
         if listed != self.rows:
             raise IndexDamagedError(
                 self.root, METADATA_FILE, f"{listed} rows, the manifest says {self.rows}"

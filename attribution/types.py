@@ -42,6 +42,13 @@ training mode), so that the gradient of the summed loss splits into per-example 
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type's name if there is none),
+    for one-line errors that wrap what a library raised."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class InputError(ValueError):
     """Bad user input, located: file, line (1-based, or None) and field (or None). `unit` names
     what `line` counts: a text file's lines, or a table's rows (parquet)."""

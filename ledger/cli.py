@@ -799,11 +799,12 @@ def verify(
     else:
         for name, ok in v.checks.items():
             click.echo(f"{'ok  ' if ok else 'FAIL'} {name}")
-        for note in v.notes:  # nothing was re-computed: this is why
-            click.echo(f"     {note}")
-        if not v.notes and v.sampled == 0:
+        if v.notes:  # nothing was re-computed: this is why
+            for note in v.notes:
+                click.echo(f"     {note}")
+        elif v.sampled == 0:
             click.echo("FAIL no sampled output is still credited by this run (superseded)")
-        elif not v.notes:
+        else:
             click.echo(
                 f"{'ok  ' if v.agreeing == v.sampled else 'FAIL'} re-computed "
                 f"{v.agreeing}/{v.sampled} outputs agree "

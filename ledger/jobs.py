@@ -439,21 +439,23 @@ def verify_run(
     outputs = outputs or manifest["queries_file"]["name"]
     if not os.path.isfile(outputs):
         raise InputError(outputs, None, None, "queries file of the run not found (pass --outputs)")
+    run_ok = verify_id(manifest) and manifest["id"] == run_id
+    queries_ok = sha256_file(outputs) == manifest["queries_file"]["sha256"]
     try:
         index = GradientIndex.open(index_path)
     except IndexDamagedError as exc:
         checks = {
-            "run manifest id": verify_id(manifest) and manifest["id"] == run_id,
+            "run manifest id": run_ok,
             "index files intact": False,
-            "queries file sha256": sha256_file(outputs) == manifest["queries_file"]["sha256"],
+            "queries file sha256": queries_ok,
         }
         return Verification(run_id, checks, 0, 0, float("nan"), [str(exc)])
     checks = {
-        "run manifest id": verify_id(manifest) and manifest["id"] == run_id,
+        "run manifest id": run_ok,
         "index manifest id": verify_id(index.manifest) and index.id == index_id,
         "index blocks sha256": [sha256_file(f) for f in index.block_files()]
         == [b["sha256"] for b in index.manifest["blocks"]],
-        "queries file sha256": sha256_file(outputs) == manifest["queries_file"]["sha256"],
+        "queries file sha256": queries_ok,
     }
     model_dir = model_dir or index_model_dir(index)
     try:
