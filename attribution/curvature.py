@@ -2,7 +2,11 @@
 
 Two curvature kinds, both built from the stored per-example projected gradients g_{i,l}:
 
-- `full`: the projected empirical Fisher F_l = mean_i g_{i,l} g_{i,l}ᵀ, eigendecomposed.
+- `full`: the projected empirical Fisher F_l = mean_i g_{i,l} g_{i,l}ᵀ, eigendecomposed. A layer
+  too wide for a d × d matrix (over `FULL_DENSE_MAX_BYTES` in float64) keeps its rows instead,
+  when they fit `FISHER_PASS_BYTES`: with n < d examples F_l has rank at most n, and the thin SVD of the
+  rows gives its nonzero eigenpairs exactly; the rest of the space has eigenvalue 0 and is
+  damped by λ_l alone.
 - `ekfac`: EKFAC (George et al. 2018) in the projected space. The eigenbasis is the Kronecker
   product Q_out ⊗ Q_in of the eigenvectors of the layer's projected KFAC factors
   P_out S P_outᵀ and P_in A P_inᵀ (S = Σ_t δ_t δ_tᵀ over output gradients, A = Σ_t x_t x_tᵀ
@@ -31,6 +35,9 @@ CurvatureKind = Literal["ekfac", "full"]
 
 # Fisher accumulators of layers summed per pass stay below this many bytes (float64).
 FISHER_PASS_BYTES = 1 << 30
+# A layer whose d × d Fisher (float64) would be larger is fitted from its rows instead, which
+# must then fit FISHER_PASS_BYTES (n × d, with n < d examples); otherwise it is refused.
+FULL_DENSE_MAX_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,9 @@ class LayerCurvature:
     """F = V diag(eigvals) Vᵀ of one layer and its damping λ.
 
     V is either dense (`eigvecs`, d × d, columns are eigenvectors) or the Kronecker product
-    `q_out ⊗ q_in` of two small orthogonal matrices, never formed.
+    `q_out ⊗ q_in` of two small orthogonal matrices, never formed. A low-rank layer keeps only
+    r < d eigenvectors (`eigvecs` d × r, orthonormal columns); the complement of their span has
+    eigenvalue 0.
     """
 
     eigvals: np.ndarray  # (d,) float64
@@ -61,12 +70,22 @@ class LayerCurvature:
     q_out: np.ndarray | None = None  # (k_out, k_out)
     q_in: np.ndarray | None = None  # (k_in, k_in)
 
+    @property
+    def dim(self) -> int:
+        if self.eigvecs is not None:
+            return self.eigvecs.shape[0]
+        return self.q_out.shape[0] * self.q_in.shape[0]
+
+    @property
+    def low_rank(self) -> bool:
+        return self.eigvecs is not None and self.eigvecs.shape[1] < self.eigvecs.shape[0]
+
     def inverse_diagonal(self) -> np.ndarray:
         """1 / (eigvals + λ), the damped inverse in the eigenbasis."""
         return 1.0 / (np.maximum(self.eigvals, 0.0) + self.damping)
 
     def rotate(self, g: np.ndarray) -> np.ndarray:
-        """(n, d) → (n, d): coordinates in the eigenbasis, Vᵀ g."""
+        """(n, d) → (n, r): coordinates in the eigenbasis, Vᵀ g (r = d unless low-rank)."""
         if self.eigvecs is not None:
             return g @ self.eigvecs
         k_out, k_in = self.q_out.shape[0], self.q_in.shape[0]
@@ -74,7 +93,7 @@ class LayerCurvature:
         return np.matmul(np.matmul(self.q_out.T, m), self.q_in).reshape(g.shape[0], -1)
 
     def unrotate(self, z: np.ndarray) -> np.ndarray:
-        """(n, d) → (n, d): V z."""
+        """(n, r) → (n, d): V z."""
         if self.eigvecs is not None:
             return z @ self.eigvecs.T
         k_out, k_in = self.q_out.shape[0], self.q_in.shape[0]
@@ -98,8 +117,11 @@ class Curvature:
         g = np.asarray(g, dtype=np.float64)
         out = np.empty_like(g)
         for s, c in zip(self.slices, self.layers, strict=True):
-            z = c.rotate(g[:, s.start : s.stop])
+            g_l = g[:, s.start : s.stop]
+            z = c.rotate(g_l)
             out[:, s.start : s.stop] = c.unrotate(z * c.inverse_diagonal())
+            if c.low_rank:  # the complement of the eigenvectors: eigenvalue 0, so 1 / λ
+                out[:, s.start : s.stop] += (g_l - c.unrotate(z)) / c.damping
         return out
 
     def self_influence(self, g: np.ndarray) -> np.ndarray:
@@ -107,14 +129,21 @@ class Curvature:
         g = np.asarray(g, dtype=np.float64)
         total = np.zeros(g.shape[0], dtype=np.float64)
         for s, c in zip(self.slices, self.layers, strict=True):
-            z = c.rotate(g[:, s.start : s.stop])
+            g_l = g[:, s.start : s.stop]
+            z = c.rotate(g_l)
             total += (z * z) @ c.inverse_diagonal()
+            if c.low_rank:
+                rest = np.einsum("ij,ij->i", g_l, g_l) - np.einsum("ij,ij->i", z, z)
+                total += np.maximum(rest, 0.0) / c.damping
         return total
 
     def with_damping(self, factor: float) -> Curvature:
-        """The same eigenbasis and eigenvalues with λ_l = factor × mean eigenvalue."""
+        """The same eigenbasis and eigenvalues with λ_l = factor × mean eigenvalue (over all d
+        eigenvalues, the zeros of a low-rank layer included)."""
         layers = [
-            LayerCurvature(c.eigvals, c.eigvecs, _damping(c.eigvals, factor), c.q_out, c.q_in)
+            LayerCurvature(
+                c.eigvals, c.eigvecs, _damping(c.eigvals, factor, c.dim), c.q_out, c.q_in
+            )
             for c in self.layers
         ]
         return Curvature(self.slices, layers)
@@ -149,8 +178,8 @@ class Curvature:
         return Curvature(slices, layers)
 
 
-def _damping(eigvals: np.ndarray, factor: float) -> float:
-    mean = float(np.maximum(eigvals, 0.0).mean())
+def _damping(eigvals: np.ndarray, factor: float, dim: int) -> float:
+    mean = float(np.maximum(eigvals, 0.0).sum()) / dim if dim else 0.0
     # A layer whose gradients are all zero still needs a positive damping.
     return factor * mean if mean > 0 else 1.0
 
@@ -209,7 +238,9 @@ def fit_curvature(
 
 def _fit_full(source: BlockSource, slices: list[LayerSlice], budget: int) -> list[LayerCurvature]:
     fitted: dict[str, LayerCurvature] = {}
-    for group in _pass_groups(slices, lambda s: s.dim * s.dim * 8, budget):
+    wide = [s for s in slices if s.dim * s.dim * 8 > FULL_DENSE_MAX_BYTES]
+    narrow = [s for s in slices if s.dim * s.dim * 8 <= FULL_DENSE_MAX_BYTES]
+    for group in _pass_groups(narrow, lambda s: s.dim * s.dim * 8, budget):
         acc = {s.name: np.zeros((s.dim, s.dim)) for s in group}
         n = 0
         for block in source():
@@ -223,7 +254,40 @@ def _fit_full(source: BlockSource, slices: list[LayerSlice], budget: int) -> lis
             fisher = acc[s.name] / n
             eigvals, eigvecs = np.linalg.eigh((fisher + fisher.T) / 2)
             fitted[s.name] = LayerCurvature(np.maximum(eigvals, 0.0), eigvecs, 0.0)
+    for s in wide:
+        fitted[s.name] = _fit_low_rank(source, s, budget)
     return [fitted[s.name] for s in slices]
+
+
+def _fit_low_rank(source: BlockSource, s: LayerSlice, budget: int) -> LayerCurvature:
+    """The full Fisher of a layer too wide for a d × d matrix, from its rows (n × d) when they
+    fit `budget`: F = Vᵀ diag(σ² / n) V from the thin SVD of the rows, rank ≤ n < d."""
+    parts: list[np.ndarray] = []
+    n = 0
+    for block in source():
+        n += block.shape[0]
+        if n >= s.dim or n * s.dim * 8 > budget:
+            why = (
+                f"its rows of {n:,} or more examples (not fewer than its dimensions) give no "
+                f"low-rank form" if n >= s.dim else
+                f"the rows of {n:,} or more examples need over {_size(budget)}"
+            )  # fmt: skip
+            raise ValueError(
+                f"layer '{s.name}': a full Fisher of {s.dim:,} dimensions needs "
+                f"{_size(s.dim * s.dim * 8)} as a matrix, and {why}; use the 'ekfac' "
+                f"curvature or a smaller projection"
+            )
+        parts.append(np.array(block[:, s.start : s.stop], dtype=np.float64))
+    _require_rows(n)
+    _, sigma, vt = np.linalg.svd(np.concatenate(parts), full_matrices=False)
+    return LayerCurvature(sigma**2 / n, np.ascontiguousarray(vt.T), 0.0)
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} bytes"
 
 
 def _fit_ekfac(

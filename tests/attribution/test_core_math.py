@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from attribution import Batch, IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
-from attribution.curvature import LayerSlice
+from attribution import curvature as curvature_module
+from attribution.curvature import LayerSlice, fit_curvature
 from attribution.index import CurvatureSample, make_projectors
 from attribution.projection import (
     find_layers,
@@ -172,11 +173,19 @@ def _slices(index) -> list[LayerSlice]:
 
 @pytest.mark.parametrize("case", ["mlp", "gpt2"])
 @pytest.mark.parametrize("kind", ["identity", "pca"])
-def test_full_dimension_scores_equal_explicit_damped_fisher_formula(tmp_path, case, kind) -> None:
+@pytest.mark.parametrize("form", ["dense", "low-rank"])
+def test_full_dimension_scores_equal_explicit_damped_fisher_formula(
+    tmp_path, monkeypatch, case, kind, form
+) -> None:
     """With P = I (or an orthogonal full-rank PCA basis), LoGra is the exact block-diagonal
-    damped-Fisher influence on full gradients."""
+    damped-Fisher influence on full gradients. `low-rank`: every layer wider than the examples
+    are many is fitted from its rows (as a layer too wide for a d × d matrix is), and the
+    complement of their span is damped by λ alone."""
     make_model, loss_fn, make_batches = CASES[case]
     model, batches = make_model(), make_batches()
+    n_train = sum(len(b) for b in batches)
+    if form == "low-rank":  # a d × d matrix over n × n floats counts as too wide
+        monkeypatch.setattr(curvature_module, "FULL_DENSE_MAX_BYTES", n_train * n_train * 8)
     queries = make_batches(n=5, seed=11)
     config = IndexConfig(
         projection=ProjectionConfig(kind=kind, k_in=10_000, k_out=10_000, head_projection="pca"),
@@ -204,6 +213,44 @@ def test_full_dimension_scores_equal_explicit_damped_fisher_formula(tmp_path, ca
     expected, expected_self = damped_fisher_scores(flat(full_train), flat(full_query), slices, 0.3)
     assert rel_err(result.dense, expected) < 1e-4
     assert rel_err(index.self_influence, expected_self) < 1e-4
+    low_rank = [c.low_rank for c in index.curvature.layers]
+    assert any(low_rank) == (form == "low-rank")
+    assert low_rank == [form == "low-rank" and s.dim > n_train for s in index.curvature.slices]
+
+
+def test_a_full_fisher_too_wide_for_a_matrix_or_its_rows_is_refused_by_name(monkeypatch) -> None:
+    """A layer too wide for a d × d matrix is fitted from its rows only while they are fewer
+    than its dimensions and fit the pass budget; otherwise one line says why and what to use."""
+    rows = np.random.default_rng(0).normal(size=(12, 10))
+    slices = [LayerSlice("narrow", 0, 4), LayerSlice("wide", 4, 10)]
+    monkeypatch.setattr(curvature_module, "FULL_DENSE_MAX_BYTES", 4 * 4 * 8)
+    with pytest.raises(ValueError, match=r"layer 'wide': a full Fisher of 6 dimensions .*"
+                       r"not fewer than its dimensions.*'ekfac'"):  # fmt: skip
+        fit_curvature(lambda: [rows[:6], rows[6:]], slices, 0.1, "full")
+    fitted = fit_curvature(lambda: [rows[:3], rows[3:5]], slices, 0.1, "full")
+    assert [c.low_rank for c in fitted.layers] == [False, True]
+    with pytest.raises(ValueError, match=r"layer 'wide'.* rows of 5 or more examples need over"):
+        fit_curvature(lambda: [rows[:3], rows[3:5]], slices, 0.1, "full", budget_bytes=200)
+
+
+def test_a_low_rank_full_fisher_damps_the_rest_of_the_space_by_lambda(monkeypatch) -> None:
+    """Vectors outside the span of the fitted rows (another model's rows, or the curvature fitted
+    on a sample) are preconditioned as by the explicit (F + λI)⁻¹: the complement gets 1 / λ."""
+    rng = np.random.default_rng(1)
+    rows, other = rng.normal(size=(5, 16)), rng.normal(size=(3, 16))
+    slices = [LayerSlice("a", 0, 6), LayerSlice("b", 6, 16)]
+    monkeypatch.setattr(curvature_module, "FULL_DENSE_MAX_BYTES", 0)
+    fitted = fit_curvature(lambda: [rows[:2], rows[2:]], slices, 0.2, "full")
+    assert all(c.low_rank for c in fitted.layers)
+    expected, expected_self = np.zeros_like(other), np.zeros(len(other))
+    for s in slices:
+        g, x = rows[:, s.start : s.stop], other[:, s.start : s.stop]
+        fisher = g.T @ g / len(g)
+        damped = fisher + 0.2 * np.trace(fisher) / s.dim * np.eye(s.dim)
+        expected[:, s.start : s.stop] = np.linalg.solve(damped, x.T).T
+        expected_self += np.einsum("nd,dn->n", x, np.linalg.solve(damped, x.T))
+    np.testing.assert_allclose(fitted.precondition(other), expected, rtol=1e-10)
+    np.testing.assert_allclose(fitted.self_influence(other), expected_self, rtol=1e-10)
 
 
 def test_self_influence_relatif_and_provider_sums_equal_dense_numpy(tmp_path) -> None:
