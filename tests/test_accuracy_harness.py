@@ -93,3 +93,18 @@ def test_both_curvature_kinds_on_one_index_and_library_path_agrees(tmp_path, one
     full = methods.influence_scores(built, 1.0, False, curvature_kind="full")
     assert ekfac.shape == full.shape == (3, 40)
     assert not np.allclose(ekfac, full)
+
+
+def test_zipf_topics_draw_words_with_frequency_inverse_to_rank() -> None:
+    """The large-vocabulary corpus's topics: distinct words per provider and slot, disjoint
+    across providers, drawn (uniform choice from the tuple) with frequency ∝ 1 / rank."""
+    from benchmarks.accuracy.settings import zipf_topics
+
+    topics = zipf_topics(["a", "b"], nouns=50, verbs=10, adjectives=10, seed=3)
+    nouns = topics["a"].nouns
+    distinct = list(dict.fromkeys(nouns))
+    assert len(distinct) == 50
+    assert not set(distinct) & set(topics["b"].nouns)
+    counts = np.array([nouns.count(w) for w in distinct])
+    np.testing.assert_array_equal(counts, np.ceil(50 / np.arange(1, 51)))
+    assert zipf_topics(["a", "b"], 50, 10, 10, seed=3) == topics

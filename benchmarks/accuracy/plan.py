@@ -20,9 +20,11 @@ FULL = {
     "mlp-digits": Plan(100, (0, 1, 2, 3), tuple(range(8)), 16, (10, 20, 40)),
     "gpt2-corpus": Plan(64, (0, 1, 2, 3), tuple(range(8)), 5, (5, 20)),
     "gpt2-corpus-b": Plan(64, (0, 1, 2, 3), tuple(range(8)), 5, (5, 20)),
+    "gpt2-corpus-c": Plan(64, (0, 1, 2, 3), tuple(range(8)), 5, (5, 20)),
 }
 QUICK = {
     "mlp-digits": Plan(12, (0, 1), (0,), 4, (10, 40)),
     "gpt2-corpus": Plan(8, (0,), (0,), 2, (10,)),
     "gpt2-corpus-b": Plan(8, (0,), (0,), 2, (10,)),
+    "gpt2-corpus-c": Plan(8, (0,), (0,), 2, (10,)),
 }

@@ -189,6 +189,40 @@ LM_PROVIDERS = ["astronomy", "cooking", "law", "medicine", "sailing", "gardening
 LM_OVERLAP_PAIRS = [("astronomy", "cooking"), ("law", "medicine")]
 
 
+def zipf_topics(names: list[str], nouns: int, verbs: int, adjectives: int, seed: int = 0) -> dict:
+    """Pseudo-word topics with large vocabularies drawn with Zipf's law, for `make_corpus`.
+
+    Provider i gets `nouns`, `verbs` and `adjectives` distinct words ending in its index; the
+    word of rank r appears in the topic's tuples ceil(R / r) times (R = the slot's word count),
+    so uniform choice from a tuple draws its words with frequency ∝ 1 / rank: a few frequent
+    words and a long tail, as in natural text, with most of a large vocabulary rare.
+    """
+    import math
+    import random
+
+    from attribution.synthetic import _SYLLABLES, TopicSpec
+
+    def words(rng: random.Random, n: int, ending: str, index: int) -> tuple[str, ...]:
+        distinct: list[str] = []
+        while len(distinct) < n:
+            word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4)))
+            word = f"{word}{ending}{index}"
+            if word not in distinct:
+                distinct.append(word)
+        return tuple(w for r, w in enumerate(distinct, 1) for _ in range(math.ceil(n / r)))
+
+    out = {}
+    for i, name in enumerate(names):
+        rng = random.Random(f"zipf-topic:{seed}:{i}")
+        out[name] = TopicSpec(
+            words(rng, nouns, "o", i),
+            words(rng, verbs, "es", i),
+            words(rng, adjectives, "ic", i),
+            (),
+        )
+    return out
+
+
 def lm_setting(
     workdir: Path,
     name: str = "gpt2-corpus",
@@ -202,8 +236,12 @@ def lm_setting(
     batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
+    vocabulary: tuple[int, int, int] | None = None,
 ) -> Setting:
     """GPT-2 (n_embd 24, 2 layers) on six providers: two overlapping pairs, two distinct ones.
+
+    `vocabulary`: (nouns, verbs, adjectives) per provider, drawn with Zipf's law
+    (`zipf_topics`), instead of the built-in topics' 28 words each.
 
     `name` names the setting (and its ground-truth cache); `SETTINGS` holds the ones the
     harness runs. Recipe: `epochs` passes over the rows in a seeded shuffled order, minibatches of
@@ -218,8 +256,11 @@ def lm_setting(
         write_shards,
     )
 
+    topics = (
+        LM_PROVIDERS if vocabulary is None else zipf_topics(LM_PROVIDERS, *vocabulary, seed=seed)
+    )
     corpus = make_corpus(
-        LM_PROVIDERS, docs_per_provider, seed=seed, overlap=overlap, overlap_pairs=LM_OVERLAP_PAIRS
+        topics, docs_per_provider, seed=seed, overlap=overlap, overlap_pairs=LM_OVERLAP_PAIRS
     )
     texts = [t for docs in corpus.values() for t in docs]
     tokenizer = build_word_tokenizer(texts)
@@ -236,6 +277,8 @@ def lm_setting(
         n_layer=n_layer, max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed,
     )  # fmt: skip
+    if vocabulary is not None:
+        recipe["vocabulary"] = list(vocabulary)
 
     def train(rows: np.ndarray, run_seed: int) -> nn.Module:
         from transformers import GPT2LMHeadModel
@@ -326,6 +369,12 @@ SETTINGS = {
     # chosen on one toy language model is checked on another.
     "lm-b": lambda workdir: lm_setting(
         workdir / "gpt2-b-data", name="gpt2-corpus-b", seed=1, overlap=0.5, n_embd=32
+    ),
+    # A third corpus with a large, Zipf-distributed vocabulary (about 2,000 tokens, ten times
+    # the others', most of them rare), so that choices about the output head's vocabulary side
+    # are checked where a projection keeps a small share of it.
+    "lm-c": lambda workdir: lm_setting(
+        workdir / "gpt2-c-data", name="gpt2-corpus-c", seed=2, vocabulary=(200, 60, 60)
     ),
 }
 """Settings of `python -m benchmarks.accuracy.run --settings`, by key: workdir → Setting."""
