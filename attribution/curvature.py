@@ -2,11 +2,11 @@
 
 Two curvature kinds, both built from the stored per-example projected gradients g_{i,l}:
 
-- `full`: the projected empirical Fisher F_l = mean_i g_{i,l} g_{i,l}ᵀ, eigendecomposed. A layer
-  too wide for a d × d matrix (over `FULL_DENSE_MAX_BYTES` in float64) keeps its rows instead,
-  when they fit `FISHER_PASS_BYTES`: with n < d examples F_l has rank at most n, and the thin SVD of the
-  rows gives its nonzero eigenpairs exactly; the rest of the space has eigenvalue 0 and is
-  damped by λ_l alone.
+- `full`: the projected empirical Fisher F_l = mean_i g_{i,l} g_{i,l}ᵀ, eigendecomposed. With
+  n < d examples F_l has rank at most n: the thin SVD of the rows gives its nonzero eigenpairs
+  exactly, and the rest of the space has eigenvalue 0 and is damped by λ_l alone. That is how
+  such a layer is fitted, and how a layer too wide for a d × d matrix (over
+  `FULL_DENSE_MAX_BYTES` in float64) must be, its rows then within `FISHER_PASS_BYTES`.
 - `ekfac`: EKFAC (George et al. 2018) in the projected space. The eigenbasis is the Kronecker
   product Q_out ⊗ Q_in of the eigenvectors of the layer's projected KFAC factors
   P_out S P_outᵀ and P_in A P_inᵀ (S = Σ_t δ_t δ_tᵀ over output gradients, A = Σ_t x_t x_tᵀ
@@ -241,22 +241,54 @@ def _fit_full(source: BlockSource, slices: list[LayerSlice], budget: int) -> lis
     wide = [s for s in slices if s.dim * s.dim * 8 > FULL_DENSE_MAX_BYTES]
     narrow = [s for s in slices if s.dim * s.dim * 8 <= FULL_DENSE_MAX_BYTES]
     for group in _pass_groups(narrow, lambda s: s.dim * s.dim * 8, budget):
-        acc = {s.name: np.zeros((s.dim, s.dim)) for s in group}
-        n = 0
+        acc = {s.name: _FullFisherSum(s.dim) for s in group}
         for block in source():
             b = np.asarray(block, dtype=np.float64)
             for s in group:
-                g = b[:, s.start : s.stop]
-                acc[s.name] += g.T @ g
-            n += b.shape[0]
-        _require_rows(n)
+                acc[s.name].add(b[:, s.start : s.stop])
         for s in group:
-            fisher = acc[s.name] / n
-            eigvals, eigvecs = np.linalg.eigh((fisher + fisher.T) / 2)
-            fitted[s.name] = LayerCurvature(np.maximum(eigvals, 0.0), eigvecs, 0.0)
+            fitted[s.name] = acc[s.name].fit()
     for s in wide:
         fitted[s.name] = _fit_low_rank(source, s, budget)
     return [fitted[s.name] for s in slices]
+
+
+class _FullFisherSum:
+    """One layer's Σ g gᵀ. While there are fewer rows than dimensions it keeps the rows (never
+    more than the d × d matrix it replaces) and fits the rank-n Fisher from their thin SVD,
+    which is exact and much cheaper than a d × d eigendecomposition; from d rows on, the d × d
+    sum."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.n = dim, 0
+        self.rows: list[np.ndarray] = []
+        self.sum: np.ndarray | None = None
+
+    def add(self, g: np.ndarray) -> None:
+        self.n += g.shape[0]
+        if self.sum is None and self.n < self.dim:
+            self.rows.append(np.array(g))
+            return
+        if self.sum is None:
+            self.sum = np.zeros((self.dim, self.dim))
+            for r in self.rows:
+                self.sum += r.T @ r
+            self.rows = []
+        self.sum += g.T @ g
+
+    def fit(self) -> LayerCurvature:
+        _require_rows(self.n)
+        if self.sum is None:
+            return _low_rank(np.concatenate(self.rows), self.n)
+        fisher = self.sum / self.n
+        eigvals, eigvecs = np.linalg.eigh((fisher + fisher.T) / 2)
+        return LayerCurvature(np.maximum(eigvals, 0.0), eigvecs, 0.0)
+
+
+def _low_rank(rows: np.ndarray, n: int) -> LayerCurvature:
+    """F = V diag(σ² / n) Vᵀ from the thin SVD of the (n × d) rows, n < d."""
+    _, sigma, vt = np.linalg.svd(rows, full_matrices=False)
+    return LayerCurvature(sigma**2 / n, np.ascontiguousarray(vt.T), 0.0)
 
 
 def _fit_low_rank(source: BlockSource, s: LayerSlice, budget: int) -> LayerCurvature:
@@ -279,8 +311,7 @@ def _fit_low_rank(source: BlockSource, s: LayerSlice, budget: int) -> LayerCurva
             )
         parts.append(np.array(block[:, s.start : s.stop], dtype=np.float64))
     _require_rows(n)
-    _, sigma, vt = np.linalg.svd(np.concatenate(parts), full_matrices=False)
-    return LayerCurvature(sigma**2 / n, np.ascontiguousarray(vt.T), 0.0)
+    return _low_rank(np.concatenate(parts), n)
 
 
 def _size(n_bytes: int) -> str:

@@ -173,18 +173,18 @@ def _slices(index) -> list[LayerSlice]:
 
 @pytest.mark.parametrize("case", ["mlp", "gpt2"])
 @pytest.mark.parametrize("kind", ["identity", "pca"])
-@pytest.mark.parametrize("form", ["dense", "low-rank"])
+@pytest.mark.parametrize("form", ["dense", "wide"])
 def test_full_dimension_scores_equal_explicit_damped_fisher_formula(
     tmp_path, monkeypatch, case, kind, form
 ) -> None:
     """With P = I (or an orthogonal full-rank PCA basis), LoGra is the exact block-diagonal
-    damped-Fisher influence on full gradients. `low-rank`: every layer wider than the examples
-    are many is fitted from its rows (as a layer too wide for a d × d matrix is), and the
-    complement of their span is damped by λ alone."""
+    damped-Fisher influence on full gradients. A layer with more dimensions than examples is
+    fitted from its rows' SVD, the complement of their span damped by λ alone; `wide`: such a
+    layer counts as too wide for a d × d matrix, so its rows are kept on that path instead."""
     make_model, loss_fn, make_batches = CASES[case]
     model, batches = make_model(), make_batches()
     n_train = sum(len(b) for b in batches)
-    if form == "low-rank":  # a d × d matrix over n × n floats counts as too wide
+    if form == "wide":  # a d × d matrix over n × n floats counts as too wide
         monkeypatch.setattr(curvature_module, "FULL_DENSE_MAX_BYTES", n_train * n_train * 8)
     queries = make_batches(n=5, seed=11)
     config = IndexConfig(
@@ -213,9 +213,9 @@ def test_full_dimension_scores_equal_explicit_damped_fisher_formula(
     expected, expected_self = damped_fisher_scores(flat(full_train), flat(full_query), slices, 0.3)
     assert rel_err(result.dense, expected) < 1e-4
     assert rel_err(index.self_influence, expected_self) < 1e-4
+    # Layers wider than the examples are many hold the rank-n Fisher from the rows' SVD.
     low_rank = [c.low_rank for c in index.curvature.layers]
-    assert any(low_rank) == (form == "low-rank")
-    assert low_rank == [form == "low-rank" and s.dim > n_train for s in index.curvature.slices]
+    assert low_rank == [s.dim > n_train for s in index.curvature.slices]
 
 
 def test_a_full_fisher_too_wide_for_a_matrix_or_its_rows_is_refused_by_name(monkeypatch) -> None:
