@@ -18,7 +18,7 @@ DEFAULT_CURVATURE = "ekfac"
 DEFAULT_DAMPING_FACTOR = 0.01
 DEFAULT_FISHER_LABELS = "sampled"
 DEFAULT_HEAD_PROJECTION = "random"
-DEFAULT_HEAD_K_OUT = 128
+DEFAULT_HEAD_K_OUT = 1024
 DEFAULT_CURVATURE_LABELS = "data"
 DEFAULT_LM_CURVATURE_LABELS = "sampled"
 """Language models (`attribution.language`, `ledger index`) fit the curvature's eigenvalues on

@@ -202,13 +202,17 @@ def _variants(
         if tied:
             rows["without the tied head"] = library("-no-head", tied_head=False)
         rows["head's vocabulary side by PCA"] = library("-head-pca", head_projection="pca")
+        vocab = layer_widths(head_module)[1]
+        default_head = min(ProjectionConfig().head_k_out or DEFAULT_K, vocab)
         rows[f"head k_out = k_out ({DEFAULT_K})"] = library("-head-k", head_k_out=None)
-        rows["head k_out = 64"] = library("-head-k64", head_k_out=64)
+        for size in (64, 128, 256, 512):
+            if size < vocab and size != default_head:
+                rows[f"head k_out = {size}"] = library(f"-head-k{size}", head_k_out=size)
         # The head's whole vocabulary side (no projection there): what the head's projection
         # gives up, alone and with sampled-label eigenvalues (kronfluence's setting).
-        vocab = layer_widths(head_module)[1]
         whole = f"head k_out = vocabulary ({vocab}, that side unprojected)"
-        rows[whole] = library("-head-whole", head_k_out=vocab)
+        if default_head < vocab:
+            rows[whole] = library("-head-whole", head_k_out=vocab)
         rows[f"{whole}, eigenvalues from {described[other]}"] = library(
             f"-head-whole-curv-{other}", head_k_out=vocab, curvature_labels=other
         )

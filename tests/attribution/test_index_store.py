@@ -186,7 +186,8 @@ def test_settings_round_trip_and_older_manifests_keep_their_meaning() -> None:
     assert restored.projection.head_projection == "pca"
     assert restored.projection.dims_for("lm_head", 64, 1000, head=True) == (32, 32)
     assert (restored.curvature, restored.fisher_labels) == ("full", "data")
-    assert IndexConfig().projection.dims_for("lm_head", 64, 1000, head=True) == (32, 128)
+    assert IndexConfig().projection.dims_for("lm_head", 64, 50257, head=True) == (32, 1024)
+    assert IndexConfig().projection.dims_for("lm_head", 64, 1000, head=True) == (32, 1000)
 
 
 def test_factors_and_projections_that_share_memory_save_and_load_back(tmp_path) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from sqlalchemy import text
 
+from attribution.config import DEFAULT_HEAD_K_OUT
 from ledger.db import make_engine
 from tests.cli.workspace import PROVIDERS, ledger_counts
 
@@ -241,7 +242,7 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
     assert not torch.allclose(heads["default"].p_out, heads["head-pca"].p_out)
     # The vocabulary side keeps --head-k-out directions (0: --k-out), capped at the vocabulary.
     vocab = heads["default"].p_out.shape[1]
-    assert heads["default"].p_out.shape[0] == min(128, vocab)
+    assert heads["default"].p_out.shape[0] == min(DEFAULT_HEAD_K_OUT, vocab)
     assert heads["head-k"].p_out.shape[0] == 4 and config["head-k"]["head_k_out"] is None
     proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
                   str(tmp_path / "z"), "--head-k-out", "-1", check=False)  # fmt: skip
