@@ -8,7 +8,7 @@ tokens of random token ids (every token real). The loss is `attribution.lm.lm_lo
   mode, on a copy of the model;
 - logging pass: what `attribution.build_index` runs per batch with the default `IndexConfig`
   (PCA projections, k = 32 per side, every Conv1D layer and the tied output head, whose
-  vocabulary side keeps 128 random directions):
+  vocabulary side keeps 1,024 random directions):
   `attribution.index._log_gradients` over the same batches into a fresh index directory,
   i.e. `projected_gradients` (forward + backward with frozen parameters, projected hooks,
   per-example Kronecker products), conversion to the storage dtype, and the block writes;

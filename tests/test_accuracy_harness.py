@@ -108,3 +108,28 @@ def test_zipf_topics_draw_words_with_frequency_inverse_to_rank() -> None:
     counts = np.array([nouns.count(w) for w in distinct])
     np.testing.assert_array_equal(counts, np.ceil(50 / np.arange(1, 51)))
     assert zipf_topics(["a", "b"], 50, 10, 10, seed=3) == topics
+
+
+def test_head_projection_study_builds_the_projections_it_names() -> None:
+    """`head_projections`: each named P has the stated form (k rows over the vocabulary)."""
+    from benchmarks.accuracy.head_projections import projections
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 12)) * np.linspace(3, 0.1, 12)
+    s = x.T @ x
+    ps = projections(s, 6)
+    np.testing.assert_array_equal(ps["whole vocabulary (no projection)"], np.eye(12))
+    assert all(p.shape == (6, 12) for n, p in ps.items() if n.startswith(("Gaussian", "count")))
+    sketch = ps["count sketch (seed 0)"]
+    assert ((sketch != 0).sum(0) == 1).all() and set(np.unique(sketch)) <= {-1.0, 0.0, 1.0}
+    pca = ps["PCA (top eigenvectors of S)"]
+    np.testing.assert_allclose(pca @ pca.T, np.eye(6), atol=1e-10)
+    top = np.linalg.eigh(s)[0][::-1][:6]
+    np.testing.assert_allclose(np.diag(pca @ s @ pca.T), top, rtol=1e-8)
+    mixed = next(p for n, p in ps.items() if n.startswith("top 3 tokens"))
+    frequent = np.argsort(-np.diag(s))[:3]
+    np.testing.assert_array_equal(mixed[:3][:, frequent], np.eye(3))
+    whitened = ps["Gaussian rows, whitened by S (damping 1 × mean)"]
+    gaussian = ps["Gaussian rows"]
+    w, v = np.linalg.eigh(s)
+    np.testing.assert_allclose(whitened, gaussian @ (v / np.sqrt(w + w.mean())) @ v.T, rtol=1e-8)

@@ -175,7 +175,9 @@ def _variants(
     setting's defaults (sampled-label gradients, `curvature_labels="sampled"`, as kronfluence
     fits them, for language models; the stored training-label gradients otherwise), sampled
     labels with four draws per example, and with a quarter of the examples
-    (`curvature_examples`); and exact EKFAC with sampled-label eigenvalues.
+    (`curvature_examples`); and exact EKFAC with sampled-label eigenvalues. Language models
+    also: KFAC factors from the other labels than `DEFAULT_FISHER_LABELS`, eigenvalues as the
+    defaults.
     """
     masks, losses, names, rises = truth
     base = setting.base_model()
@@ -190,9 +192,9 @@ def _variants(
 
     def library(suffix: str, curvature_labels: str = labels, curvature_draws: int = 1,
                 curvature_examples: int | None = DEFAULT_CURVATURE_EXAMPLES,
-                **projection) -> np.ndarray:  # fmt: skip
+                fisher_labels: str = DEFAULT_FISHER_LABELS, **projection) -> np.ndarray:  # fmt: skip
         variant = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
-                                projection=projection, suffix=suffix,
+                                projection=projection, suffix=suffix, fisher_labels=fisher_labels,
                                 curvature_labels=curvature_labels,
                                 curvature_draws=curvature_draws,
                                 curvature_examples=curvature_examples)  # fmt: skip
@@ -221,6 +223,13 @@ def _variants(
         if other == "data"
         else library(f"-curv-{other}", curvature_labels=other)
     )
+    if labels == "sampled":
+        # The KFAC factors (the EKFAC basis) from the training labels, eigenvalues as the
+        # defaults: the sweep measures the factors' labels only with stored-gradient eigenvalues.
+        factor_labels = "data" if DEFAULT_FISHER_LABELS == "sampled" else "sampled"
+        rows[f"KFAC factors from {factor_labels} labels"] = library(
+            f"-factors-{factor_labels}", fisher_labels=factor_labels
+        )
     rows["eigenvalues from sampled labels, 4 draws per example"] = library(
         "-curv-sampled4", curvature_labels="sampled", curvature_draws=4
     )
