@@ -288,7 +288,9 @@ def shards_list(ctx: Context, fmt: str) -> None:
     type=int,
     default=DEFAULT_HEAD_K_OUT,
     show_default=True,
-    help="Projected size of the output head's vocabulary side (0: --k-out).",
+    help="Projected size of the output head's vocabulary side, capped at the vocabulary "
+    "(0: --k-out). Fewer directions shrink the index and cost accuracy (see "
+    "benchmarks/results/accuracy.md).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
