@@ -200,20 +200,29 @@ _SYLLABLES = (
 )
 
 
+def pseudo_words(
+    rng: random.Random, n: int, ending: str, index: int, max_syllables: int = 3
+) -> tuple[str, ...]:
+    """`n` distinct pseudo-words of 2 to `max_syllables` syllables, each ending in
+    `ending` and `index` (so that words of different indexes never coincide)."""
+    out: list[str] = []
+    while len(out) < n:
+        word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, max_syllables)))
+        word = f"{word}{ending}{index}"
+        if word not in out:
+            out.append(word)
+    return tuple(out)
+
+
 def _pseudo_topic(index: int, seed: int) -> TopicSpec:
     """A topic of seeded pseudo-words; the `index` suffix keeps them disjoint across topics."""
     rng = random.Random(f"topic:{seed}:{index}")
-
-    def words(n: int, ending: str) -> tuple[str, ...]:
-        out: list[str] = []
-        while len(out) < n:
-            word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
-            word = f"{word}{ending}{index}"
-            if word not in out:
-                out.append(word)
-        return tuple(out)
-
-    return TopicSpec(words(12, "o"), words(8, "es"), words(8, "ic"), ())
+    return TopicSpec(
+        pseudo_words(rng, 12, "o", index),
+        pseudo_words(rng, 8, "es", index),
+        pseudo_words(rng, 8, "ic", index),
+        (),
+    )
 
 
 def resolve_topics(

@@ -200,15 +200,10 @@ def zipf_topics(names: list[str], nouns: int, verbs: int, adjectives: int, seed:
     import math
     import random
 
-    from attribution.synthetic import _SYLLABLES, TopicSpec
+    from attribution.synthetic import TopicSpec, pseudo_words
 
     def words(rng: random.Random, n: int, ending: str, index: int) -> tuple[str, ...]:
-        distinct: list[str] = []
-        while len(distinct) < n:
-            word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4)))
-            word = f"{word}{ending}{index}"
-            if word not in distinct:
-                distinct.append(word)
+        distinct = pseudo_words(rng, n, ending, index, max_syllables=4)
         return tuple(w for r, w in enumerate(distinct, 1) for _ in range(math.ceil(n / r)))
 
     out = {}
