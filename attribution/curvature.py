@@ -119,9 +119,12 @@ class Curvature:
         for s, c in zip(self.slices, self.layers, strict=True):
             g_l = g[:, s.start : s.stop]
             z = c.rotate(g_l)
-            out[:, s.start : s.stop] = c.unrotate(z * c.inverse_diagonal())
-            if c.low_rank:  # the complement of the eigenvectors: eigenvalue 0, so 1 / λ
-                out[:, s.start : s.stop] += (g_l - c.unrotate(z)) / c.damping
+            if c.low_rank:  # V diag(1/(e+λ)) Vᵀ g + (g − V Vᵀ g) / λ: the complement gets 1 / λ
+                out[:, s.start : s.stop] = (
+                    c.unrotate(z * (c.inverse_diagonal() - 1.0 / c.damping)) + g_l / c.damping
+                )
+            else:
+                out[:, s.start : s.stop] = c.unrotate(z * c.inverse_diagonal())
         return out
 
     def self_influence(self, g: np.ndarray) -> np.ndarray:
@@ -130,10 +133,10 @@ class Curvature:
         total = np.zeros(g.shape[0], dtype=np.float64)
         for s, c in zip(self.slices, self.layers, strict=True):
             g_l = g[:, s.start : s.stop]
-            z = c.rotate(g_l)
-            total += (z * z) @ c.inverse_diagonal()
-            if c.low_rank:
-                rest = np.einsum("ij,ij->i", g_l, g_l) - np.einsum("ij,ij->i", z, z)
+            zz = c.rotate(g_l) ** 2
+            total += zz @ c.inverse_diagonal()
+            if c.low_rank:  # the complement's share of |g|², over λ
+                rest = np.einsum("ij,ij->i", g_l, g_l) - zz.sum(axis=1)
                 total += np.maximum(rest, 0.0) / c.damping
         return total
 
@@ -237,19 +240,20 @@ def fit_curvature(
 
 
 def _fit_full(source: BlockSource, slices: list[LayerSlice], budget: int) -> list[LayerCurvature]:
+    def dense_fits(s: LayerSlice) -> bool:
+        return s.dim * s.dim * 8 <= FULL_DENSE_MAX_BYTES
+
+    groups = _pass_groups([s for s in slices if dense_fits(s)], lambda s: s.dim**2 * 8, budget)
+    groups += [[s] for s in slices if not dense_fits(s)]  # rows only, a pass of its own
     fitted: dict[str, LayerCurvature] = {}
-    wide = [s for s in slices if s.dim * s.dim * 8 > FULL_DENSE_MAX_BYTES]
-    narrow = [s for s in slices if s.dim * s.dim * 8 <= FULL_DENSE_MAX_BYTES]
-    for group in _pass_groups(narrow, lambda s: s.dim * s.dim * 8, budget):
-        acc = {s.name: _FullFisherSum(s.dim) for s in group}
+    for group in groups:
+        acc = {s.name: _FullFisherSum(s, None if dense_fits(s) else budget) for s in group}
         for block in source():
             b = np.asarray(block, dtype=np.float64)
             for s in group:
                 acc[s.name].add(b[:, s.start : s.stop])
         for s in group:
             fitted[s.name] = acc[s.name].fit()
-    for s in wide:
-        fitted[s.name] = _fit_low_rank(source, s, budget)
     return [fitted[s.name] for s in slices]
 
 
@@ -257,15 +261,19 @@ class _FullFisherSum:
     """One layer's Σ g gᵀ. While there are fewer rows than dimensions it keeps the rows (never
     more than the d × d matrix it replaces) and fits the rank-n Fisher from their thin SVD,
     which is exact and much cheaper than a d × d eigendecomposition; from d rows on, the d × d
-    sum."""
+    sum. `rows_budget`: a layer too wide for that matrix, which may only keep rows, at most
+    this many bytes of them."""
 
-    def __init__(self, dim: int) -> None:
-        self.dim, self.n = dim, 0
+    def __init__(self, layer: LayerSlice, rows_budget: int | None = None) -> None:
+        self.layer, self.rows_budget = layer, rows_budget
+        self.dim, self.n = layer.dim, 0
         self.rows: list[np.ndarray] = []
         self.sum: np.ndarray | None = None
 
     def add(self, g: np.ndarray) -> None:
         self.n += g.shape[0]
+        if self.rows_budget is not None:
+            self._check_rows()
         if self.sum is None and self.n < self.dim:
             self.rows.append(np.array(g))
             return
@@ -276,42 +284,29 @@ class _FullFisherSum:
             self.rows = []
         self.sum += g.T @ g
 
+    def _check_rows(self) -> None:
+        n, d = self.n, self.dim
+        if n < d and n * d * 8 <= self.rows_budget:
+            return
+        why = (
+            f"its rows of {n:,} or more examples (not fewer than its dimensions) give no "
+            f"low-rank form" if n >= d else
+            f"the rows of {n:,} or more examples need over {_size(self.rows_budget)}"
+        )  # fmt: skip
+        raise ValueError(
+            f"layer '{self.layer.name}': a full Fisher of {d:,} dimensions needs "
+            f"{_size(d * d * 8)} as a matrix, and {why}; use the 'ekfac' curvature or a "
+            f"smaller projection"
+        )
+
     def fit(self) -> LayerCurvature:
         _require_rows(self.n)
-        if self.sum is None:
-            return _low_rank(np.concatenate(self.rows), self.n)
+        if self.sum is None:  # F = V diag(σ² / n) Vᵀ from the thin SVD of the rows, n < d
+            _, sigma, vt = np.linalg.svd(np.concatenate(self.rows), full_matrices=False)
+            return LayerCurvature(sigma**2 / self.n, np.ascontiguousarray(vt.T), 0.0)
         fisher = self.sum / self.n
         eigvals, eigvecs = np.linalg.eigh((fisher + fisher.T) / 2)
         return LayerCurvature(np.maximum(eigvals, 0.0), eigvecs, 0.0)
-
-
-def _low_rank(rows: np.ndarray, n: int) -> LayerCurvature:
-    """F = V diag(σ² / n) Vᵀ from the thin SVD of the (n × d) rows, n < d."""
-    _, sigma, vt = np.linalg.svd(rows, full_matrices=False)
-    return LayerCurvature(sigma**2 / n, np.ascontiguousarray(vt.T), 0.0)
-
-
-def _fit_low_rank(source: BlockSource, s: LayerSlice, budget: int) -> LayerCurvature:
-    """The full Fisher of a layer too wide for a d × d matrix, from its rows (n × d) when they
-    fit `budget`: F = Vᵀ diag(σ² / n) V from the thin SVD of the rows, rank ≤ n < d."""
-    parts: list[np.ndarray] = []
-    n = 0
-    for block in source():
-        n += block.shape[0]
-        if n >= s.dim or n * s.dim * 8 > budget:
-            why = (
-                f"its rows of {n:,} or more examples (not fewer than its dimensions) give no "
-                f"low-rank form" if n >= s.dim else
-                f"the rows of {n:,} or more examples need over {_size(budget)}"
-            )  # fmt: skip
-            raise ValueError(
-                f"layer '{s.name}': a full Fisher of {s.dim:,} dimensions needs "
-                f"{_size(s.dim * s.dim * 8)} as a matrix, and {why}; use the 'ekfac' "
-                f"curvature or a smaller projection"
-            )
-        parts.append(np.array(block[:, s.start : s.stop], dtype=np.float64))
-    _require_rows(n)
-    return _low_rank(np.concatenate(parts), n)
 
 
 def _size(n_bytes: int) -> str:

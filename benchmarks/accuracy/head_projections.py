@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     head = index.curvature.slices[-1]
     vocab, k_in = head.shape
     raw_s = next(f for f in factors if f.name == head.name).s.numpy()
+    bases = kfac_bases(factors)  # every layer's; the head's output side is replaced per P
 
     def lds(p: np.ndarray) -> float:
         def project(g: np.ndarray) -> np.ndarray:
@@ -105,10 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
         slices = [*index.curvature.slices[:-1]]
         slices.append(LayerSlice(head.name, head.start, head.start + p.shape[0] * k_in,
                                  (p.shape[0], k_in)))  # fmt: skip
-        bases = kfac_bases(factors)
-        bases[head.name] = (np.linalg.eigh(p @ raw_s @ p.T)[1], bases[head.name][1])
+        projected = {**bases, head.name: (np.linalg.eigh(p @ raw_s @ p.T)[1], bases[head.name][1])}
         curvature = fit_curvature(
-            lambda: [rows], slices, DEFAULT_DAMPING_FACTOR, "ekfac", bases=bases
+            lambda: [rows], slices, DEFAULT_DAMPING_FACTOR, "ekfac", bases=projected
         )
         return float(np.nanmean(lds_per_query(curvature.precondition(q) @ rows.T, masks, losses)))
 

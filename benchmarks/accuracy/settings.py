@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -197,9 +199,6 @@ def zipf_topics(names: list[str], nouns: int, verbs: int, adjectives: int, seed:
     so uniform choice from a tuple draws its words with frequency ∝ 1 / rank: a few frequent
     words and a long tail, as in natural text, with most of a large vocabulary rare.
     """
-    import math
-    import random
-
     from attribution.synthetic import TopicSpec, pseudo_words
 
     def words(rng: random.Random, n: int, ending: str, index: int) -> tuple[str, ...]:
