@@ -349,6 +349,19 @@ def test_verify_takes_a_moved_model_and_reports_a_damaged_index(
     args = ("verify", run_id[:12], "--outputs", outputs, "--sample", "2")
     assert "re-computed 2/2 outputs agree" in ok(url, *args, "--model", str(moved))
 
+    # A credit changed in the ledger after the run is caught by the re-computation.
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE credits SET credit = credit + 0.01"))
+    tampered = run(url, *args)
+    assert tampered.exit_code == 1 and "FAIL re-computed 0/2 outputs agree" in tampered.stdout
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE credits SET credit = credit - 0.01"))
+    engine.dispose()
+    assert "re-computed 2/2 outputs agree" in ok(url, *args)
+
     index_dir = next((tmp_path / "indexes").iterdir())
     curvature = index_dir / "curvature.safetensors"
     curvature.write_bytes(curvature.read_bytes()[:100])
