@@ -31,7 +31,7 @@ class ProjectionConfig:
     """How each tracked layer's gradient is projected (LoGra, Kronecker-structured)."""
 
     kind: ProjectionKind = "pca"
-    """`random`: seeded Gaussian P_in, P_out. `pca`: top eigenvectors of the layer's KFAC
+    """`random`: seeded random orthonormal rows for P_in, P_out. `pca`: top eigenvectors of the layer's KFAC
     factors (input and output-gradient covariances), from a first pass over the data.
     `identity`: no projection (full gradients; exact, only for tiny models)."""
     k_in: int = DEFAULT_K
@@ -49,7 +49,7 @@ class ProjectionConfig:
     embedding (GPT-2): its part of the shared weight's gradient, as a layer of its own."""
     head_projection: HeadProjection = DEFAULT_HEAD_PROJECTION
     """How `pca` projects the output head's vocabulary side (P_out of the layer that gives the
-    logits, `model.get_output_embeddings()`): `random` (seeded Gaussian; PCA would keep only
+    logits, `model.get_output_embeddings()`): `random` (seeded random rows; PCA would keep only
     the most frequent tokens' directions and needs a vocabulary × vocabulary factor) or `pca`.
     Its input side is PCA either way."""
     head_k_out: int | None = DEFAULT_HEAD_K_OUT

@@ -150,7 +150,7 @@ def fixed_output_projections(
     specs: list[LayerSpec], config: ProjectionConfig
 ) -> dict[str, torch.Tensor]:
     """P_out fixed before the first pass: under PCA with `head_projection="random"`, the
-    output head's vocabulary side (`head_k_out` seeded Gaussian rows). The first pass then
+    output head's vocabulary side (`head_k_out` seeded random rows). The first pass then
     accumulates that side's factor already projected, never vocabulary × vocabulary."""
     if config.kind != "pca" or config.head_projection != "random":
         return {}

@@ -130,15 +130,36 @@ def _layer_seed(seed: int, name: str) -> int:
 
 
 def random_projectors(specs: list[LayerSpec], config: ProjectionConfig) -> list[LayerProjector]:
-    """Seeded Gaussian projectors, scaled by 1/sqrt(k); identical on any machine for a seed."""
+    """Seeded random projectors: k orthonormal rows, from a Gaussian draw, scaled by
+    sqrt(n/k) so that E‖Pg‖² = ‖g‖². Seeded by the global seed and the layer's name, so a
+    seed gives the same rows on any machine (up to the last bit of the orthonormalisation).
+
+    Orthonormal rather than plain Gaussian rows: the damping λ·I on the projected side is
+    λ·(PᵀP)⁺ on the gradient's, which orthonormal rows keep isotropic on the kept subspace;
+    a k × n Gaussian's squared singular values spread over (1 ± sqrt(k/n))², which for k
+    near n leaves some directions almost undamped. A side whose k reaches its width keeps
+    the identity: nothing is left to compress.
+    """
     projectors = []
     for spec in specs:
         k_in, k_out = config.dims_for(spec.name, spec.n_in, spec.n_out, spec.head)
         gen = torch.Generator(device="cpu").manual_seed(_layer_seed(config.seed, spec.name))
-        p_in = torch.randn(k_in, spec.n_in, generator=gen, dtype=torch.float64) / k_in**0.5
-        p_out = torch.randn(k_out, spec.n_out, generator=gen, dtype=torch.float64) / k_out**0.5
+        p_in = random_rows(k_in, spec.n_in, gen)
+        p_out = random_rows(k_out, spec.n_out, gen)
         projectors.append(LayerProjector(spec.name, p_in.float(), p_out.float()))
     return projectors
+
+
+def random_rows(k: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(k, n) float64: the row space of a seeded k × n Gaussian, orthonormalised and scaled by
+    sqrt(n/k); the identity when k ≥ n (the generator advances as for the draw either way)."""
+    draw = torch.randn(k, n, generator=gen, dtype=torch.float64)
+    if k >= n:
+        return torch.eye(n, dtype=torch.float64)
+    q, r = torch.linalg.qr(draw.T)  # (n, k): orthonormal columns spanning the draw's rows
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+    q = q * signs  # the unique Q with a non-negative diagonal of R
+    return q.T * (n / k) ** 0.5
 
 
 def identity_projectors(specs: list[LayerSpec]) -> list[LayerProjector]:

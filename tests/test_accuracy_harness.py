@@ -120,6 +120,8 @@ def test_head_projection_study_builds_the_projections_it_names() -> None:
     ps = projections(s, 6)
     np.testing.assert_array_equal(ps["whole vocabulary (no projection)"], np.eye(12))
     assert all(p.shape == (6, 12) for n, p in ps.items() if n.startswith(("Gaussian", "count")))
+    orthonormal = ps["orthonormal random rows (the library's `random`)"]
+    np.testing.assert_allclose(orthonormal @ orthonormal.T, np.eye(6) * 12 / 6, atol=1e-10)
     sketch = ps["count sketch (seed 0)"]
     assert ((sketch != 0).sum(0) == 1).all() and set(np.unique(sketch)) <= {-1.0, 0.0, 1.0}
     pca = ps["PCA (top eigenvectors of S)"]

@@ -1,6 +1,6 @@
 """Ways to project the output head's vocabulary side, compared on one unprojected index.
 
-    python -m benchmarks.accuracy.head_projections [--setting lm-c] [--k 128]
+    python -m benchmarks.accuracy.head_projections [--setting lm-c] [--k 128,1024]
 
 Needs a full run of `python -m benchmarks.accuracy.run` first: it reads that run's cached
 ground truth and its unprojected (identity) index of the setting. Every other layer stays
@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from attribution.config import DEFAULT_DAMPING_FACTOR
 from attribution.curvature import LayerSlice, fit_curvature, kfac_bases
+from attribution.projection import random_rows
 from attribution.scoring import query_gradients
 from attribution.store import GradientIndex
 from benchmarks.accuracy.metrics import lds_per_query
@@ -46,6 +48,11 @@ def projections(s: np.ndarray, k: int, seed: int = 0) -> dict[str, np.ndarray]:
     eigvals, eigvecs = np.linalg.eigh((s + s.T) / 2)
     eigvals = np.maximum(eigvals, 0.0)
     out = {"whole vocabulary (no projection)": np.eye(vocab), "Gaussian rows": gaussian}
+    # What the library's `random` kind gives that side: the draw's rows orthonormalised.
+    generator = torch.Generator().manual_seed(seed)
+    out["orthonormal random rows (the library's `random`)"] = random_rows(
+        k, vocab, generator
+    ).numpy()
     for factor in (0.01, 0.1, 1.0):
         out[f"Gaussian rows, whitened by diag(S) (damping {factor:g} × mean)"] = gaussian / np.sqrt(
             diag + factor * diag.mean()
@@ -71,7 +78,9 @@ def projections(s: np.ndarray, k: int, seed: int = 0) -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", default="lm-c", help=f"one of {', '.join(SETTINGS)}")
-    parser.add_argument("--k", type=int, default=128, help="directions kept on that side")
+    parser.add_argument(
+        "--k", default="128,1024", help="directions kept on that side (a comma list)"
+    )
     args = parser.parse_args(argv)
     set_threads()
     start = time.perf_counter()
@@ -113,9 +122,15 @@ def main(argv: list[str] | None = None) -> dict:
         return float(np.nanmean(lds_per_query(curvature.precondition(q) @ rows.T, masks, losses)))
 
     rows = []
-    for name, p in projections(raw_s, min(args.k, vocab)).items():
-        rows.append({"projection": name, "k": int(p.shape[0]), "lds": round(lds(p), 4)})
-        print(f"{rows[-1]['lds']:.3f}  k={rows[-1]['k']:5d}  {name}", flush=True)
+    whole = None
+    for k in sorted({min(int(x), vocab) for x in args.k.split(",")}):
+        for name, p in projections(raw_s, k).items():
+            if name.startswith("whole"):
+                if whole is not None:
+                    continue  # the same at every k
+                whole = name
+            rows.append({"projection": name, "k": int(p.shape[0]), "lds": round(lds(p), 4)})
+            print(f"{rows[-1]['lds']:.3f}  k={rows[-1]['k']:5d}  {name}", flush=True)
     report = {
         "command": f"python -m benchmarks.accuracy.head_projections --setting {args.setting} "
         f"--k {args.k}",

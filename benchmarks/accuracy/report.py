@@ -184,6 +184,18 @@ def write_markdown(report: dict, path: Path) -> None:
                 out.append(f"| half {'AB'[i]} | {split['chosen_factor']:g} | "
                            f"{split['lds_at_chosen']:.3f} | {split['lds_at_default']:.3f} | "
                            f"{split['best_on_reported_half']:.3f} |")  # fmt: skip
+        if s.get("damping_default_index"):
+            damping = s["damping_default_index"]
+            out += ["", "### The defaults' index across damping factors", "",
+                    f"Index `{damping['index']}`, curvature `{d.get('curvature', 'full')}`: "
+                    "example-level LDS and provider Spearman (positive part), raw and RelatIF.",
+                    "", "| damping factor | LDS (raw / RelatIF) | provider Spearman "
+                    "(raw / RelatIF) |", "|---|---|---|"]  # fmt: skip
+            for r in damping["rows"]:
+                mark = "**" if r["damping_factor"] == d["damping_factor"] else ""
+                out.append(f"| {mark}{r['damping_factor']:g}{mark} | {r['lds']['mean']:.3f} / "
+                           f"{r['lds_relatif']['mean']:.3f} | {r['provider_spearman']:.3f} / "
+                           f"{r['provider_spearman_relatif']:.3f} |")  # fmt: skip
         out += ["", "### Same sweep, RelatIF scores", ""]
         out += _relatif_sweep(s)
         out += ["", "### Provider credit variants (Spearman ± std, top-1)", ""]

@@ -379,17 +379,20 @@ def evaluate_setting(
         float(np.abs(lib - red).max() / np.abs(red).max())
         for lib, red in zip(library, redamped, strict=True)
     )
-    held_out = _held_out_damping(
-        default.label,
-        {
-            f: lds_per_query(
-                methods.influence_scores(default, f, False, curvature_kind=DEFAULT_CURVATURE),
-                masks,
-                losses,
-            )  # fmt: skip
-            for f in FACTORS
-        },
-    )
+    # The default index across damping factors, on both measures the product pays on.
+    per_factor: dict[float, np.ndarray] = {}
+    damping_rows = []
+    for f in FACTORS:
+        raw_f, rel_f = pair(default, f, DEFAULT_CURVATURE)
+        per_factor[f] = lds_per_query(raw_f, masks, losses)
+        variants_f = _provider_variants(raw_f, rel_f, setting, names, rises)
+        damping_rows.append({
+            "damping_factor": f, "lds": mean_std(per_factor[f]),
+            "lds_relatif": _lds(rel_f, masks, losses),
+            "provider_spearman": variants_f["raw-positive"]["spearman"]["mean"],
+            "provider_spearman_relatif": variants_f["relatif-positive"]["spearman"]["mean"],
+        })  # fmt: skip
+    held_out = _held_out_damping(default.label, per_factor)
     peer_status = {}
     for peer in peers:
         s, status = run_peer(peer, setting, workdir)
@@ -463,6 +466,7 @@ def evaluate_setting(
         },
         "library_vs_redamped_max_rel_diff": agree,
         "held_out_damping": held_out,
+        "damping_default_index": {"index": default.label, "rows": damping_rows},
         "sweep": sweep,
         "methods": methods_table,
         "paired_lds_vs_defaults": paired,

@@ -111,13 +111,46 @@ def test_pca_projects_the_heads_vocabulary_side_randomly_unless_told_otherwise()
         if name != "lm_head":
             assert torch.equal(default[name].p_out, pca[name].p_out)
             assert default[name].p_out.shape[0] == 2
-    # The vocabulary side keeps head_k_out directions (capped at the 17-token vocabulary).
-    assert default["lm_head"].p_out.shape == (17, 17)
+    # The vocabulary side keeps head_k_out directions (capped at the 17-token vocabulary):
+    # all of them, so that side is kept whole.
+    assert torch.equal(default["lm_head"].p_out, torch.eye(17))
     for kind in ("pca", "random"):
         assert projectors(kind, head_k_out=5)["lm_head"].p_out.shape == (5, 17)
         assert projectors(kind, head_k_out=None)["lm_head"].p_out.shape == (2, 17)
         per_layer = (("lm_head", 3, 4),)  # an explicit entry wins
         assert projectors(kind, per_layer=per_layer)["lm_head"].p_out.shape == (4, 17)
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "full"])
+def test_random_sides_are_orthonormal_rows_and_a_side_as_wide_as_k_is_kept_whole(
+    tmp_path, curvature: str
+) -> None:
+    """k ≥ width on every side: the scores are the unprojected ones (a square Gaussian would
+    damp λ·(PᵀP)⁻¹ instead of λ·I and differ). Narrower sides get orthonormal random rows."""
+    model, batches = tiny_gpt2(), lm_batches()
+
+    def scores(kind: str, k: int) -> np.ndarray:
+        projection = ProjectionConfig(kind=kind, k_in=k, k_out=k, head_k_out=None)
+        config = IndexConfig(projection, curvature=curvature, damping_factor=1.0,
+                             fisher_labels="data")  # fmt: skip
+        index = build_index(model, lm_loss, batches, tmp_path / f"{kind}{k}", config,
+                            show_progress=False)  # fmt: skip
+        _, q = query_gradients(model, lm_loss, batches[:1], index)
+        return score(index, q, ScoreConfig(dense=True, top_k=1)).dense
+
+    assert rel_err(scores("random", 1000), scores("identity", 0)) < 1e-5
+    specs = layer_specs(find_layers(model, ProjectionConfig()), "lm_head")
+    narrow = random_projectors(
+        specs, ProjectionConfig(kind="random", k_in=12, k_out=12, head_k_out=None)
+    )
+    for spec, p in zip(specs, narrow, strict=True):
+        for side, n in ((p.p_in, spec.n_in), (p.p_out, spec.n_out)):
+            if n <= 12:
+                assert torch.equal(side, torch.eye(n))
+            else:  # orthonormal rows scaled by sqrt(n/k): E‖Pg‖² = ‖g‖², damping isotropic
+                assert side.shape == (12, n)
+                gram = side.double() @ side.double().T
+                assert torch.allclose(gram, torch.eye(12, dtype=gram.dtype) * n / 12, atol=1e-5)
 
 
 class _RoutedTokens(torch.nn.Module):
@@ -278,8 +311,11 @@ def test_self_influence_relatif_and_provider_sums_equal_dense_numpy(tmp_path) ->
     assert result.providers == sorted(set(providers))
     for p, name in enumerate(result.providers):
         cols = providers == name
-        np.testing.assert_allclose(
-            result.positive[:, p], np.maximum(rel[:, cols], 0).sum(1), rtol=1e-5
+        np.testing.assert_allclose(  # float32 scores: error relative to the largest score
+            result.positive[:, p],
+            np.maximum(rel[:, cols], 0).sum(1),
+            rtol=1e-5,
+            atol=1e-6 * np.abs(rel).max(),
         )
         np.testing.assert_allclose(
             result.signed[:, p], rel[:, cols].sum(1), rtol=1e-4, atol=1e-6 * np.abs(rel).max()
