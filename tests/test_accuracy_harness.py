@@ -137,3 +137,26 @@ def test_head_projection_study_builds_the_projections_it_names() -> None:
     gaussian = ps["Gaussian rows"]
     damped = s + np.trace(s) / 12 * np.eye(12)
     np.testing.assert_allclose(whitened @ damped @ whitened.T, gaussian @ gaussian.T, atol=1e-10)
+
+
+def test_pooled_differences_weight_each_setting_by_its_queries() -> None:
+    """`report.pooled`: the mean of all queries' differences, the stratified standard error,
+    and only the comparisons every setting has."""
+    from benchmarks.accuracy.report import pooled
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.1, 0.3, 40), rng.normal(-0.05, 0.2, 100)
+
+    def summary(d: np.ndarray) -> dict:
+        return {"mean": d.mean(), "se": d.std(ddof=1) / np.sqrt(len(d)), "n": len(d)}
+
+    settings = [
+        {"paired": {"peer − ours": summary(a), "only here − ours": summary(a)}},
+        {"paired": {"peer − ours": summary(b)}},
+    ]
+    out = pooled(settings, "paired")
+    assert list(out) == ["peer − ours"] and out["peer − ours"]["n"] == 140
+    assert abs(out["peer − ours"]["mean"] - np.concatenate([a, b]).mean()) < 1e-12
+    se_a, se_b = a.std(ddof=1) / np.sqrt(40), b.std(ddof=1) / np.sqrt(100)
+    expected = np.sqrt((40 / 140) ** 2 * se_a**2 + (100 / 140) ** 2 * se_b**2)
+    assert abs(out["peer − ours"]["se"] - expected) < 1e-12

@@ -139,6 +139,40 @@ def _paired_table(diffs: dict | None, what: str, column: str) -> list[str]:
     return lines + [f"| {label} | {_paired(diff)} |" for label, diff in diffs.items()]
 
 
+def pooled(settings: list[dict], key: str) -> dict[str, dict]:
+    """Paired differences against the defaults pooled over `settings` (independent query
+    sets): the query-weighted mean, and its standard error √(Σ (n_i/N)² se_i²). Only the
+    comparisons every setting has."""
+    out = {}
+    for name in settings[0].get(key, {}) if settings else ():
+        parts = [s.get(key, {}).get(name) for s in settings]
+        if any(p is None for p in parts):
+            continue
+        n = sum(p["n"] for p in parts)
+        mean = sum(p["mean"] * p["n"] for p in parts) / n
+        se = sum((p["n"] / n) ** 2 * p["se"] ** 2 for p in parts) ** 0.5
+        out[name] = {"mean": mean, "se": se, "n": n}
+    return out
+
+
+def _pooled_section(report: dict) -> list[str]:
+    lm = [s for s in report["settings"] if s.get("task") == "lm"]
+    if len(lm) < 2:
+        return []
+    names = ", ".join(s["setting"] for s in lm)
+    n = sum(s["n_queries"] for s in lm)
+    out = ["", "## Language models pooled", "",
+           f"The paired differences of {names} together ({n} queries): each setting's mean "
+           "weighted by its queries, standard error from the settings' errors. A peer that "
+           "leads one corpus by less than its error and trails another is level here, not "
+           "the best of several noisy draws."]  # fmt: skip
+    out += _paired_table(pooled(lm, "paired_lds_vs_defaults"), "Raw-influence LDS", "ΔLDS")
+    out += _paired_table(pooled(lm, "paired_provider_spearman_vs_defaults"),
+                         "Provider Spearman (positive part of raw scores)",
+                         "Δ provider Spearman")  # fmt: skip
+    return out
+
+
 def write_markdown(report: dict, path: Path) -> None:
     out = ["# Counterfactual accuracy of the attribution core", "",
            f"Command: `{report['command']}` — {report['seconds']:.0f} s on "
@@ -212,6 +246,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"default factor and curvature kind, max relative difference (raw and RelatIF): "
                 f"{s['library_vs_redamped_max_rel_diff']:.1e}"]  # fmt: skip
         out += _variants(s) + [""]
+    out += _pooled_section(report)
     if RATIONALE.exists():
         out += ["", RATIONALE.read_text().strip(), ""]
     path.write_text("\n".join(out) + "\n")
