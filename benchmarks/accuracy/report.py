@@ -111,7 +111,8 @@ def _variants(s: dict) -> list[str]:
     if t["head"]:
         tied = " (its weight is tied to the input embedding)" if t["tied"] else ""
         lines += [f"The defaults track the output head `{t['head']}`{tied}; its vocabulary side "
-                  f"keeps {d.get('head_k_out')} random directions (capped at the vocabulary).", ""]  # fmt: skip
+                  f"keeps {d.get('head_k_out')} random orthonormal directions (a vocabulary no larger "
+                  "is kept whole).", ""]  # fmt: skip
     lines += ["Each row changes one thing; differences are paired per query against the "
               "defaults (raw scores, default damping factor).", "",
               "| variant | LDS (raw) | ΔLDS vs defaults | provider Spearman (raw, positive part) "
