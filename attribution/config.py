@@ -24,6 +24,7 @@ DEFAULT_LM_CURVATURE_LABELS = "sampled"
 """Language models (`attribution.language`, `ledger index`) fit the curvature's eigenvalues on
 sampled-label gradients by default; see benchmarks/accuracy/rationale.md."""
 DEFAULT_CURVATURE_EXAMPLES = 4096
+DEFAULT_CURVATURE_PRIOR_EXAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,14 @@ class IndexConfig:
     in its order) go through the pass of `curvature_labels="sampled"`; None: every example.
     Bounds that pass's cost on a large corpus: each of the d eigenvalues per layer is a mean
     over the examples, which a few thousand estimate well."""
+    curvature_prior_examples: int = DEFAULT_CURVATURE_PRIOR_EXAMPLES
+    """When the EKFAC eigenvalues come from fewer examples than the index holds (the
+    `curvature_examples` sample), each is shrunk toward the layer's KFAC eigenvalue (the
+    product of its factors' eigenvalues, rescaled to the sample's trace) as if that had been
+    seen in this many further examples: (m·ê + m0·c·κ) / (m + m0). A direction that no example
+    of the sample touched then keeps curvature from the whole data's factors instead of
+    resting on the damping alone. 0: no shrinkage. The damping is unchanged (the traces are
+    equal)."""
     damping_factor: float = DEFAULT_DAMPING_FACTOR
     """λ_l = damping_factor × mean eigenvalue of the layer's projected Fisher."""
     rows_per_block: int = 1024
@@ -129,6 +138,7 @@ class IndexConfig:
             curvature_draws=d.get("curvature_draws", 1),
             # Indexes written before the setting existed ran the pass over every example.
             curvature_examples=d.get("curvature_examples"),
+            curvature_prior_examples=d.get("curvature_prior_examples", 0),
             damping_factor=d["damping_factor"],
             rows_per_block=d["rows_per_block"],
         )

@@ -340,6 +340,37 @@ def _fit_ekfac(
     return layers
 
 
+def shrink_to_kfac(
+    curvature: Curvature, factors: Iterable, examples: int, prior_examples: int
+) -> Curvature:
+    """EKFAC eigenvalues ê fitted on `examples` examples, shrunk toward each layer's KFAC
+    eigenvalues κ (diag(Q_outᵀ S Q_out) ⊗ diag(Q_inᵀ A Q_in), from `factors`, the
+    `KfacFactors` the eigenbasis came from) rescaled by c = Σê / Σκ:
+    (m·ê + m0·c·κ) / (m + m0). The trace, so the mean eigenvalue and the damping, is unchanged.
+    Only Kronecker-factored layers are shrunk; `prior_examples` 0 returns `curvature`."""
+    if prior_examples <= 0:
+        return curvature
+    if examples < 1:
+        raise ValueError(f"examples must be positive, got {examples}")
+    by_name = {f.name: f for f in factors}
+    m, m0 = float(examples), float(prior_examples)
+    layers = []
+    for s, c in zip(curvature.slices, curvature.layers, strict=True):
+        if c.eigvecs is not None or s.name not in by_name:
+            layers.append(c)
+            continue
+        f = by_name[s.name]
+        s_fac, a_fac = (np.asarray(x, dtype=np.float64) for x in (f.s, f.a))
+        kappa_out = np.einsum("ji,jk,ki->i", c.q_out, s_fac, c.q_out)
+        kappa_in = np.einsum("ji,jk,ki->i", c.q_in, a_fac, c.q_in)
+        kappa = np.maximum(np.outer(kappa_out, kappa_in).ravel(), 0.0)
+        observed = np.maximum(c.eigvals, 0.0)
+        scale = observed.sum() / kappa.sum() if kappa.sum() > 0 else 0.0
+        eigvals = (m * observed + m0 * scale * kappa) / (m + m0)
+        layers.append(LayerCurvature(eigvals, None, c.damping, c.q_out, c.q_in))
+    return Curvature(curvature.slices, layers)
+
+
 def _eigenbasis(m: np.ndarray) -> np.ndarray:
     _, vecs = np.linalg.eigh((m + m.T) / 2)
     return vecs

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from attribution.config import IndexConfig, ProjectionConfig
-from attribution.curvature import fit_curvature, kfac_bases
+from attribution.curvature import fit_curvature, kfac_bases, shrink_to_kfac
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
 from attribution.projection import (
@@ -196,6 +196,10 @@ def _first_pass_loss(loss_fn: LossFn, fisher_loss: LossFn | None, config: IndexC
 
 
 def _check_curvature_labels(fisher_loss: LossFn | None, config: IndexConfig) -> None:
+    if config.curvature_prior_examples < 0:
+        raise ValueError(
+            f"curvature_prior_examples must be 0 or positive, got {config.curvature_prior_examples}"
+        )
     if config.curvature_labels not in ("data", "sampled"):
         raise ValueError(f"unknown curvature_labels '{config.curvature_labels}' (data or sampled)")
     if config.curvature_labels == "sampled":
@@ -432,10 +436,15 @@ def _finalise(
         for path in grad_files:
             yield np.load(path, mmap_mode="r")
 
-    bases = kfac_bases(load_factors(root / FACTORS_FILE, [s.name for s in slices]))
+    factors = load_factors(root / FACTORS_FILE, [s.name for s in slices])
     curvature = fit_curvature(
-        curvature_rows or source, slices, config.damping_factor, config.curvature, bases=bases
-    )
+        curvature_rows or source, slices, config.damping_factor, config.curvature,
+        bases=kfac_bases(factors),
+    )  # fmt: skip
+    rows = sum(int(np.load(path, mmap_mode="r").shape[0]) for path in grad_files)
+    sampled = (curvature_used or {}).get("examples", rows)
+    if config.curvature == "ekfac" and sampled < rows:
+        curvature = shrink_to_kfac(curvature, factors, sampled, config.curvature_prior_examples)
     curvature.save(root / CURVATURE_FILE)
     self_inf = np.concatenate([curvature.self_influence(b) for b in source()])
     meta = pl.concat([pl.read_parquet(block_paths(root, i)[1]) for i in blocks])

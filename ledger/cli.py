@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_CURVATURE_EXAMPLES,
+    DEFAULT_CURVATURE_PRIOR_EXAMPLES,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
     DEFAULT_HEAD_K_OUT,
@@ -331,6 +332,15 @@ def shards_list(ctx: Context, fmt: str) -> None:
     "--curvature-labels sampled (0: all).",
 )
 @click.option(
+    "--curvature-prior-examples",
+    type=int,
+    default=DEFAULT_CURVATURE_PRIOR_EXAMPLES,
+    show_default=True,
+    help="When --curvature-examples keeps fewer examples than the data has, each EKFAC "
+    "eigenvalue is shrunk toward the whole data's KFAC one as if that were seen in this many "
+    "more examples (0: no shrinkage).",
+)
+@click.option(
     "--damping",
     type=float,
     default=DEFAULT_DAMPING_FACTOR,
@@ -371,6 +381,7 @@ def index_cmd(
     curvature_labels: str,
     curvature_draws: int,
     curvature_examples: int,
+    curvature_prior_examples: int,
     damping: float,
     dtype: str,
     batch_size: int,
@@ -391,7 +402,11 @@ def index_cmd(
     ):
         if value is not None and value < 1:
             raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
-    for name, value in (("--head-k-out", head_k_out), ("--curvature-examples", curvature_examples)):
+    for name, value in (
+        ("--head-k-out", head_k_out),
+        ("--curvature-examples", curvature_examples),
+        ("--curvature-prior-examples", curvature_prior_examples),
+    ):
         if value < 0:
             raise click.BadParameter(f"must be 0 or positive, got {value}", param_hint=name)
     if damping <= 0:
@@ -413,6 +428,7 @@ def index_cmd(
         curvature_labels=curvature_labels,
         curvature_draws=curvature_draws,
         curvature_examples=curvature_examples or None,
+        curvature_prior_examples=curvature_prior_examples,
         damping_factor=damping,
     )
     try:

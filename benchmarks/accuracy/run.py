@@ -21,6 +21,7 @@ import torch
 from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_CURVATURE_EXAMPLES,
+    DEFAULT_CURVATURE_PRIOR_EXAMPLES,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
     DEFAULT_K,
@@ -192,12 +193,14 @@ def _variants(
 
     def library(suffix: str, curvature_labels: str = labels, curvature_draws: int = 1,
                 curvature_examples: int | None = DEFAULT_CURVATURE_EXAMPLES,
+                curvature_prior_examples: int = DEFAULT_CURVATURE_PRIOR_EXAMPLES,
                 fisher_labels: str = DEFAULT_FISHER_LABELS, **projection) -> np.ndarray:  # fmt: skip
         variant = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
                                 projection=projection, suffix=suffix, fisher_labels=fisher_labels,
                                 curvature_labels=curvature_labels,
                                 curvature_draws=curvature_draws,
-                                curvature_examples=curvature_examples)  # fmt: skip
+                                curvature_examples=curvature_examples,
+                                curvature_prior_examples=curvature_prior_examples)  # fmt: skip
         return methods.library_scores(variant, False)
 
     if head is not None:
@@ -234,10 +237,16 @@ def _variants(
         "-curv-sampled4", curvature_labels="sampled", curvature_draws=4
     )
     quarter = max(1, setting.n_train // 4)
-    rows[f"eigenvalues from sampled labels of {quarter} of the {setting.n_train} examples "
-         f"(`curvature_examples`)"] = library(
+    sample = f"eigenvalues from sampled labels of {quarter} of the {setting.n_train} examples"
+    rows[f"{sample} (`curvature_examples`; shrunk toward KFAC with "
+         f"`curvature_prior_examples` {DEFAULT_CURVATURE_PRIOR_EXAMPLES})"] = library(
         "-curv-sampled-quarter", curvature_labels="sampled", curvature_examples=quarter
     )  # fmt: skip
+    if DEFAULT_CURVATURE_PRIOR_EXAMPLES:
+        rows[f"{sample}, not shrunk (`curvature_prior_examples` 0)"] = library(
+            "-curv-sampled-quarter-alone", curvature_labels="sampled",
+            curvature_examples=quarter, curvature_prior_examples=0,
+        )  # fmt: skip
     rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}"] = methods.influence_scores(
         identity, DEFAULT_DAMPING_FACTOR, False, curvature_kind="ekfac"
     )
@@ -461,6 +470,7 @@ def evaluate_setting(
             "fisher_labels": DEFAULT_FISHER_LABELS,
             "curvature_labels": labels,
             "curvature_examples": DEFAULT_CURVATURE_EXAMPLES,
+            "curvature_prior_examples": DEFAULT_CURVATURE_PRIOR_EXAMPLES,
             "head_k_out": ProjectionConfig().head_k_out,
             "head_projection": ProjectionConfig().head_projection,
         },

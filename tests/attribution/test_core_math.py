@@ -371,11 +371,14 @@ def test_float16_storage_changes_scores_by_less_than_one_percent(tmp_path) -> No
     assert rel_err(results["float16"], results["float32"]) < 1e-2
 
 
-def ekfac_reference(train, queries, layers, projectors, factors, factor: float, curv_rows=None):
+def ekfac_reference(
+    train, queries, layers, projectors, factors, factor: float, curv_rows=None, prior=None
+):
     """EKFAC built explicitly: V = Q_out ⊗ Q_in, the eigenvectors of the projected KFAC factors
     P_out S P_outᵀ and P_in A P_inᵀ; eigenvalues the second moments of Vᵀ g over `curv_rows`
-    (default: the training rows); F = V diag(d) Vᵀ, then a dense solve. (scores (Q, N),
-    self-influence (N,))."""
+    (default: the training rows); F = V diag(d) Vᵀ, then a dense solve. `prior` (m, m0):
+    d shrunk toward κ = diag(Vᵀ (S ⊗ A) Vᵀ) of the dense Kronecker product, scaled to d's
+    trace: (m·d + m0·c·κ) / (m + m0). (scores (Q, N), self-influence (N,))."""
     curv_rows = train if curv_rows is None else curv_rows
     scores = np.zeros((queries.shape[0], train.shape[0]))
     self_inf = np.zeros(train.shape[0])
@@ -388,6 +391,11 @@ def ekfac_reference(train, queries, layers, projectors, factors, factor: float, 
         q_out = np.linalg.eigh(p_out @ raw_s @ p_out.T)[1]
         v = np.kron(q_out, q_in)
         d = ((curv_rows[:, a:b] @ v) ** 2).mean(axis=0)
+        if prior is not None:
+            m, m0 = prior
+            kron = np.kron(p_out @ raw_s @ p_out.T, p_in @ raw_a @ p_in.T)
+            kappa = np.diag(v.T @ kron @ v)
+            d = (m * d + m0 * d.sum() / kappa.sum() * kappa) / (m + m0)
         damped = v @ np.diag(d) @ v.T + factor * d.mean() * np.eye(len(d))
         scores += q @ np.linalg.solve(damped, g.T)
         self_inf += np.einsum("nd,dn->n", g, np.linalg.solve(damped, g.T))
@@ -455,8 +463,10 @@ def test_ekfac_eigenvalues_from_the_fisher_loss_equal_an_explicit_matrix(
 ) -> None:
     """With curvature_labels="sampled", the eigenvalues are the second moments of the Fisher
     loss's projected gradients (recomputed here one example at a time) over the batches the
-    `curvature_examples` cap keeps, averaged over draws; the stored and scored rows stay the
-    training loss's, all of them."""
+    `curvature_examples` cap keeps, averaged over draws, and, when the cap keeps fewer
+    examples than the index holds, shrunk toward the KFAC eigenvalues with
+    `curvature_prior_examples`; the stored and scored rows stay the training loss's, all of
+    them."""
     make_model, loss_fn, make_batches = CASES[case]
     model, batches = make_model(), make_batches()
     queries = make_batches(n=5, seed=13)
@@ -481,11 +491,16 @@ def test_ekfac_eigenvalues_from_the_fisher_loss_equal_an_explicit_matrix(
     assert index.manifest["curvature_examples_used"] == sum(len(b) for b in kept)
     curv_rows = project(full_gradients(model, fisher, kept, names), index.projectors())
     factors = kfac_factors_reference(model, fisher, batches, names)
+    layers, projectors = index.build["layers"], index.projectors()
+    prior = (index.manifest["curvature_examples_used"], 64) if cap is not None else None
     expected, expected_self = ekfac_reference(
-        g, q, index.build["layers"], index.projectors(), factors, 0.2, curv_rows=curv_rows
+        g, q, layers, projectors, factors, 0.2, curv_rows=curv_rows, prior=prior
     )
     assert rel_err(result.dense, expected) < 1e-5
     np.testing.assert_allclose(index.self_influence, expected_self, rtol=1e-6)
+    if cap is not None:  # the shrinkage is there: the sample's eigenvalues alone differ
+        alone, _ = ekfac_reference(g, q, layers, projectors, factors, 0.2, curv_rows=curv_rows)
+        assert rel_err(result.dense, alone) > 1e-3
     # ... and not those of the stored rows.
     stored, _ = ekfac_reference(g, q, index.build["layers"], index.projectors(), factors, 0.2)
     assert rel_err(result.dense, stored) > 1e-3

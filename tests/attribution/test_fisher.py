@@ -191,7 +191,11 @@ def test_curvature_from_sampled_labels_needs_a_fisher_loss_and_positive_draws(tm
     with pytest.raises(ValueError, match="curvature_examples must be positive or None"):
         build_index(tiny_mlp(), classification_loss, batches, tmp_path / "c", cfg,
                     fisher_loss=classification_fisher_loss, show_progress=False)  # fmt: skip
-    assert not any((tmp_path / d).exists() for d in "abc")
+    cfg = dataclasses.replace(cfg, curvature_examples=4, curvature_prior_examples=-1)
+    with pytest.raises(ValueError, match="curvature_prior_examples must be 0 or positive"):
+        build_index(tiny_mlp(), classification_loss, batches, tmp_path / "d", cfg,
+                    fisher_loss=classification_fisher_loss, show_progress=False)  # fmt: skip
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 @pytest.mark.parametrize(
@@ -246,3 +250,28 @@ def test_a_capped_curvature_pass_fits_on_fewer_examples_and_is_recorded(tmp_path
     np.testing.assert_array_equal(eig["all"], eig["above"])
     assert not np.allclose(eig["all"], eig["cap"])
     assert built["cap"].manifest["config"]["curvature_examples"] == 12
+    assert built["cap"].manifest["config"]["curvature_prior_examples"] == 64
+
+
+def test_sampled_eigenvalues_shrink_toward_kfac_keeping_the_trace_and_the_damping() -> None:
+    """`shrink_to_kfac`: (m·ê + m0·c·κ)/(m + m0) per coordinate, κ from the factors in the
+    EKFAC basis, c matching the traces; m0 = 0 changes nothing; a huge m0 gives c·κ."""
+    from attribution.curvature import LayerSlice, fit_curvature, kfac_bases, shrink_to_kfac
+    from attribution.projection import KfacFactors
+
+    rng = np.random.default_rng(5)
+    x, d = rng.normal(size=(30, 3)), rng.normal(size=(30, 2)) * [3.0, 0.2]
+    factors = [KfacFactors("l", torch.tensor(x.T @ x), torch.tensor(d.T @ d), 30)]
+    rows = rng.normal(size=(7, 6)) * np.linspace(2, 0.1, 6)
+    slices = [LayerSlice("l", 0, 6, (2, 3))]
+    fitted = fit_curvature(lambda: [rows], slices, 0.1, "ekfac", bases=kfac_bases(factors))
+    (layer,) = fitted.layers
+    kappa = np.kron(np.linalg.eigvalsh(d.T @ d), np.linalg.eigvalsh(x.T @ x))  # ascending bases
+    c = layer.eigvals.sum() / kappa.sum()
+    (shrunk,) = shrink_to_kfac(fitted, factors, 7, 21).layers
+    np.testing.assert_allclose(shrunk.eigvals, (7 * layer.eigvals + 21 * c * kappa) / 28)
+    assert abs(shrunk.eigvals.sum() - layer.eigvals.sum()) < 1e-9 * layer.eigvals.sum()
+    assert shrunk.damping == layer.damping
+    assert shrink_to_kfac(fitted, factors, 7, 0) is fitted
+    (prior,) = shrink_to_kfac(fitted, factors, 7, 10**12).layers
+    np.testing.assert_allclose(prior.eigvals, c * kappa, rtol=1e-9)

@@ -227,7 +227,9 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
                          ("head-pca", ("--head-projection", "pca")),
                          ("head-k", ("--head-k-out", "0")),
                          ("curv", ("--curvature-labels", "data",)),
-                         ("draws", ("--curvature-draws", "2", "--curvature-examples", "5"))):  # fmt: skip
+                         ("draws", ("--curvature-draws", "2", "--curvature-examples", "5")),
+                         ("alone", ("--curvature-draws", "2", "--curvature-examples", "5",
+                                    "--curvature-prior-examples", "0"))):  # fmt: skip
         out = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
                      str(tmp_path / label), "--k-in", "4", "--k-out", "4", "--max-length", "48",
                      *flags).stdout  # fmt: skip
@@ -255,17 +257,22 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
     )  # fmt: skip
     assert config["curv"]["curvature_labels"] == "data"
     assert (config["draws"]["curvature_draws"], config["draws"]["curvature_examples"]) == (2, 5)
+    # The sample of 5 is smaller than the data: shrunk toward KFAC, unless told not to.
+    assert config["draws"]["curvature_prior_examples"] == 64
+    assert config["alone"]["curvature_prior_examples"] == 0
     rows = built["default"].rows
     assert built["default"].manifest["curvature_examples_used"] == rows
     assert built["draws"].manifest["curvature_examples_used"] < rows
     blocks = {k: np.concatenate([a for _, a in v.blocks()]) for k, v in built.items()}
     eig = {k: v.curvature.layers[-1].eigvals for k, v in built.items()}
-    for other in ("curv", "draws"):
+    for other in ("curv", "draws", "alone"):
         np.testing.assert_array_equal(blocks["default"], blocks[other])
         assert not np.allclose(eig["default"], eig[other])
-    proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
-                  str(tmp_path / "z"), "--curvature-examples", "-3", check=False)  # fmt: skip
-    assert proc.returncode != 0 and "--curvature-examples" in proc.stderr
+    assert not np.allclose(eig["draws"], eig["alone"])
+    for flag in ("--curvature-examples", "--curvature-prior-examples"):
+        proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
+                      str(tmp_path / "z"), flag, "-3", check=False)  # fmt: skip
+        assert proc.returncode != 0 and flag in proc.stderr
 
 
 def test_index_records_its_fisher_labels(workspace: Path, tmp_path: Path) -> None:
