@@ -24,7 +24,11 @@ DEFAULT_LM_CURVATURE_LABELS = "sampled"
 """Language models (`attribution.language`, `ledger index`) fit the curvature's eigenvalues on
 sampled-label gradients by default; see benchmarks/accuracy/rationale.md."""
 DEFAULT_CURVATURE_EXAMPLES = 4096
-DEFAULT_CURVATURE_PRIOR_EXAMPLES = 64
+DEFAULT_CURVATURE_PRIOR_EXAMPLES = 0
+DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES = 64
+"""Language models shrink EKFAC eigenvalues fitted on a sample smaller than the data toward
+KFAC as if seen in 64 more examples; other models fit them on the stored rows, all of them,
+and do not (see benchmarks/accuracy/rationale.md)."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,11 @@ class ScoreConfig:
     """Also return the full (queries × training rows) score matrix; only for small cases."""
 
 
-LANGUAGE_MODEL_INDEX = IndexConfig(curvature_labels=DEFAULT_LM_CURVATURE_LABELS)
+LANGUAGE_MODEL_INDEX = IndexConfig(
+    curvature_labels=DEFAULT_LM_CURVATURE_LABELS,
+    curvature_prior_examples=DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES,
+)
 """The defaults of a causal language model's index (`attribution.language`, `ledger index`):
 `IndexConfig`'s, with the curvature's eigenvalues fitted on sampled-label gradients of at most
-`DEFAULT_CURVATURE_EXAMPLES` examples."""
+`DEFAULT_CURVATURE_EXAMPLES` examples, shrunk toward KFAC when that is fewer than the data
+(`DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES`)."""

@@ -21,13 +21,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_CURVATURE_EXAMPLES,
-    DEFAULT_CURVATURE_PRIOR_EXAMPLES,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
     DEFAULT_HEAD_K_OUT,
     DEFAULT_HEAD_PROJECTION,
     DEFAULT_K,
     DEFAULT_LM_CURVATURE_LABELS,
+    DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES,
     IndexConfig,
     ProjectionConfig,
     ScoreConfig,
@@ -334,7 +334,7 @@ def shards_list(ctx: Context, fmt: str) -> None:
 @click.option(
     "--curvature-prior-examples",
     type=int,
-    default=DEFAULT_CURVATURE_PRIOR_EXAMPLES,
+    default=DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES,
     show_default=True,
     help="When --curvature-examples keeps fewer examples than the data has, each EKFAC "
     "eigenvalue is shrunk toward the whole data's KFAC one as if that were seen in this many "

@@ -21,10 +21,10 @@ import torch
 from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_CURVATURE_EXAMPLES,
-    DEFAULT_CURVATURE_PRIOR_EXAMPLES,
     DEFAULT_DAMPING_FACTOR,
     DEFAULT_FISHER_LABELS,
     DEFAULT_K,
+    DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES,
     LANGUAGE_MODEL_INDEX,
     IndexConfig,
     ProjectionConfig,
@@ -149,11 +149,15 @@ def _held_out_damping(label: str, per_factor: dict[float, np.ndarray]) -> dict:
     return {"index": label, "curvature": DEFAULT_CURVATURE, "splits": out}
 
 
+def default_config(setting: Setting) -> IndexConfig:
+    """The defaults' index settings: `LANGUAGE_MODEL_INDEX` for language models, `IndexConfig`
+    otherwise (they differ in the eigenvalues' labels and their shrinkage toward KFAC)."""
+    return LANGUAGE_MODEL_INDEX if setting.task == "lm" else IndexConfig()
+
+
 def default_curvature_labels(setting: Setting) -> str:
-    """The labels the defaults fit the curvature's eigenvalues on: `LANGUAGE_MODEL_INDEX`'s for
-    language models, `IndexConfig`'s otherwise."""
-    config = LANGUAGE_MODEL_INDEX if setting.task == "lm" else IndexConfig()
-    return config.curvature_labels
+    """The labels the defaults fit the curvature's eigenvalues on."""
+    return default_config(setting).curvature_labels
 
 
 def _variants(
@@ -188,12 +192,13 @@ def _variants(
     rows: dict[str, np.ndarray | None] = {}
 
     labels = default_curvature_labels(setting)
+    prior = default_config(setting).curvature_prior_examples
     other = "data" if labels == "sampled" else "sampled"
     described = {"data": "stored (training-label) gradients", "sampled": "sampled labels"}
 
     def library(suffix: str, curvature_labels: str = labels, curvature_draws: int = 1,
                 curvature_examples: int | None = DEFAULT_CURVATURE_EXAMPLES,
-                curvature_prior_examples: int = DEFAULT_CURVATURE_PRIOR_EXAMPLES,
+                curvature_prior_examples: int = prior,
                 fisher_labels: str = DEFAULT_FISHER_LABELS, **projection) -> np.ndarray:  # fmt: skip
         variant = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
                                 projection=projection, suffix=suffix, fisher_labels=fisher_labels,
@@ -238,14 +243,13 @@ def _variants(
     )
     quarter = max(1, setting.n_train // 4)
     sample = f"eigenvalues from sampled labels of {quarter} of the {setting.n_train} examples"
-    rows[f"{sample} (`curvature_examples`; shrunk toward KFAC with "
-         f"`curvature_prior_examples` {DEFAULT_CURVATURE_PRIOR_EXAMPLES})"] = library(
-        "-curv-sampled-quarter", curvature_labels="sampled", curvature_examples=quarter
-    )  # fmt: skip
-    if DEFAULT_CURVATURE_PRIOR_EXAMPLES:
-        rows[f"{sample}, not shrunk (`curvature_prior_examples` 0)"] = library(
-            "-curv-sampled-quarter-alone", curvature_labels="sampled",
-            curvature_examples=quarter, curvature_prior_examples=0,
+    # Shrunk toward KFAC as the setting's defaults would (prior), and the other way.
+    for m0 in (prior, DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES if prior == 0 else 0):
+        how = (f"shrunk toward KFAC with `curvature_prior_examples` {m0}" if m0
+               else "not shrunk (`curvature_prior_examples` 0)")  # fmt: skip
+        rows[f"{sample} (`curvature_examples`), {how}"] = library(
+            f"-curv-sampled-quarter-prior{m0}", curvature_labels="sampled",
+            curvature_examples=quarter, curvature_prior_examples=m0,
         )  # fmt: skip
     rows[f"{EXACT_EKFAC} at factor {DEFAULT_DAMPING_FACTOR:g}"] = methods.influence_scores(
         identity, DEFAULT_DAMPING_FACTOR, False, curvature_kind="ekfac"
@@ -340,7 +344,9 @@ def evaluate_setting(
     on_stored = ""
     if labels != "data":
         default = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
-                                suffix=f"-curv-{labels}", curvature_labels=labels)  # fmt: skip
+                                suffix=f"-curv-{labels}", curvature_labels=labels,
+                                curvature_prior_examples=default_config(setting)
+                                .curvature_prior_examples)  # fmt: skip
         on_stored = ", eigenvalues from stored gradients"
 
     def best_factor(label: str, curv: str) -> float:
@@ -470,7 +476,7 @@ def evaluate_setting(
             "fisher_labels": DEFAULT_FISHER_LABELS,
             "curvature_labels": labels,
             "curvature_examples": DEFAULT_CURVATURE_EXAMPLES,
-            "curvature_prior_examples": DEFAULT_CURVATURE_PRIOR_EXAMPLES,
+            "curvature_prior_examples": default_config(setting).curvature_prior_examples,
             "head_k_out": ProjectionConfig().head_k_out,
             "head_projection": ProjectionConfig().head_projection,
         },

@@ -473,7 +473,8 @@ def test_ekfac_eigenvalues_from_the_fisher_loss_equal_an_explicit_matrix(
     fisher = shifted_label_loss(loss_fn)  # deterministic: every draw gives the same rows
     config = IndexConfig(projection=ProjectionConfig(kind="pca", k_in=3, k_out=2),
                          damping_factor=0.2, rows_per_block=6, curvature_labels="sampled",
-                         curvature_draws=2, curvature_examples=cap)  # fmt: skip
+                         curvature_draws=2, curvature_examples=cap,
+                         curvature_prior_examples=64)  # fmt: skip
     index = build_index(
         model, loss_fn, batches, tmp_path, config, fisher_loss=fisher, show_progress=False
     )

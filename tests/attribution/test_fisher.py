@@ -250,7 +250,7 @@ def test_a_capped_curvature_pass_fits_on_fewer_examples_and_is_recorded(tmp_path
     np.testing.assert_array_equal(eig["all"], eig["above"])
     assert not np.allclose(eig["all"], eig["cap"])
     assert built["cap"].manifest["config"]["curvature_examples"] == 12
-    assert built["cap"].manifest["config"]["curvature_prior_examples"] == 64
+    assert built["cap"].manifest["config"]["curvature_prior_examples"] == 0  # not a language model
 
 
 def test_sampled_eigenvalues_shrink_toward_kfac_keeping_the_trace_and_the_damping() -> None:
