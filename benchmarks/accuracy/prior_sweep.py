@@ -1,0 +1,109 @@
+"""How strongly to shrink EKFAC eigenvalues fitted on a sample toward KFAC (`curvature_prior_examples`).
+
+    python -m benchmarks.accuracy.prior_sweep [--settings lm,lm-b,lm-c] [--m0 1,4,16,32,64,128,256]
+
+Reads the cached ground truth of `python -m benchmarks.accuracy.run` (run that first) and
+builds, per setting, the language-model default index (pca k=32, sampled-label eigenvalues)
+twice: with every example in the eigenvalue pass, and with a quarter of them
+(`curvature_examples`), both unshrunk. Each is then shrunk with the core's `shrink_to_kfac` for
+every m0 (and m0 → ∞: the KFAC eigenvalues alone, rescaled), and scored at the default damping.
+Reported: LDS and provider Spearman (positive part of raw scores), each as a paired difference
+against the unshrunk index on all examples. Results: benchmarks/results/prior_sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from attribution.curvature import shrink_to_kfac
+from benchmarks.accuracy import methods
+from benchmarks.accuracy.metrics import lds_per_query, provider_credit, provider_rho_per_query
+from benchmarks.accuracy.plan import FULL
+from benchmarks.accuracy.retrain import (
+    CACHE_DIR,
+    RetrainCache,
+    lds_subsets,
+    provider_removal,
+    set_threads,
+    subset_losses,
+)
+from benchmarks.accuracy.settings import SETTINGS
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+KFAC_ALONE = 10**12
+"""m0 large enough that the sample's eigenvalues no longer count: KFAC's, rescaled."""
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> dict:
+    d = (a - b)[~np.isnan(a - b)]
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+
+
+def sweep_setting(name: str, m0s: list[int]) -> dict:
+    workdir = CACHE_DIR / "work"
+    setting = SETTINGS[name](workdir)
+    plan = FULL[setting.name]
+    cache = RetrainCache(setting)
+    masks = lds_subsets(setting.n_train, plan.lds_subsets)
+    losses = subset_losses(cache, masks, list(plan.lds_seeds))
+    names, rises, _ = provider_removal(cache, list(plan.provider_seeds))
+    quarter = max(1, setting.n_train // 4)
+
+    def build(label: str, examples: int | None) -> methods.BuiltIndex:
+        return methods.build(setting, "pca", 32, "float32", workdir, suffix=f"-prior-{label}",
+                             curvature_labels="sampled", curvature_examples=examples,
+                             curvature_prior_examples=0)  # fmt: skip
+
+    def measure(built: methods.BuiltIndex, curvature) -> tuple[np.ndarray, np.ndarray]:
+        rows = built.index.dense().numpy().astype(np.float64)
+        scores = curvature.precondition(np.asarray(built.query_grads, np.float64)) @ rows.T
+        credit = provider_credit(scores, setting.providers, names, positive=True)
+        return lds_per_query(scores, masks, losses), provider_rho_per_query(credit, rises)
+
+    samples = {"all": (build("all", None), setting.n_train),
+               "quarter": (build("quarter", quarter), quarter)}  # fmt: skip
+    base_lds, base_rho = measure(samples["all"][0], samples["all"][0].index.curvature)
+    out = {"setting": setting.name, "n_train": setting.n_train, "quarter": quarter, "rows": []}
+    for sample, (built, m) in samples.items():
+        for m0 in [0, *m0s, KFAC_ALONE]:
+            curvature = shrink_to_kfac(built.index.curvature, built.index.factors(), m, m0)
+            lds, rho = measure(built, curvature)
+            row = {"sample": sample, "m0": "KFAC alone" if m0 == KFAC_ALONE else m0,
+                   "lds": float(np.nanmean(lds)), "provider_spearman": float(np.nanmean(rho)),
+                   "paired_lds": _paired(lds, base_lds),
+                   "paired_provider_spearman": _paired(rho, base_rho)}  # fmt: skip
+            out["rows"].append(row)
+            print(f"{setting.name} {sample:8s} m0={row['m0']!s:>10}: LDS {row['lds']:.3f} "
+                  f"({row['paired_lds']['mean']:+.3f} ± {row['paired_lds']['se']:.3f}), "
+                  f"provider {row['provider_spearman']:.3f} "
+                  f"({row['paired_provider_spearman']['mean']:+.3f} ± "
+                  f"{row['paired_provider_spearman']['se']:.3f})", flush=True)  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default="lm,lm-b,lm-c")
+    parser.add_argument("--m0", default="1,4,16,32,64,128,256")
+    args = parser.parse_args(argv)
+    set_threads()
+    start = time.perf_counter()
+    m0s = [int(x) for x in args.m0.split(",")]
+    report = {
+        "command": f"python -m benchmarks.accuracy.prior_sweep --settings {args.settings} "
+        f"--m0 {args.m0}",
+        "settings": [sweep_setting(name, m0s) for name in args.settings.split(",")],
+    }
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "prior_sweep.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
