@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
+from numbers import Integral
 from typing import Literal
 
 ProjectionKind = Literal["random", "pca", "identity"]
@@ -62,6 +63,23 @@ class ProjectionConfig:
     either kind; None: `k_out` like every other layer. A `per_layer` entry for the head wins."""
     per_layer: tuple[tuple[str, int, int], ...] = ()
     """Overrides `(glob, k_in, k_out)`, first match wins."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("random", "pca", "identity"):
+            raise ValueError(f"unknown projection kind '{self.kind}' (random, pca or identity)")
+        if self.head_projection not in ("random", "pca"):
+            raise ValueError(f"unknown head_projection '{self.head_projection}' (random or pca)")
+        sizes = [("k_in", self.k_in), ("k_out", self.k_out)]
+        if self.head_k_out is not None:
+            sizes.append(("head_k_out", self.head_k_out))
+        for pattern, k_in, k_out in self.per_layer:
+            sizes += [
+                (f"per_layer '{pattern}' k_in", k_in),
+                (f"per_layer '{pattern}' k_out", k_out),
+            ]
+        for name, value in sizes:
+            if self.kind != "identity" and (not isinstance(value, Integral) or value < 1):
+                raise ValueError(f"projection {name} must be a positive integer, got {value!r}")
 
     def dims_for(self, name: str, n_in: int, n_out: int, head: bool = False) -> tuple[int, int]:
         """Projected (k_in, k_out) of the layer `name` with input width n_in, output n_out;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -527,3 +528,25 @@ def test_provider_sums_of_a_chunk_equal_a_dense_sum(layout) -> None:
         mine = st[codes == p].astype(np.float64)
         np.testing.assert_allclose(signed[:, p], 1 + mine.sum(0), rtol=1e-5, atol=1e-3)
         np.testing.assert_allclose(positive[:, p], 1 + np.maximum(mine, 0).sum(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"k_in": 0}, "projection k_in must be a positive integer, got 0"),
+        ({"k_out": -2}, "projection k_out must be a positive integer, got -2"),
+        ({"head_k_out": 0}, "projection head_k_out must be a positive integer, got 0"),
+        ({"per_layer": (("h.*", 4, 0),)}, "projection per_layer 'h.*' k_out must be a positive"),
+        ({"k_in": 2.5}, "projection k_in must be a positive integer, got 2.5"),
+        ({"kind": "gaussian"}, "unknown projection kind 'gaussian'"),
+        ({"head_projection": "sketch"}, "unknown head_projection 'sketch'"),
+    ],
+)
+def test_a_projection_size_or_kind_that_cannot_work_is_refused_in_one_line(
+    settings: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ProjectionConfig(**settings)
+    # The identity keeps every width: its sizes are not used.
+    if "k_in" in settings or "k_out" in settings:
+        assert ProjectionConfig(kind="identity", **settings).kind == "identity"
