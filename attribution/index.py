@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from math import inf
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +196,18 @@ def _first_pass_loss(loss_fn: LossFn, fisher_loss: LossFn | None, config: IndexC
     return fisher_loss
 
 
-def _check_curvature_labels(fisher_loss: LossFn | None, config: IndexConfig) -> None:
+def _check_config(fisher_loss: LossFn | None, config: IndexConfig) -> None:
+    """Refuse, before any work, settings that cannot build an index (one line each)."""
+    if config.dtype not in ("float32", "float16"):
+        raise ValueError(f"unknown storage dtype '{config.dtype}' (float32 or float16)")
+    if config.curvature not in ("ekfac", "full"):
+        raise ValueError(f"unknown curvature kind '{config.curvature}' (ekfac or full)")
+    if config.fisher_labels not in ("sampled", "data"):
+        raise ValueError(f"unknown fisher_labels '{config.fisher_labels}' (sampled or data)")
+    if not (isinstance(config.damping_factor, int | float) and 0 < config.damping_factor < inf):
+        raise ValueError(f"damping factor must be positive, got {config.damping_factor}")
+    if not isinstance(config.rows_per_block, int) or config.rows_per_block < 1:
+        raise ValueError(f"rows_per_block must be a positive integer, got {config.rows_per_block}")
     if config.curvature_prior_examples < 0:
         raise ValueError(
             f"curvature_prior_examples must be 0 or positive, got {config.curvature_prior_examples}"
@@ -300,7 +312,7 @@ def build_index(
     manifest and guard resumption: a directory started with other settings is refused.
     """
     config = config or IndexConfig()
-    _check_curvature_labels(fisher_loss, config)
+    _check_config(fisher_loss, config)
     root = Path(out_dir)
     data = _reiterable(data)
     created = not root.exists()
