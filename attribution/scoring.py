@@ -164,6 +164,10 @@ def score(
 ) -> ScoreResult:
     """Score raw (un-preconditioned) query gradients (n, D) against every row of `index`."""
     config = config or ScoreConfig()
+    if not isinstance(config.top_k, int) or config.top_k < 0:
+        raise ValueError(f"top_k must be 0 or a positive integer, got {config.top_k!r}")
+    if not config.memory_budget_mb >= 0:  # 0: the smallest chunks (one row at a time)
+        raise ValueError(f"memory_budget_mb must be 0 or positive, got {config.memory_budget_mb!r}")
     n_q = query_grads.shape[0]
     if query_grads.ndim != 2 or query_grads.shape[1] != index.dim:
         raise ValueError(f"query gradients must be (n, {index.dim}), got {query_grads.shape}")

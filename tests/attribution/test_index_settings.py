@@ -37,3 +37,27 @@ def test_settings_that_cannot_work_are_refused_before_anything_is_written(
                     config, fisher_loss=classification_fisher_loss,
                     show_progress=False)  # fmt: skip
     assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"top_k": -1}, "top_k must be 0 or a positive integer, got -1"),
+        ({"top_k": 2.5}, "top_k must be 0 or a positive integer, got 2.5"),
+        ({"memory_budget_mb": -5}, "memory_budget_mb must be 0 or positive, got -5"),
+    ],
+)
+def test_score_settings_that_cannot_work_are_refused_in_one_line(
+    tmp_path, settings: dict, message: str
+) -> None:
+    from attribution import ScoreConfig, score
+    from attribution.scoring import query_gradients
+
+    model, batches = tiny_mlp(), mlp_batches(n=8)
+    config = IndexConfig(ProjectionConfig(kind="random", k_in=2, k_out=2))
+    index = build_index(model, classification_loss, batches, tmp_path / "index", config,
+                        fisher_loss=classification_fisher_loss, show_progress=False)  # fmt: skip
+    _, q = query_gradients(model, classification_loss, batches[:1], index)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        score(index, q, ScoreConfig(**settings))
+    assert score(index, q, ScoreConfig(top_k=0)).top_rows.shape == (len(q), 0)
