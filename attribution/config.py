@@ -37,8 +37,9 @@ class ProjectionConfig:
     """How each tracked layer's gradient is projected (LoGra, Kronecker-structured)."""
 
     kind: ProjectionKind = "pca"
-    """`random`: seeded random orthonormal rows for P_in, P_out. `pca`: top eigenvectors of the layer's KFAC
-    factors (input and output-gradient covariances), from a first pass over the data.
+    """`random`: seeded random orthonormal rows for P_in, P_out. `pca`: top eigenvectors of the
+    layer's KFAC factors (input and output-gradient covariances), from a first pass over the
+    data.
     `identity`: no projection (full gradients; exact, only for tiny models)."""
     k_in: int = DEFAULT_K
     """Rows of P_in (projected input dimension); capped at the layer's input width."""

@@ -121,9 +121,7 @@ def make_projectors(
     factors are accumulated already projected.
     """
     layers = find_layers(model, config.projection)
-    kind = config.projection.kind
-    if kind not in ("random", "pca", "identity"):
-        raise ValueError(f"unknown projection kind '{kind}' (random, pca or identity)")
+    kind = config.projection.kind  # a valid one: `ProjectionConfig` refuses any other
     first_pass_loss = _first_pass_loss(loss_fn, fisher_loss, config)
     specs = layer_specs(layers, output_head_name(model, layers))
     fixed_out = fixed_output_projections(specs, config.projection)
@@ -448,18 +446,17 @@ def _finalise(
         for path in grad_files:
             yield np.load(path, mmap_mode="r")
 
+    meta = pl.concat([pl.read_parquet(block_paths(root, i)[1]) for i in blocks])
     factors = load_factors(root / FACTORS_FILE, [s.name for s in slices])
     curvature = fit_curvature(
         curvature_rows or source, slices, config.damping_factor, config.curvature,
         bases=kfac_bases(factors),
     )  # fmt: skip
-    rows = sum(int(np.load(path, mmap_mode="r").shape[0]) for path in grad_files)
-    sampled = (curvature_used or {}).get("examples", rows)
-    if config.curvature == "ekfac" and sampled < rows:
+    sampled = (curvature_used or {}).get("examples", meta.height)
+    if config.curvature == "ekfac" and sampled < meta.height:
         curvature = shrink_to_kfac(curvature, factors, sampled, config.curvature_prior_examples)
     curvature.save(root / CURVATURE_FILE)
     self_inf = np.concatenate([curvature.self_influence(b) for b in source()])
-    meta = pl.concat([pl.read_parquet(block_paths(root, i)[1]) for i in blocks])
     meta = meta.with_row_index("row").with_columns(
         pl.Series("self_influence", self_inf, dtype=pl.Float64)
     )
@@ -477,7 +474,7 @@ def _finalise(
             "data": fingerprint["data"],
             "layers": build["layers"],
             "rows": meta.height,
-            "curvature_examples_used": (curvature_used or {}).get("examples", meta.height),
+            "curvature_examples_used": sampled,
             "dim": build["dim"],
             "blocks": [{"file": p.name, "sha256": _sha256(p)} for p in grad_files],
             "projections_sha256": _sha256(root / PROJECTIONS_FILE),

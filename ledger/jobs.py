@@ -512,12 +512,12 @@ def compare_result(stored: dict, fresh: QueryResult, tolerance: float) -> tuple[
         return abs(x - y) <= tolerance * scale
 
     cutoff = min(recorded.values(), default=0.0)
-    in_one = recorded.keys() ^ computed.keys()
+    scores = {**recorded, **computed}
     top_agrees = (
         len(recorded) == len(computed)
         and all(map(close, recorded.values(), computed.values()))  # rank by rank
         and all(close(s, computed[r]) for r, s in recorded.items() if r in computed)
-        and all(close((recorded | computed)[r], cutoff) for r in in_one)
+        and all(close(scores[r], cutoff) for r in recorded.keys() ^ computed.keys())
     )
     return diff, credits_agree and top_agrees
 

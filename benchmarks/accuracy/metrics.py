@@ -50,6 +50,13 @@ def mean_std(values: np.ndarray) -> dict:
             "std": float(v.std()) if v.size else float("nan"), "n": int(v.size)}  # fmt: skip
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean per-query difference a − b (queries where either is NaN left out) with its paired
+    standard error."""
+    d = (a - b)[~np.isnan(a - b)]
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))), "n": len(d)}
+
+
 def provider_credit(scores: np.ndarray, providers: np.ndarray, names: list[str], positive: bool):
     """(n_queries, n_providers) Σ over each provider's rows of the scores (or their positive
     part), as `ScoreResult.signed` / `ScoreResult.positive` compute them."""

@@ -22,7 +22,12 @@ import numpy as np
 
 from attribution.curvature import shrink_to_kfac
 from benchmarks.accuracy import methods
-from benchmarks.accuracy.metrics import lds_per_query, provider_credit, provider_rho_per_query
+from benchmarks.accuracy.metrics import (
+    lds_per_query,
+    paired_difference,
+    provider_credit,
+    provider_rho_per_query,
+)
 from benchmarks.accuracy.plan import FULL
 from benchmarks.accuracy.retrain import (
     CACHE_DIR,
@@ -37,11 +42,6 @@ from benchmarks.accuracy.settings import SETTINGS
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 KFAC_ALONE = 10**12
 """m0 large enough that the sample's eigenvalues no longer count: KFAC's, rescaled."""
-
-
-def _paired(a: np.ndarray, b: np.ndarray) -> dict:
-    d = (a - b)[~np.isnan(a - b)]
-    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
 
 
 def sweep_setting(name: str, m0s: list[int]) -> dict:
@@ -75,8 +75,8 @@ def sweep_setting(name: str, m0s: list[int]) -> dict:
             lds, rho = measure(built, curvature)
             row = {"sample": sample, "m0": "KFAC alone" if m0 == KFAC_ALONE else m0,
                    "lds": float(np.nanmean(lds)), "provider_spearman": float(np.nanmean(rho)),
-                   "paired_lds": _paired(lds, base_lds),
-                   "paired_provider_spearman": _paired(rho, base_rho)}  # fmt: skip
+                   "paired_lds": paired_difference(lds, base_lds),
+                   "paired_provider_spearman": paired_difference(rho, base_rho)}  # fmt: skip
             out["rows"].append(row)
             print(f"{setting.name} {sample:8s} m0={row['m0']!s:>10}: LDS {row['lds']:.3f} "
                   f"({row['paired_lds']['mean']:+.3f} ± {row['paired_lds']['se']:.3f}), "

@@ -34,6 +34,7 @@ from benchmarks.accuracy import methods
 from benchmarks.accuracy.metrics import (
     lds_per_query,
     mean_std,
+    paired_difference,
     provider_agreement,
     provider_credit,
     provider_rho_per_query,
@@ -65,12 +66,6 @@ EXACT_EKFAC = "exact EKFAC (identity, ekfac)"
 
 def _lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> dict:
     return mean_std(lds_per_query(scores, masks, losses))
-
-
-def _paired(a: np.ndarray, b: np.ndarray) -> dict:
-    """Mean per-query LDS difference a − b with its paired standard error."""
-    d = (a - b)[~np.isnan(a - b)]
-    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))), "n": len(d)}
 
 
 def _provider_variants(scores_raw, scores_rel, setting: Setting, names, rises) -> dict:
@@ -155,11 +150,6 @@ def default_config(setting: Setting) -> IndexConfig:
     return LANGUAGE_MODEL_INDEX if setting.task == "lm" else IndexConfig()
 
 
-def default_curvature_labels(setting: Setting) -> str:
-    """The labels the defaults fit the curvature's eigenvalues on."""
-    return default_config(setting).curvature_labels
-
-
 def _variants(
     setting: Setting,
     workdir: Path,
@@ -191,7 +181,7 @@ def _variants(
     head_module, tied = output_head(base)
     rows: dict[str, np.ndarray | None] = {}
 
-    labels = default_curvature_labels(setting)
+    labels = default_config(setting).curvature_labels
     prior = default_config(setting).curvature_prior_examples
     other = "data" if labels == "sampled" else "sampled"
     described = {"data": "stored (training-label) gradients", "sampled": "sampled labels"}
@@ -280,9 +270,9 @@ def _variants(
         )
         out["methods"][name] = {
             "lds": mean_std(lds),
-            "paired_lds": _paired(lds, default_lds),
+            "paired_lds": paired_difference(lds, default_lds),
             "provider_spearman": float(np.nanmean(rho)),
-            "paired_provider_spearman": _paired(rho, default_rho),
+            "paired_provider_spearman": paired_difference(rho, default_rho),
         }
         log.info("%s variant %s: LDS %.3f", setting.name, name, np.nanmean(lds))
     return out
@@ -334,7 +324,8 @@ def evaluate_setting(
 
     by_label = {b.label: b for b in builds}
     identity = by_label["identity-float32"]
-    labels = default_curvature_labels(setting)
+    defaults = default_config(setting)
+    labels = defaults.curvature_labels
     stored = by_label[f"{DEFAULT_KIND}-k{DEFAULT_K}-float32"]
     # The defaults' index. The sweep's indexes fit their eigenvalues on the stored gradients
     # (so both curvature kinds come from identical rows); with sampled-label eigenvalues (the
@@ -345,8 +336,7 @@ def evaluate_setting(
     if labels != "data":
         default = methods.build(setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir,
                                 suffix=f"-curv-{labels}", curvature_labels=labels,
-                                curvature_prior_examples=default_config(setting)
-                                .curvature_prior_examples)  # fmt: skip
+                                curvature_prior_examples=defaults.curvature_prior_examples)  # fmt: skip
         on_stored = ", eigenvalues from stored gradients"
 
     def best_factor(label: str, curv: str) -> float:
@@ -427,7 +417,9 @@ def evaluate_setting(
     # Per-query LDS differences against the defaults (same queries, so paired errors).
     per_query = {name: lds_per_query(raw, masks, losses) for name, (raw, _) in scores.items()}
     paired = {
-        f"{name} − logra (defaults)": _paired(per_query[name], per_query["logra (defaults)"])
+        f"{name} − logra (defaults)": paired_difference(
+            per_query[name], per_query["logra (defaults)"]
+        )
         for name in per_query
         if name != "logra (defaults)"
     }
@@ -440,7 +432,7 @@ def evaluate_setting(
         for name, (raw, _) in scores.items()
     }
     paired_provider = {
-        f"{name} − logra (defaults)": _paired(rho[name], rho["logra (defaults)"])
+        f"{name} − logra (defaults)": paired_difference(rho[name], rho["logra (defaults)"])
         for name in rho
         if name != "logra (defaults)"
     }
@@ -476,7 +468,7 @@ def evaluate_setting(
             "fisher_labels": DEFAULT_FISHER_LABELS,
             "curvature_labels": labels,
             "curvature_examples": DEFAULT_CURVATURE_EXAMPLES,
-            "curvature_prior_examples": default_config(setting).curvature_prior_examples,
+            "curvature_prior_examples": defaults.curvature_prior_examples,
             "head_k_out": ProjectionConfig().head_k_out,
             "head_projection": ProjectionConfig().head_projection,
         },
