@@ -14,6 +14,7 @@ from benchmarks.accuracy.metrics import (
     provider_credit,
     rankdata,
     spearman,
+    split_half_agreement,
 )
 from benchmarks.accuracy.retrain import RetrainCache, lds_subsets, subset_losses
 from benchmarks.accuracy.settings import mlp_setting
@@ -49,6 +50,19 @@ def test_provider_agreement_of_perfect_and_reversed_credit() -> None:
     assert good["spearman"]["mean"] == pytest.approx(1.0) and good["top1"] == 1.0
     bad = provider_agreement(-credit, rises)
     assert bad["spearman"]["mean"] == pytest.approx(-1.0) and bad["top1"] == 0.0
+
+
+def test_split_half_agreement_is_the_mean_per_query_spearman_stepped_up() -> None:
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=(6, 40))  # 6 providers, 40 queries
+    first = truth + rng.normal(scale=0.8, size=truth.shape)
+    second = truth + rng.normal(scale=0.8, size=truth.shape)
+    got = split_half_agreement(first, second)
+    expected = np.mean([stats.spearmanr(first[:, q], second[:, q]).statistic for q in range(40)])
+    assert got["half"] == pytest.approx(expected, abs=1e-12)
+    assert got["full"] == pytest.approx(2 * expected / (1 + expected), abs=1e-12)
+    assert 0.2 < got["half"] < got["full"] < 1.0
+    assert split_half_agreement(truth, 2 * truth + 1) == pytest.approx({"half": 1.0, "full": 1.0})
 
 
 @pytest.fixture

@@ -78,3 +78,17 @@ def provider_agreement(credit: np.ndarray, rises: np.ndarray) -> dict:
 def provider_rho_per_query(credit: np.ndarray, rises: np.ndarray) -> np.ndarray:
     """(n_queries,) Spearman across providers between credit and the loss rise on removal."""
     return np.array([spearman(credit[q], rises[:, q]) for q in range(credit.shape[0])])
+
+
+def split_half_agreement(first: np.ndarray, second: np.ndarray) -> dict:
+    """How well ground truth from one half of the retraining seeds predicts the other half.
+
+    first, second: (n_items, n_queries) outcomes (loss rises per provider, or losses per
+    subset) averaged over disjoint halves of the seeds. Per query, Spearman across items; the
+    mean over queries, and its Spearman-Brown step-up 2r/(1+r): the reliability expected of
+    the full set of seeds. Scores that agree with the full-seed truth much less than this are
+    limited by the method; near it, by the noise of retraining.
+    """
+    rho = np.array([spearman(first[:, q], second[:, q]) for q in range(first.shape[1])])
+    r = float(np.nanmean(rho))
+    return {"half": r, "full": 2 * r / (1 + r) if r > -1 else float("nan")}

@@ -18,9 +18,9 @@ class Plan:
 
 FULL = {
     "mlp-digits": Plan(100, (0, 1, 2, 3), tuple(range(8)), 16, (10, 20, 40)),
-    "gpt2-corpus": Plan(64, (0, 1, 2, 3), tuple(range(8)), 5, (5, 20)),
-    "gpt2-corpus-b": Plan(64, (0, 1, 2, 3), tuple(range(8)), 5, (5, 20)),
-    "gpt2-corpus-c": Plan(64, (0, 1, 2, 3), tuple(range(8)), 5, (5, 20)),
+    "gpt2-corpus": Plan(64, (0, 1, 2, 3), tuple(range(32)), 5, (5, 20)),
+    "gpt2-corpus-b": Plan(64, (0, 1, 2, 3), tuple(range(32)), 5, (5, 20)),
+    "gpt2-corpus-c": Plan(64, (0, 1, 2, 3), tuple(range(32)), 5, (5, 20)),
 }
 QUICK = {
     "mlp-digits": Plan(12, (0, 1), (0,), 4, (10, 40)),

@@ -156,6 +156,24 @@ def pooled(settings: list[dict], key: str) -> dict[str, dict]:
     return out
 
 
+def _reliability(s: dict) -> list[str]:
+    rel = s.get("truth_reliability") or {}
+    parts = []
+    for key, what in (("provider", "the loss rises on removing each provider"),
+                      ("lds", "the subsets' query losses")):  # fmt: skip
+        if key in rel:
+            r = rel[key]
+            parts.append(
+                f"{what}, Spearman {r['half']:.3f} between halves of the "
+                f"{r['seeds']} seeds (Spearman–Brown {r['full']:.3f} for all of them)"
+            )
+    if not parts:
+        return []
+    return ["", "Ground-truth reliability, per query: " + "; ".join(parts) + ". No method can "
+            "be expected to agree with the retrained truth much better than the truth agrees "
+            "with itself."]  # fmt: skip
+
+
 def _pooled_section(report: dict) -> list[str]:
     lm = [s for s in report["settings"] if s.get("task") == "lm"]
     if len(lm) < 2:
@@ -198,6 +216,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"{d.get('head_k_out')}. Setting took {s['seconds']:.0f} s "
                 f"({s['retrains_this_run']} retrains this run).", "", "### Headline", ""]  # fmt: skip
         out += _headline(s)
+        out += _reliability(s)
         out += _paired_table(s.get("paired_lds_vs_defaults"),
                              "Raw-influence LDS", "ΔLDS")  # fmt: skip
         out += _paired_table(s.get("paired_provider_spearman_vs_defaults"),

@@ -76,13 +76,16 @@ def lds_subsets(n_train: int, m: int, seed: int = 1234) -> np.ndarray:
     return masks
 
 
-def subset_losses(cache: RetrainCache, masks: np.ndarray, seeds: list[int]) -> np.ndarray:
+def subset_losses(
+    cache: RetrainCache, masks: np.ndarray, seeds: list[int], quiet: bool = False
+) -> np.ndarray:
     """(m, n_queries): each subset's query losses, averaged over seeds."""
     out = np.zeros((masks.shape[0], cache.setting.n_queries))
     for j, mask in enumerate(masks):
         rows = np.nonzero(mask)[0]
         out[j] = np.mean([cache.outputs(rows, s)[0] for s in seeds], axis=0)
-        log.info("%s: subset %d/%d", cache.setting.name, j + 1, masks.shape[0])
+        if not quiet:
+            log.info("%s: subset %d/%d", cache.setting.name, j + 1, masks.shape[0])
     cache.save()
     return out
 

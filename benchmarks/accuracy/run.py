@@ -38,6 +38,7 @@ from benchmarks.accuracy.metrics import (
     provider_agreement,
     provider_credit,
     provider_rho_per_query,
+    split_half_agreement,
 )
 from benchmarks.accuracy.peers import PEERS, kronfluence_scores, run_peer
 from benchmarks.accuracy.plan import FULL, QUICK, Plan
@@ -77,6 +78,24 @@ def _provider_variants(scores_raw, scores_rel, setting: Setting, names, rises) -
         for part in ("signed", "positive"):
             credit = provider_credit(s, setting.providers, names, positive=part == "positive")
             out[f"{label}-{part}"] = provider_agreement(credit, rises)
+    return out
+
+
+def _reliability(cache: RetrainCache, masks: np.ndarray, plan: Plan) -> dict:
+    """Split-half agreement of the ground truth over its retraining seeds (cached retrains)."""
+    out = {}
+    seeds = list(plan.provider_seeds)
+    if len(seeds) >= 2:
+        half = len(seeds) // 2
+        first = provider_removal(cache, seeds[:half])[1]
+        second = provider_removal(cache, seeds[half:])[1]
+        out["provider"] = {**split_half_agreement(first, second), "seeds": len(seeds)}
+    seeds = list(plan.lds_seeds)
+    if len(seeds) >= 2:
+        half = len(seeds) // 2
+        first = subset_losses(cache, masks, seeds[:half], quiet=True)
+        second = subset_losses(cache, masks, seeds[half:], quiet=True)
+        out["lds"] = {**split_half_agreement(first, second), "seeds": len(seeds)}
     return out
 
 
@@ -287,6 +306,7 @@ def evaluate_setting(
     losses = subset_losses(cache, masks, list(plan.lds_seeds))
     names, rises, _ = provider_removal(cache, list(plan.provider_seeds))
     truth_seconds = cache.seconds
+    reliability = _reliability(cache, masks, plan)
     log.info("%s: ground truth ready (%d retrains now, %.0fs)", setting.name, cache.trained,
              truth_seconds)  # fmt: skip
 
@@ -473,6 +493,7 @@ def evaluate_setting(
             "head_projection": ProjectionConfig().head_projection,
         },
         "library_vs_redamped_max_rel_diff": agree,
+        "truth_reliability": reliability,
         "held_out_damping": held_out,
         "damping_default_index": {"index": default.label, "rows": damping_rows},
         "sweep": sweep,
