@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from benchmarks.accuracy import methods
+from benchmarks.accuracy import methods, run
+from benchmarks.accuracy.args import number_list, setting_names
 from benchmarks.accuracy.metrics import (
     lds_per_query,
     provider_agreement,
@@ -174,3 +177,21 @@ def test_pooled_differences_weight_each_setting_by_its_queries() -> None:
     se_a, se_b = a.std(ddof=1) / np.sqrt(40), b.std(ddof=1) / np.sqrt(100)
     expected = np.sqrt((40 / 140) ** 2 * se_a**2 + (100 / 140) ** 2 * se_b**2)
     assert abs(out["peer − ours"]["se"] - expected) < 1e-12
+
+
+def test_script_arguments_are_parsed_and_bad_ones_refused_in_one_line(capsys) -> None:
+    assert setting_names("lm, lm-c") == ["lm", "lm-c"]
+    assert number_list(int, low=1)("1,4,64") == [1, 4, 64]
+    assert number_list(float, low=0.0)("0.5,1") == [0.5, 1.0]
+    for argv, message in (
+        (["--settings", "lm,bogus"], "unknown settings ['bogus']; choose from mlp, lm, lm-b, lm-c"),
+        (["--settings", ""], "unknown settings ['']"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run.main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(argparse.ArgumentTypeError, match="comma list of ints, got '4,x'"):
+        number_list(int)("4,x")
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 1, got '0,2'"):
+        number_list(int, low=1)("0,2")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.accuracy import methods
+from benchmarks.accuracy.args import number_list, setting_names
 from benchmarks.accuracy.metrics import paired_difference, provider_credit, provider_rho_per_query
 from benchmarks.accuracy.plan import FULL
 from benchmarks.accuracy.retrain import CACHE_DIR, RetrainCache, provider_removal, set_threads
@@ -97,16 +98,15 @@ def measure_setting(name: str, shares: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="lm,lm-b,lm-c")
-    parser.add_argument("--shares", default="0.5,1")
+    parser.add_argument("--settings", type=setting_names, default="lm,lm-b,lm-c")
+    parser.add_argument("--shares", type=number_list(float, low=0.0), default="0.5,1")
     args = parser.parse_args(argv)
     set_threads()
     start = time.perf_counter()
-    shares = [float(x) for x in args.shares.split(",")]
     report = {
-        "command": f"python -m benchmarks.accuracy.group_removal --settings {args.settings} "
-        f"--shares {args.shares}",
-        "settings": [measure_setting(name, shares) for name in args.settings.split(",")],
+        "command": "python -m benchmarks.accuracy.group_removal --settings "
+        f"{','.join(args.settings)} --shares {','.join(f'{x:g}' for x in args.shares)}",
+        "settings": [measure_setting(name, args.shares) for name in args.settings],
     }
     report["seconds"] = round(time.perf_counter() - start, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from attribution.curvature import LayerSlice, fit_curvature, kfac_bases
 from attribution.projection import random_rows
 from attribution.scoring import query_gradients
 from attribution.store import GradientIndex
+from benchmarks.accuracy.args import number_list, setting_name
 from benchmarks.accuracy.metrics import lds_per_query
 from benchmarks.accuracy.plan import FULL
 from benchmarks.accuracy.retrain import (
@@ -77,9 +78,14 @@ def projections(s: np.ndarray, k: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", default="lm-c", help=f"one of {', '.join(SETTINGS)}")
     parser.add_argument(
-        "--k", default="128,1024", help="directions kept on that side (a comma list)"
+        "--setting", type=setting_name, default="lm-c", help=f"one of {', '.join(SETTINGS)}"
+    )
+    parser.add_argument(
+        "--k",
+        type=number_list(int, low=1),
+        default="128,1024",
+        help="directions kept on that side (a comma list)",
     )
     args = parser.parse_args(argv)
     set_threads()
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     whole = None
-    for k in sorted({min(int(x), vocab) for x in args.k.split(",")}):
+    for k in sorted({min(x, vocab) for x in args.k}):
         for name, p in projections(raw_s, k).items():
             if name.startswith("whole"):
                 if whole is not None:
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{rows[-1]['lds']:.3f}  k={rows[-1]['k']:5d}  {name}", flush=True)
     report = {
         "command": f"python -m benchmarks.accuracy.head_projections --setting {args.setting} "
-        f"--k {args.k}",
+        f"--k {','.join(map(str, args.k))}",
         "setting": setting.name,
         "vocabulary": int(vocab),
         "damping_factor": DEFAULT_DAMPING_FACTOR,

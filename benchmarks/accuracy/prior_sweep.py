@@ -22,6 +22,7 @@ import numpy as np
 
 from attribution.curvature import shrink_to_kfac
 from benchmarks.accuracy import methods
+from benchmarks.accuracy.args import number_list, setting_names
 from benchmarks.accuracy.metrics import (
     lds_per_query,
     paired_difference,
@@ -88,16 +89,15 @@ def sweep_setting(name: str, m0s: list[int]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="lm,lm-b,lm-c")
-    parser.add_argument("--m0", default="1,4,16,32,64,128,256")
+    parser.add_argument("--settings", type=setting_names, default="lm,lm-b,lm-c")
+    parser.add_argument("--m0", type=number_list(int, low=1), default="1,4,16,32,64,128,256")
     args = parser.parse_args(argv)
     set_threads()
     start = time.perf_counter()
-    m0s = [int(x) for x in args.m0.split(",")]
     report = {
-        "command": f"python -m benchmarks.accuracy.prior_sweep --settings {args.settings} "
-        f"--m0 {args.m0}",
-        "settings": [sweep_setting(name, m0s) for name in args.settings.split(",")],
+        "command": "python -m benchmarks.accuracy.prior_sweep --settings "
+        f"{','.join(args.settings)} --m0 {','.join(map(str, args.m0))}",
+        "settings": [sweep_setting(name, args.m0) for name in args.settings],
     }
     report["seconds"] = round(time.perf_counter() - start, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from attribution.config import (
 )
 from attribution.projection import find_layers, layer_widths, output_head, output_head_name
 from benchmarks.accuracy import methods
+from benchmarks.accuracy.args import setting_names
 from benchmarks.accuracy.metrics import (
     lds_per_query,
     mean_std,
@@ -513,7 +514,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small plan, results *-quick.*")
     parser.add_argument(
-        "--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}"
+        "--settings",
+        type=setting_names,
+        default=",".join(SETTINGS),
+        help=f"comma list of {', '.join(SETTINGS)}",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip peer libraries")
     args = parser.parse_args(argv)
@@ -526,10 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
     peers = [] if args.no_peers else list(PEERS)
     start = time.perf_counter()
     results = []
-    unknown = [w for w in args.settings.split(",") if w not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
-    for which in args.settings.split(","):
+    for which in args.settings:
         setting = SETTINGS[which](workdir)
         results.append(evaluate_setting(setting, plans[setting.name], workdir, peers, args.quick))
     report = {

@@ -1,0 +1,44 @@
+"""Command-line values of the accuracy scripts, refused in one line when they cannot work."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from benchmarks.accuracy.settings import SETTINGS
+
+
+def setting_names(value: str) -> list[str]:
+    """A comma list of `SETTINGS` keys (`--settings lm,lm-b`)."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown settings {unknown or [value]}; choose from {', '.join(SETTINGS)}"
+        )
+    return names
+
+
+def setting_name(value: str) -> str:
+    """One `SETTINGS` key (`--setting lm-c`)."""
+    names = setting_names(value)
+    if len(names) != 1:
+        raise argparse.ArgumentTypeError(f"one setting expected, got {value!r}")
+    return names[0]
+
+
+def number_list(kind: type, low: float | None = None) -> Callable[[str], list]:
+    """A parser of a comma list of `kind` (int or float), each at least `low` when given."""
+
+    def parse(value: str) -> list:
+        try:
+            numbers = [kind(v) for v in value.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of {kind.__name__}s, got {value!r}"
+            ) from None
+        if low is not None and any(x < low for x in numbers):
+            raise argparse.ArgumentTypeError(f"every value must be at least {low}, got {value!r}")
+        return numbers
+
+    return parse
