@@ -23,9 +23,6 @@ credit. Results: benchmarks/results/group_removal.json.
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import numpy as np
 
@@ -33,11 +30,10 @@ from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import number_list, setting_names
 from benchmarks.accuracy.metrics import paired_difference, provider_credit, provider_rho_per_query
 from benchmarks.accuracy.plan import FULL
+from benchmarks.accuracy.report import write_study
 from benchmarks.accuracy.retrain import CACHE_DIR, RetrainCache, provider_removal, set_threads
 from benchmarks.accuracy.run import default_config
 from benchmarks.accuracy.settings import SETTINGS
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def measure_setting(name: str, shares: list[float]) -> dict:
@@ -102,16 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shares", type=number_list(float, low=0.0), default="0.5,1")
     args = parser.parse_args(argv)
     set_threads()
-    start = time.perf_counter()
-    report = {
-        "command": "python -m benchmarks.accuracy.group_removal --settings "
-        f"{','.join(args.settings)} --shares {','.join(f'{x:g}' for x in args.shares)}",
-        "settings": [measure_setting(name, args.shares) for name in args.settings],
-    }
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "group_removal.json").write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    command = (
+        "python -m benchmarks.accuracy.group_removal --settings "
+        f"{','.join(args.settings)} --shares {','.join(f'{x:g}' for x in args.shares)}"
+    )
+    return write_study(
+        "group_removal", command, lambda: [measure_setting(n, args.shares) for n in args.settings]
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,6 @@ against the unshrunk index on all examples. Results: benchmarks/results/prior_sw
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +27,7 @@ from benchmarks.accuracy.metrics import (
     provider_rho_per_query,
 )
 from benchmarks.accuracy.plan import FULL
+from benchmarks.accuracy.report import write_study
 from benchmarks.accuracy.retrain import (
     CACHE_DIR,
     RetrainCache,
@@ -40,7 +38,6 @@ from benchmarks.accuracy.retrain import (
 )
 from benchmarks.accuracy.settings import SETTINGS
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 KFAC_ALONE = 10**12
 """m0 large enough that the sample's eigenvalues no longer count: KFAC's, rescaled."""
 
@@ -93,16 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--m0", type=number_list(int, low=1), default="1,4,16,32,64,128,256")
     args = parser.parse_args(argv)
     set_threads()
-    start = time.perf_counter()
-    report = {
-        "command": "python -m benchmarks.accuracy.prior_sweep --settings "
-        f"{','.join(args.settings)} --m0 {','.join(map(str, args.m0))}",
-        "settings": [sweep_setting(name, args.m0) for name in args.settings],
-    }
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "prior_sweep.json").write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    command = (
+        "python -m benchmarks.accuracy.prior_sweep --settings "
+        f"{','.join(args.settings)} --m0 {','.join(map(str, args.m0))}"
+    )
+    return write_study(
+        "prior_sweep", command, lambda: [sweep_setting(n, args.m0) for n in args.settings]
+    )
 
 
 if __name__ == "__main__":

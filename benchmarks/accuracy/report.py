@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 RATIONALE = Path(__file__).parent / "rationale.md"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def write_study(stem: str, command: str, run: Callable[[], list[dict]]) -> dict:
+    """Run a study over settings and save {command, settings, seconds} as results/{stem}.json."""
+    start = time.perf_counter()
+    report = {"command": command, "settings": run()}
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 def _ms(d: dict | None) -> str:
