@@ -20,7 +20,7 @@ from benchmarks.accuracy.metrics import (
     split_half_agreement,
 )
 from benchmarks.accuracy.retrain import RetrainCache, lds_subsets, subset_losses
-from benchmarks.accuracy.settings import mlp_setting
+from benchmarks.accuracy.settings import lm_setting, mlp_setting
 
 
 def test_spearman_and_ranks_match_scipy_with_ties() -> None:
@@ -195,3 +195,25 @@ def test_script_arguments_are_parsed_and_bad_ones_refused_in_one_line(capsys) ->
         number_list(int)("4,x")
     with pytest.raises(argparse.ArgumentTypeError, match="at least 1, got '0,2'"):
         number_list(int, low=1)("0,2")
+
+
+def test_a_language_model_replays_its_training_run_with_snapshots(tmp_path, one_thread) -> None:
+    """The checkpoint study's snapshots come from the base model's own run: the last one is the
+    base model, bit for bit, and the earlier ones are earlier states of it."""
+    setting = lm_setting(tmp_path, name="tiny", docs_per_provider=3, queries_per_provider=1,
+                         epochs=3, n_embd=8)  # fmt: skip
+    snapshots = setting.snapshots((1, 2))
+    assert sorted(snapshots) == [1, 2, 3]
+    base = setting.evaluate(setting.base_model())
+    np.testing.assert_array_equal(setting.evaluate(snapshots[3]), base)
+    first = setting.evaluate(snapshots[1])
+    assert not np.allclose(first[0], base[0])
+    # The final model fits the training data better than after one epoch.
+    with torch.no_grad():
+        train_loss = [
+            float(sum(setting.train_loss(m, b).sum() for b in setting.train_data))
+            for m in (snapshots[1], snapshots[3])
+        ]
+    assert train_loss[1] < train_loss[0]
+    with pytest.raises(ValueError, match=r"epochs \[4\] outside the recipe's 1..3"):
+        setting.snapshots((4,))

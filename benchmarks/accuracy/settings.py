@@ -8,6 +8,7 @@ loss and predicted class. Sizes are small so that hundreds of retrains fit in mi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -61,6 +62,9 @@ class Setting:
     peer_queries: list = field(default_factory=list)
     collate: Callable | None = None
     base: nn.Module | None = None
+    snapshots: Callable[[tuple[int, ...]], dict[int, nn.Module]] | None = None
+    """epochs → the base model's training run (all rows, seed 0) as it was after each of those
+    epochs; the last epoch's is the base model itself. Language models only."""
 
     @property
     def n_train(self) -> int:
@@ -274,7 +278,8 @@ def lm_setting(
     if vocabulary is not None:
         recipe["vocabulary"] = list(vocabulary)
 
-    def train(rows: np.ndarray, run_seed: int) -> nn.Module:
+    def fit(rows: np.ndarray, run_seed: int, keep: tuple[int, ...] = ()) -> dict[int, nn.Module]:
+        """The recipe's run; a copy of the model after each epoch in `keep` and the last."""
         from transformers import GPT2LMHeadModel
 
         torch.manual_seed(run_seed)
@@ -283,7 +288,8 @@ def lm_setting(
         gen = torch.Generator().manual_seed(run_seed)
         rows = np.sort(rows)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        for _ in range(epochs):
+        kept = {}
+        for epoch in range(1, epochs + 1):
             perm = rows[torch.randperm(len(rows), generator=gen).numpy()]
             for i in range(0, len(perm), batch_size):
                 part = [tokens[j] for j in perm[i : i + batch_size]]
@@ -292,7 +298,19 @@ def lm_setting(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        return model.eval()
+            if epoch in keep and epoch < epochs:
+                kept[epoch] = copy.deepcopy(model).eval()
+        kept[epochs] = model.eval()
+        return kept
+
+    def train(rows: np.ndarray, run_seed: int) -> nn.Module:
+        return fit(rows, run_seed)[epochs]
+
+    def snapshots(keep: tuple[int, ...]) -> dict[int, nn.Module]:
+        bad = [e for e in keep if not 1 <= e <= epochs]
+        if bad:
+            raise ValueError(f"epochs {bad} outside the recipe's 1..{epochs}")
+        return fit(np.arange(len(tokens)), 0, tuple(keep))
 
     holder: dict = {}
 
@@ -313,6 +331,7 @@ def lm_setting(
         train=train,
         evaluate=evaluate,
         recipe=recipe,
+        snapshots=snapshots,
     )
     base = setting.base_model()
     rows = sample_queries(

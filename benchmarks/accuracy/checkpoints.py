@@ -1,0 +1,156 @@
+"""Influence summed over training checkpoints, against influence at the final model alone.
+
+    python -m benchmarks.accuracy.checkpoints [--settings lm,lm-b,lm-c] [--epochs 3,6,9]
+                                              [--peers kronfluence-ekfac,...]
+
+The ground truth retrains from scratch, so what it measures is the whole training run, not a
+small step away from the final model. This study replays each language model's own training
+run (all rows, seed 0: the base model's run), keeps the model after each epoch in `--epochs`
+and the final one, and at every one of those checkpoints builds the defaults' index with the
+library (`build_index`, then `score`) and runs each peer in `--peers`. A method's checkpoint
+score is the plain sum of its scores over the checkpoints (TracIn's sum over checkpoints, with
+the curvature of each). Reported: LDS and provider Spearman (positive part) of every method at
+the final model alone and summed, and paired differences against our sum. Reads the ground
+truth of `python -m benchmarks.accuracy.run` from the cache (run that first). Results:
+benchmarks/results/checkpoints.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from benchmarks.accuracy import methods
+from benchmarks.accuracy.args import number_list, setting_names
+from benchmarks.accuracy.metrics import (
+    lds_per_query,
+    paired_difference,
+    provider_credit,
+    provider_rho_per_query,
+)
+from benchmarks.accuracy.peers import PEERS, run_peer
+from benchmarks.accuracy.plan import FULL
+from benchmarks.accuracy.report import write_study
+from benchmarks.accuracy.retrain import (
+    CACHE_DIR,
+    RetrainCache,
+    lds_subsets,
+    provider_removal,
+    set_threads,
+    subset_losses,
+)
+from benchmarks.accuracy.run import DEFAULT_KIND, default_config
+from benchmarks.accuracy.settings import SETTINGS
+
+OURS = "logra (defaults)"
+
+
+def peer_names(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
+    return names
+
+
+def study_setting(name: str, epochs: list[int], peers: list[str]) -> dict:
+    workdir = CACHE_DIR / "work"
+    setting = SETTINGS[name](workdir)
+    if setting.snapshots is None:
+        raise SystemExit(f"{name}: this setting cannot replay its training run")
+    plan = FULL[setting.name]
+    cache = RetrainCache(setting)
+    masks = lds_subsets(setting.n_train, plan.lds_subsets)
+    losses = subset_losses(cache, masks, list(plan.lds_seeds), quiet=True)
+    names, rises, _ = provider_removal(cache, list(plan.provider_seeds))
+    config = default_config(setting)
+    final = setting.base_model()
+    snapshots = setting.snapshots(tuple(epochs))
+    last = max(snapshots)
+    replay_gap = float(np.abs(setting.evaluate(snapshots[last]) - setting.evaluate(final)).max())
+    if replay_gap > 0:
+        raise SystemExit(f"{name}: the replayed run ends {replay_gap:g} away from the base model")
+
+    scores: dict[str, dict[int, np.ndarray]] = {OURS: {}, **{p: {} for p in peers}}
+    status = {}
+    try:
+        for epoch, model in sorted(snapshots.items()):
+            setting.base = model
+            built = methods.build(
+                setting, DEFAULT_KIND, config.projection.k_in, config.dtype, workdir,
+                suffix=f"-epoch{epoch}", curvature_labels=config.curvature_labels,
+                curvature_prior_examples=config.curvature_prior_examples,
+            )  # fmt: skip
+            scores[OURS][epoch] = methods.library_scores(built, relatif=False)
+            for peer in peers:
+                s, st = run_peer(peer, setting, workdir)
+                status[f"{peer} @ epoch {epoch}"] = st
+                if s is not None:
+                    scores[peer][epoch] = s
+            print(f"{setting.name}: epoch {epoch} scored", flush=True)
+    finally:
+        setting.base = final
+
+    def measure(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        credit = provider_credit(s, setting.providers, names, positive=True)
+        return lds_per_query(s, masks, losses), provider_rho_per_query(credit, rises)
+
+    per_query = {}
+    rows = []
+    for method, by_epoch in scores.items():
+        if len(by_epoch) != len(snapshots):
+            continue  # a peer failed at some checkpoint: see status
+        for label, s in ((f"{method}, final model", by_epoch[last]),
+                         (f"{method}, summed over epochs {sorted(by_epoch)}",
+                          sum(by_epoch.values()))):  # fmt: skip
+            per_query[label] = measure(s)
+        for epoch, s in sorted(by_epoch.items()):
+            lds, rho = measure(s)
+            rows.append({"method": method, "epoch": epoch, "lds": float(np.nanmean(lds)),
+                         "provider_spearman": float(np.nanmean(rho))})  # fmt: skip
+    reference = f"{OURS}, summed over epochs {sorted(snapshots)}"
+    methods_out = {}
+    for label, (lds, rho) in per_query.items():
+        methods_out[label] = {"lds": float(np.nanmean(lds)),
+                              "provider_spearman": float(np.nanmean(rho))}  # fmt: skip
+        if label != reference:
+            methods_out[label]["paired_lds_vs_ours_summed"] = paired_difference(
+                lds, per_query[reference][0]
+            )
+            methods_out[label]["paired_provider_vs_ours_summed"] = paired_difference(
+                rho, per_query[reference][1]
+            )
+        line = f"  {label}: LDS {methods_out[label]['lds']:.3f}, provider "
+        line += f"{methods_out[label]['provider_spearman']:.3f}"
+        if label != reference:
+            dl = methods_out[label]["paired_lds_vs_ours_summed"]
+            dr = methods_out[label]["paired_provider_vs_ours_summed"]
+            line += (f" (minus ours summed: {dl['mean']:+.3f} ± {dl['se']:.3f} LDS, "
+                     f"{dr['mean']:+.3f} ± {dr['se']:.3f} provider)")  # fmt: skip
+        print(line, flush=True)
+    return {"setting": setting.name, "epochs": sorted(snapshots), "methods": methods_out,
+            "per_checkpoint": rows, "peers": status}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", type=setting_names, default="lm,lm-b,lm-c")
+    parser.add_argument("--epochs", type=number_list(int, low=1), default="3,6,9")
+    parser.add_argument("--peers", type=peer_names, default="kronfluence-ekfac")
+    args = parser.parse_args(argv)
+    set_threads()
+    command = (
+        "python -m benchmarks.accuracy.checkpoints --settings "
+        f"{','.join(args.settings)} --epochs {','.join(map(str, args.epochs))} "
+        f"--peers {','.join(args.peers)}"
+    )
+    return write_study(
+        "checkpoints",
+        command,
+        lambda: [study_setting(n, args.epochs, args.peers) for n in args.settings],
+    )
+
+
+if __name__ == "__main__":
+    main()
