@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from benchmarks.accuracy.settings import SETTINGS
 
 
-def setting_names(value: str) -> list[str]:
-    """A comma list of `SETTINGS` keys (`--settings lm,lm-b`)."""
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in SETTINGS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown settings {unknown or [value]}; choose from {', '.join(SETTINGS)}"
-        )
-    return names
+def choice_list(choices: Iterable[str], what: str) -> Callable[[str], list[str]]:
+    """A parser of a non-empty comma list of names from `choices` (`what`: their plural)."""
+    known = list(choices)
+
+    def parse(value: str) -> list[str]:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = [n for n in names if n not in known]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {unknown or [value]}; choose from {', '.join(known)}"
+            )
+        return names
+
+    return parse
+
+
+setting_names = choice_list(SETTINGS, "settings")
+"""A comma list of `SETTINGS` keys (`--settings lm,lm-b`)."""
 
 
 def setting_name(value: str) -> str:

@@ -22,7 +22,7 @@ import argparse
 import numpy as np
 
 from benchmarks.accuracy import methods
-from benchmarks.accuracy.args import number_list, setting_names
+from benchmarks.accuracy.args import choice_list, number_list, setting_names
 from benchmarks.accuracy.metrics import (
     lds_per_query,
     paired_difference,
@@ -44,14 +44,6 @@ from benchmarks.accuracy.run import DEFAULT_KIND, default_config
 from benchmarks.accuracy.settings import SETTINGS
 
 OURS = "logra (defaults)"
-
-
-def peer_names(value: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in PEERS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
-    return names
 
 
 def study_setting(name: str, epochs: list[int], peers: list[str]) -> dict:
@@ -137,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", type=setting_names, default="lm,lm-b,lm-c")
     parser.add_argument("--epochs", type=number_list(int, low=1), default="3,6,9")
-    parser.add_argument("--peers", type=peer_names, default="kronfluence-ekfac")
+    parser.add_argument("--peers", type=choice_list(PEERS, "peers"), default="kronfluence-ekfac")
     args = parser.parse_args(argv)
     set_threads()
     command = (
