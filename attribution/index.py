@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from math import inf
 from pathlib import Path
 
@@ -34,16 +34,19 @@ from attribution.projection import (
     KfacFactors,
     LayerProjector,
     LayerSpec,
+    Tracked,
+    checkpoint_prefix,
     eval_mode,
     find_layers,
     identity_projectors,
     kfac_factors,
     layer_specs,
+    members_eval_mode,
     output_head_name,
     pca_projectors,
-    projected_gradients,
     random_projectors,
-    seeded_sampling,
+    split_members,
+    tracked_gradients,
 )
 from attribution.store import (
     BUILD_FILE,
@@ -272,7 +275,22 @@ def sampled_curvature_rows(
     batches `CurvatureSample` picks (of `total` training examples, at most about
     `config.curvature_examples`) are used. Each (draw, batch) has its own seed, so every pass
     yields the same rows. `used["examples"]`: examples of one draw, once a pass completes."""
-    with eval_mode(model):
+    members = [Tracked(model, layers, projectors)]
+    return _sampled_rows(members, fisher_loss, data, config, total, show_progress, used)
+
+
+def _sampled_rows(
+    members: list[Tracked],
+    fisher_loss: LossFn,
+    data: Iterable[Batch],
+    config: IndexConfig,
+    total: int,
+    show_progress: bool = False,
+    used: dict | None = None,
+) -> Iterator[np.ndarray]:
+    """`sampled_curvature_rows` of every member, side by side (each member's labels drawn
+    under the same seed as an index of that member alone)."""
+    with members_eval_mode(members):
         for draw in range(config.curvature_draws):
             batches = progress(
                 data, desc=f"curvature labels (draw {draw + 1})", enabled=show_progress,
@@ -282,8 +300,8 @@ def sampled_curvature_rows(
             for number, batch in enumerate(batches):
                 if not sample.take(len(batch)):
                     continue
-                with seeded_sampling(_curvature_seed(config.projection.seed, draw, number)):
-                    g = projected_gradients(model, fisher_loss, batch, layers, projectors)
+                seed = _curvature_seed(config.projection.seed, draw, number)
+                g = tracked_gradients(members, fisher_loss, batch, seed=seed)
                 yield g.detach().cpu().numpy().astype(np.float64)
             if used is not None:
                 used["examples"] = sample.taken
@@ -300,6 +318,7 @@ def build_index(
     model_info: dict | None = None,
     data_info: dict | None = None,
     show_progress: bool = True,
+    checkpoints: Sequence[nn.Module] = (),
 ) -> GradientIndex:
     """Build (or resume, or reopen) the gradient index of `data` in `out_dir`.
 
@@ -308,6 +327,13 @@ def build_index(
     when `config.fisher_labels` is "sampled" (the default). `model_info` and
     `data_info` (hashes of weights, tokenizer, shards, the loss definition) go into the
     manifest and guard resumption: a directory started with other settings is refused.
+
+    `checkpoints`: further models of the same architecture, usually earlier checkpoints of the
+    run that trained `model`. Each row then holds every model's projected gradient one after
+    the other (layers of checkpoint j named `checkpoint{j}/...`), each layer with its own
+    projection and curvature, so a score is the sum over the models of each one's influence;
+    the positive part, RelatIF and top examples are taken of that sum. Queries are then scored
+    with the same models (`query_gradients(..., checkpoints=...)`).
     """
     config = config or IndexConfig()
     _check_config(fisher_loss, config)
@@ -317,9 +343,11 @@ def build_index(
     root.mkdir(parents=True, exist_ok=True)
     model_info, data_info = model_info or {}, data_info or {}
     fingerprint = {"config": config.to_dict(), "model": model_info, "data": data_info}
+    if checkpoints:
+        fingerprint["checkpoints"] = len(checkpoints)
+    models = [model, *checkpoints]
 
     build_path = root / BUILD_FILE
-    layers = find_layers(model, config.projection)
     if build_path.exists():
         build = json.loads(build_path.read_text())
         if build["fingerprint"] != json.loads(json.dumps(fingerprint)):
@@ -329,20 +357,27 @@ def build_index(
             )
         if (root / MANIFEST_FILE).exists():
             return GradientIndex.open(root)
-        projectors = load_projectors(root / PROJECTIONS_FILE, [b["name"] for b in build["layers"]])
+        named = load_projectors(root / PROJECTIONS_FILE, [b["name"] for b in build["layers"]])
+        members = split_members(models, config.projection, named, str(root))
         log.info("resuming index build in %s", root)
     else:
+        members, factors = [], []
         try:
-            layers, projectors, factors = make_projectors(
-                model, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress
-            )
+            for number, m in enumerate(models):
+                layers, projectors, fs = make_projectors(
+                    m, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress
+                )
+                prefix = checkpoint_prefix(number)
+                members.append(Tracked(m, layers, projectors, prefix))
+                factors += [KfacFactors(prefix + f.name, f.a, f.s, f.examples) for f in fs]
         except BaseException:
             if created and not any(root.iterdir()):
                 root.rmdir()  # a first pass that fails leaves nothing behind
             raise
-        save_projectors(root / PROJECTIONS_FILE, projectors)
+        named = [p for m in members for p in m.named()]
+        save_projectors(root / PROJECTIONS_FILE, named)
         save_factors(root / FACTORS_FILE, factors)
-        layout = _layout(projectors)
+        layout = _layout(named)
         build = {
             "fingerprint": fingerprint,
             "layers": layout,
@@ -351,12 +386,12 @@ def build_index(
         }
         write_json(build_path, build)
 
-    _log_gradients(model, loss_fn, data, root, layers, projectors, config, show_progress)
+    _log_rows(members, loss_fn, data, root, config, show_progress)
     sampled, used = None, {}
     if config.curvature_labels == "sampled":
         total = _stored_rows(root)
-        sampled = lambda: sampled_curvature_rows(  # noqa: E731
-            model, fisher_loss, data, layers, projectors, config, total, show_progress, used
+        sampled = lambda: _sampled_rows(  # noqa: E731
+            members, fisher_loss, data, config, total, show_progress, used
         )
     return _finalise(root, build, config, fingerprint, sampled, used)
 
@@ -379,6 +414,18 @@ def _log_gradients(
     config: IndexConfig,
     show_progress: bool,
 ) -> None:
+    """Log the projected gradients of `data` into `root`'s blocks (one model)."""
+    _log_rows([Tracked(model, layers, projectors)], loss_fn, data, root, config, show_progress)
+
+
+def _log_rows(
+    members: list[Tracked],
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    root: Path,
+    config: IndexConfig,
+    show_progress: bool,
+) -> None:
     next_block = len(completed_blocks(root))
     rows_done = _stored_rows(root)
     dtype = np.dtype(config.dtype)
@@ -387,14 +434,14 @@ def _log_gradients(
     buffered = 0
     position = 0  # examples seen so far, including skipped ones
     bar = progress(data, desc="logging gradients", enabled=show_progress, unit="batch")
-    with eval_mode(model):
+    with members_eval_mode(members):
         for batch in bar:
             n = len(batch)
             skip = min(max(rows_done - position, 0), n)
             position += n
             if skip == n:
                 continue
-            g = projected_gradients(model, loss_fn, batch, layers, projectors)[skip:]
+            g = tracked_gradients(members, loss_fn, batch)[skip:]
             if not torch.isfinite(g).all():
                 bad = batch.example_ids[skip + int((~torch.isfinite(g)).any(1).nonzero()[0])]
                 raise FloatingPointError(f"gradient of training example '{bad}' is not finite")
@@ -472,6 +519,7 @@ def _finalise(
             "config": fingerprint["config"],
             "model": fingerprint["model"],
             "data": fingerprint["data"],
+            **({"checkpoints": fingerprint["checkpoints"]} if "checkpoints" in fingerprint else {}),
             "layers": build["layers"],
             "rows": meta.height,
             "curvature_examples_used": sampled,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -453,3 +453,79 @@ def _top_eigvecs(cov: torch.Tensor, k: int, name: str) -> torch.Tensor:
     signs = torch.sign(top[torch.arange(top.shape[0]), idx])
     signs[signs == 0] = 1
     return (top * signs[:, None]).float()
+
+
+def checkpoint_prefix(number: int) -> str:
+    """The prefix of a model's layer names in an index: '' for the model itself (number 0),
+    'checkpoint{number}/' for the number-th further checkpoint."""
+    return "" if number == 0 else f"checkpoint{number}/"
+
+
+@dataclass
+class Tracked:
+    """One model whose projected gradients make up part of every index row: its tracked
+    layers, their projectors (named as the layers), and the prefix of those names in the
+    index (`checkpoint_prefix`). An index over several checkpoints of a training run holds,
+    per row, each checkpoint's gradient one after the other; its curvature is per layer, so
+    a score is the sum over checkpoints of that checkpoint's influence."""
+
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    projectors: list[LayerProjector]
+    prefix: str = ""
+
+    def named(self) -> list[LayerProjector]:
+        """The projectors under their names in the index."""
+        return [LayerProjector(self.prefix + p.name, p.p_in, p.p_out) for p in self.projectors]
+
+
+@contextmanager
+def members_eval_mode(members: list[Tracked]) -> Iterator[None]:
+    """Every member's model in eval mode for the block."""
+    with ExitStack() as stack:
+        for m in members:
+            stack.enter_context(eval_mode(m.model))
+        yield
+
+
+def tracked_gradients(
+    members: list[Tracked], loss_fn: LossFn, batch: Batch, seed: int | None = None
+) -> torch.Tensor:
+    """(B, Σ dims) every member's `projected_gradients`, side by side in member order. With
+    `seed`, each member's backward pass runs under `seeded_sampling(seed)`: a loss that draws
+    labels draws them for each checkpoint as a build of that checkpoint alone would."""
+    parts = []
+    for m in members:
+        with seeded_sampling(seed) if seed is not None else nullcontext():
+            parts.append(projected_gradients(m.model, loss_fn, batch, m.layers, m.projectors))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def split_members(
+    models: list[nn.Module], config: ProjectionConfig, named: list[LayerProjector], where: str
+) -> list[Tracked]:
+    """The members of an index from its models (the model, then its further checkpoints in
+    order) and its projectors under their index names; a model whose tracked layers are not
+    the index's is refused (`where` names the index in the message)."""
+    members, start = [], 0
+    for number, model in enumerate(models):
+        layers = find_layers(model, config)
+        prefix = checkpoint_prefix(number)
+        mine = named[start : start + len(layers)]
+        expected = [p.name for p in mine]
+        found = [prefix + n for n in layers]
+        if found != expected:
+            what = "the model's" if number == 0 else f"checkpoint {number}'s"
+            raise ValueError(
+                f"{what} layers do not match the index {where}: "
+                f"expected {expected[:3]}..., found {found[:3]}..."
+            )
+        projectors = [LayerProjector(p.name[len(prefix) :], p.p_in, p.p_out) for p in mine]
+        members.append(Tracked(model, layers, projectors, prefix))
+        start += len(layers)
+    if start != len(named):
+        raise ValueError(
+            f"the index {where} holds {len(named) - start} more layers than the models given: "
+            "was it built over further checkpoints (checkpoints=...)?"
+        )
+    return members

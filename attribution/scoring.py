@@ -11,7 +11,7 @@ files ahead while the current one is scored.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from attribution.config import ScoreConfig
-from attribution.projection import eval_mode, find_layers, projected_gradients
+from attribution.projection import members_eval_mode, split_members, tracked_gradients
 from attribution.store import GradientIndex
 from attribution.types import Batch, LossFn
 
@@ -28,26 +28,32 @@ MAX_QUERIES_PER_PASS = 1024
 
 
 def query_gradients(
-    model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], index: GradientIndex
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    index: GradientIndex,
+    checkpoints: Sequence[nn.Module] = (),
 ) -> tuple[list[str], np.ndarray]:
     """Projected gradients of the queries' losses with the index's projectors: (ids, (n, D)).
 
     The query loss is the negative utility (for language models the completion's summed
     negative log-likelihood), so a positive score means the training example made the output
-    more likely.
+    more likely. An index built over further checkpoints needs the same ones, in the same
+    order (`checkpoints`).
     """
-    layers = find_layers(model, index.config.projection)
-    if list(layers) != index.layer_names:
+    if len(checkpoints) != index.checkpoints:
         raise ValueError(
-            f"the model's layers do not match the index {index.root}: "
-            f"expected {index.layer_names[:3]}..., found {list(layers)[:3]}..."
+            f"the index {index.root} was built over {index.checkpoints} further checkpoint(s) "
+            f"besides the model; {len(checkpoints)} given"
         )
-    projectors = index.projectors()
+    members = split_members(
+        [model, *checkpoints], index.config.projection, index.projectors(), str(index.root)
+    )
     ids: list[str] = []
     grads: list[np.ndarray] = []
-    with eval_mode(model):
+    with members_eval_mode(members):
         for batch in batches:
-            g = projected_gradients(model, loss_fn, batch, layers, projectors)
+            g = tracked_gradients(members, loss_fn, batch)
             grads.append(g.detach().double().cpu().numpy())
             ids.extend(batch.example_ids)
     if not grads:
@@ -302,7 +308,9 @@ def score_queries(
     batches: Iterable[Batch],
     index: GradientIndex,
     config: ScoreConfig | None = None,
+    checkpoints: Sequence[nn.Module] = (),
 ) -> ScoreResult:
-    """Query gradients, then one streaming pass over the index: provider sums and top-k."""
-    ids, grads = query_gradients(model, loss_fn, batches, index)
+    """Query gradients, then one streaming pass over the index: provider sums and top-k
+    (`checkpoints`: those the index was built over, see `build_index`)."""
+    ids, grads = query_gradients(model, loss_fn, batches, index, checkpoints)
     return score(index, grads, config, ids)

@@ -231,6 +231,11 @@ class GradientIndex:
         return self.build["dim"]
 
     @property
+    def checkpoints(self) -> int:
+        """Further checkpoints the index was built over besides its model (0: the model alone)."""
+        return int(self.build.get("fingerprint", {}).get("checkpoints", 0))
+
+    @property
     def layer_names(self) -> list[str]:
         return [layer["name"] for layer in self.build["layers"]]
 

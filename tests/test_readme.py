@@ -40,6 +40,15 @@ def test_generic_api_example_runs(capsys) -> None:
     assert "['north', 'south']" in out
 
 
+def test_checkpoint_example_runs_after_the_generic_one(capsys) -> None:
+    namespace: dict = {}
+    exec(compile(python_blocks()[0], "README.md", "exec"), namespace)
+    capsys.readouterr()
+    exec(compile(python_blocks()[2], "README.md", "exec"), namespace)
+    assert capsys.readouterr().out.strip() == "2 checkpoint2/2"
+    assert namespace["result"].positive.shape == (2, 2)
+
+
 def test_language_model_example_runs(tmp_path, monkeypatch, capsys) -> None:
     topics = {"stellar-press": TOPICS["astronomy"], "kitchen-table": TOPICS["cooking"]}
     corpus = make_corpus(topics, docs_per_provider=8, seed=0)

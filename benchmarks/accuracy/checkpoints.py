@@ -9,8 +9,10 @@ run (all rows, seed 0: the base model's run), keeps the model after each epoch i
 and the final one, and at every one of those checkpoints builds the defaults' index with the
 library (`build_index`, then `score`) and runs each peer in `--peers`. A method's checkpoint
 score is the plain sum of its scores over the checkpoints (TracIn's sum over checkpoints, with
-the curvature of each). Reported: LDS and provider Spearman (positive part) of every method at
-the final model alone and summed, and paired differences against our sum. Reads the ground
+the curvature of each). The library computes the same sum in one index
+(`build_index(model, ..., checkpoints=earlier)`); the study checks that its scores agree.
+Reported: LDS and provider Spearman (positive part) of every method at the final model alone
+and summed, and paired differences against our sum. Reads the ground
 truth of `python -m benchmarks.accuracy.run` from the cache (run that first). Results:
 benchmarks/results/checkpoints.json.
 """
@@ -84,6 +86,20 @@ def study_setting(name: str, epochs: list[int], peers: list[str]) -> dict:
     finally:
         setting.base = final
 
+    # The same sum from the library in one index: the final model with the earlier
+    # checkpoints (`build_index(checkpoints=...)`), scored by `score`.
+    earlier = tuple(model for epoch, model in sorted(snapshots.items()) if epoch != last)
+    one_index = methods.build(
+        setting, DEFAULT_KIND, config.projection.k_in, config.dtype, workdir,
+        suffix="-checkpoints", checkpoints=earlier, curvature_labels=config.curvature_labels,
+        curvature_prior_examples=config.curvature_prior_examples,
+    )  # fmt: skip
+    library = methods.library_scores(one_index, relatif=False)
+    summed = sum(scores[OURS].values())
+    agreement = float(np.abs(library - summed).max() / np.abs(summed).max())
+    print(f"{setting.name}: one index over the checkpoints vs the summed scores, max relative "
+          f"difference {agreement:.1e}", flush=True)  # fmt: skip
+
     def measure(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         credit = provider_credit(s, setting.providers, names, positive=True)
         return lds_per_query(s, masks, losses), provider_rho_per_query(credit, rises)
@@ -122,7 +138,8 @@ def study_setting(name: str, epochs: list[int], peers: list[str]) -> dict:
                      f"{dr['mean']:+.3f} ± {dr['se']:.3f} provider)")  # fmt: skip
         print(line, flush=True)
     return {"setting": setting.name, "epochs": sorted(snapshots), "methods": methods_out,
-            "per_checkpoint": rows, "peers": status}  # fmt: skip
+            "per_checkpoint": rows, "peers": status,
+            "one_index_vs_summed_max_rel_diff": agreement}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -69,13 +69,15 @@ def build(
     fisher_labels: str = DEFAULT_FISHER_LABELS,
     projection: dict | None = None,
     suffix: str = "",
+    checkpoints: tuple = (),
     **index_options,
 ) -> BuiltIndex:
     """An index of the setting's training data; `projection` overrides further
     `ProjectionConfig` fields (tracked layers, the head's projection, per-layer sizes) and
     `index_options` further `IndexConfig` fields; `suffix` then names the variant in the
     label. The other curvature kind is fitted from the stored rows only when the index's own
-    curvature is too (curvature_labels "data")."""
+    curvature is too (curvature_labels "data"). `checkpoints`: further models the index is
+    built over (`build_index(checkpoints=...)`), next to the setting's base model."""
     label = f"{kind}-k{k}-{dtype}" if kind != "identity" else f"identity-{dtype}"
     if fisher_labels != DEFAULT_FISHER_LABELS:
         label += f"-{fisher_labels}-labels"
@@ -100,9 +102,10 @@ def build(
         config,
         fisher_loss=setting.fisher_loss,
         show_progress=False,
+        checkpoints=checkpoints,
     )
     seconds = time.perf_counter() - start
-    _, q = query_gradients(model, setting.query_loss, setting.query_data, index)
+    _, q = query_gradients(model, setting.query_loss, setting.query_data, index, checkpoints)
     size = sum(p.stat().st_size for p in index.block_files())
     built = BuiltIndex(label, kind, k, dtype, index, q, seconds, size)
     built.curvatures[curvature] = index.curvature
