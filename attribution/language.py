@@ -7,7 +7,7 @@ result.shares()   # (queries × providers), each row sums to 1 (or 0 if unattrib
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +47,22 @@ class TextShards:
         return train_batches(self.shards, self.tokenizer, self.max_length, self.batch_size)
 
 
-def model_info(model_dir: str | Path) -> dict:
-    """What the manifest records of a model: weights and tokenizer hashes."""
-    return {
+def model_info(model_dir: str | Path, checkpoint_dirs: Sequence[str | Path] = ()) -> dict:
+    """What the manifest records of a model: weights and tokenizer hashes, and the weights'
+    hash of each further checkpoint the index is built over."""
+    info = {
         "weights_sha256": hash_model_weights(model_dir),
         "tokenizer_sha256": hash_tokenizer(model_dir),
         "loss": LOSS_DEFINITION,
     }
+    if checkpoint_dirs:
+        info["checkpoints"] = [{"weights_sha256": hash_model_weights(d)} for d in checkpoint_dirs]
+    return info
+
+
+def load_checkpoints(checkpoint_dirs: Sequence[str | Path]) -> list:
+    """The models of further checkpoints (weights and config; no tokenizer needed)."""
+    return [load_causal_lm(d, tokenizer=False)[0] for d in checkpoint_dirs]
 
 
 def shards_info(shards: list[ShardSpec], max_length: int, batch_size: int) -> dict:
@@ -79,6 +88,8 @@ def index_language_model(
     show_progress: bool = True,
     loaded: tuple[object, object] | None = None,
     info: dict | None = None,
+    checkpoint_dirs: Sequence[str | Path] = (),
+    loaded_checkpoints: list | None = None,
 ) -> GradientIndex:
     """Build (or resume) the gradient index of text shards for a local causal LM.
 
@@ -89,10 +100,17 @@ def index_language_model(
     `config` defaults to `LANGUAGE_MODEL_INDEX` (eigenvalues fitted on sampled-label
     gradients). `loaded` (model, tokenizer) and `info` (`model_info(model_dir)`) may be passed
     by a caller that already has them, so the model is neither loaded nor hashed twice.
+
+    `checkpoint_dirs`: earlier checkpoints of the model's training run, indexed with it
+    (`build_index(checkpoints=...)`); `loaded_checkpoints` their models, when already loaded.
+    They use the model's tokenizer.
     """
     if not shards:
         raise ValueError("no training shards to index")
     model, tokenizer = loaded if loaded is not None else load_causal_lm(model_dir)
+    checkpoints = (
+        loaded_checkpoints if loaded_checkpoints is not None else load_checkpoints(checkpoint_dirs)
+    )
     max_length = resolve_max_length(model, model_dir, max_length)  # before any file is written
     return build_index(
         model,
@@ -101,14 +119,18 @@ def index_language_model(
         out_dir,
         config or LANGUAGE_MODEL_INDEX,
         fisher_loss=lm_fisher_loss,
-        model_info=info if info is not None else model_info(model_dir),
+        model_info=info if info is not None else model_info(model_dir, checkpoint_dirs),
         data_info=shards_info(shards, max_length, batch_size),
         show_progress=show_progress,
+        checkpoints=checkpoints,
     )
 
 
-def check_model_matches(model_dir: str | Path, index: GradientIndex) -> None:
-    """Refuse a model whose weights or tokenizer differ from those the index was built with."""
+def check_model_matches(
+    model_dir: str | Path, index: GradientIndex, checkpoint_dirs: Sequence[str | Path] = ()
+) -> None:
+    """Refuse a model whose weights or tokenizer differ from those the index was built with,
+    and checkpoints other than the index's, in number or weights."""
     expected = index.manifest.get("model", {})
     found = model_info(model_dir)
     recorded = expected.get("tokenizer_sha256")
@@ -123,6 +145,25 @@ def check_model_matches(model_dir: str | Path, index: GradientIndex) -> None:
                 f"does not match the index {index.root} (index {str(expected.get(key))[:12]}, "
                 f"model {found[key][:12]})",
             )
+    recorded = expected.get("checkpoints", [])
+    if len(recorded) != len(checkpoint_dirs):
+        raise InputError(
+            str(model_dir),
+            None,
+            "checkpoints",
+            f"the index {index.root} was built over {len(recorded)} further checkpoint(s); "
+            f"{len(checkpoint_dirs)} given",
+        )
+    for number, (d, r) in enumerate(zip(checkpoint_dirs, recorded, strict=True), start=1):
+        weights = hash_model_weights(d)
+        if weights != r["weights_sha256"]:
+            raise InputError(
+                str(d),
+                None,
+                "weights_sha256",
+                f"does not match checkpoint {number} of the index {index.root} (index "
+                f"{r['weights_sha256'][:12]}, checkpoint {weights[:12]})",
+            )
 
 
 def attribute_queries(
@@ -132,12 +173,15 @@ def attribute_queries(
     config: ScoreConfig | None = None,
     *,
     batch_size: int = 8,
+    checkpoint_dirs: Sequence[str | Path] = (),
 ) -> ScoreResult:
-    """Score served outputs against the index: per-provider positive sums, shares, top-k."""
+    """Score served outputs against the index: per-provider positive sums, shares, top-k
+    (`checkpoint_dirs`: those the index was built over, in the same order)."""
     if not isinstance(index, GradientIndex):
         index = GradientIndex.open(index)
-    check_model_matches(model_dir, index)
+    check_model_matches(model_dir, index, checkpoint_dirs)
     model, tokenizer = load_causal_lm(model_dir)
     max_length = int(index.manifest["data"].get("max_length", 128))
     batches = query_batches(queries, tokenizer, max_length, batch_size)
-    return score_queries(model, lm_loss, batches, index, config)
+    checkpoints = load_checkpoints(checkpoint_dirs)
+    return score_queries(model, lm_loss, batches, index, config, checkpoints)

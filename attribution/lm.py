@@ -45,12 +45,13 @@ TOKENIZER_FILES = (
 
 
 def load_causal_lm(
-    model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+    model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32, tokenizer: bool = True
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer from a local directory, in eval mode.
 
     Eager attention is forced (the `torch.func` reference computations need it); nothing is
-    downloaded. A tokenizer without a pad token gets its EOS token as pad.
+    downloaded. A tokenizer without a pad token gets its EOS token as pad. `tokenizer=False`
+    loads the model only (a checkpoint directory need not hold a tokenizer) and gives None.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -70,7 +71,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, attn_implementation="eager", dtype=dtype, local_files_only=True
         )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True) if tokenizer else None
     except Exception as exc:  # noqa: BLE001 - every loader failure is a problem of the directory
         # (bad JSON, truncated or mismatched weights, missing files), reported in one line.
         detail = first_line(exc)
@@ -81,10 +82,10 @@ def load_causal_lm(
         ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
     model.eval()
-    return model, tokenizer
+    return model, tok
 
 
 POSITION_LIMIT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")

@@ -237,6 +237,14 @@ def shards_list(ctx: Context, fmt: str) -> None:
     help="Local Hugging Face causal LM directory (safetensors).",
 )
 @click.option(
+    "--checkpoint",
+    "checkpoint_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="An earlier checkpoint of the model's training run, indexed with it (repeat for "
+    "more); scores then sum each checkpoint's influence.",
+)
+@click.option(
     "--out",
     "out_root",
     default="indexes",
@@ -367,6 +375,7 @@ def shards_list(ctx: Context, fmt: str) -> None:
 def index_cmd(
     ctx: Context,
     model_dir: str,
+    checkpoint_dirs: tuple[str, ...],
     out_root: str,
     kind: str,
     k_in: int,
@@ -440,6 +449,7 @@ def index_cmd(
             max_length=max_length,
             batch_size=batch_size,
             show_progress=not ctx.quiet,
+            checkpoint_dirs=checkpoint_dirs,
         )
     except ValueError as exc:  # settings the model or data cannot satisfy (no layer matches, …)
         raise click.ClickException(str(exc).splitlines()[0]) from exc
@@ -459,6 +469,13 @@ def index_cmd(
     "model_dir",
     type=click.Path(file_okay=False),
     help="Model directory (default: the one the index was built from).",
+)
+@click.option(
+    "--checkpoint",
+    "checkpoint_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="The index's further checkpoints, in order (default: those it was built with).",
 )
 @click.option(
     "--top-k",
@@ -484,6 +501,7 @@ def attribute(
     outputs: str,
     index_ref: str | None,
     model_dir: str | None,
+    checkpoint_dirs: tuple[str, ...],
     top_k: int,
     batch_size: int,
     fmt: str,
@@ -502,6 +520,7 @@ def attribute(
         outputs,
         index_ref=index_ref,
         model_dir=model_dir,
+        checkpoint_dirs=checkpoint_dirs,
         config=ScoreConfig(top_k=top_k),
         batch_size=batch_size,
         show_progress=not ctx.quiet,
@@ -801,17 +820,33 @@ def runs_show(ctx: Context, run_id: str) -> None:
     type=click.Path(file_okay=False),
     help="Model directory (default: the one the index was built from).",
 )
+@click.option(
+    "--checkpoint",
+    "checkpoint_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="The index's further checkpoints, in order (default: those it was built with).",
+)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @pass_ctx
 @user_errors
 def verify(
-    ctx: Context, run_id: str, outputs: str | None, sample: int, model_dir: str | None, fmt: str
+    ctx: Context,
+    run_id: str,
+    outputs: str | None,
+    sample: int,
+    model_dir: str | None,
+    checkpoint_dirs: tuple[str, ...],
+    fmt: str,
 ) -> None:
     """Re-check a run from its manifest: hashes of index, model and queries, and a sample of
     outputs re-computed and compared with the ledger. Exit status 1 on any disagreement."""
     from ledger.jobs import verify_run
 
-    v = verify_run(ctx.engine(), run_id, outputs, model_dir=model_dir, sample=sample)
+    v = verify_run(
+        ctx.engine(), run_id, outputs, model_dir=model_dir, sample=sample,
+        checkpoint_dirs=checkpoint_dirs,
+    )  # fmt: skip
     if fmt == "json":
         click.echo(render.to_json(v.as_dict()))
     else:

@@ -31,6 +31,7 @@ from attribution.data import (
 from attribution.language import (
     check_model_matches,
     index_language_model,
+    load_checkpoints,
     model_info,
     shards_info,
 )
@@ -148,14 +149,17 @@ def build_ledger_index(
     max_length: int | None,
     batch_size: int,
     show_progress: bool,
+    checkpoint_dirs: tuple[str, ...] = (),
 ) -> GradientIndex:
     """Build (or resume) the index of every registered shard and record it in the ledger.
-    `max_length` None: 128 tokens per chunk, or the model's position limit when smaller."""
+    `max_length` None: 128 tokens per chunk, or the model's position limit when smaller.
+    `checkpoint_dirs`: earlier checkpoints of the model's run, indexed with it."""
     with session_scope(engine) as session:
         shards = ledger_shards(session)
     loaded = load_causal_lm(model_dir)  # fails on a bad model before any file is written
+    checkpoints = load_checkpoints(checkpoint_dirs)
     max_length = resolve_max_length(loaded[0], model_dir, max_length)
-    info = model_info(model_dir)
+    info = model_info(model_dir, checkpoint_dirs)
     out = index_directory(root, info, shards, config, max_length, batch_size)
     index = index_language_model(
         model_dir,
@@ -167,11 +171,13 @@ def build_ledger_index(
         show_progress=show_progress,
         loaded=loaded,
         info=info,
+        checkpoint_dirs=checkpoint_dirs,
+        loaded_checkpoints=checkpoints,
     )
-    write_json(
-        out / SOURCE_FILE,
-        {"model_dir": os.path.abspath(model_dir), "shards": [s.path for s in shards]},
-    )
+    source = {"model_dir": os.path.abspath(model_dir), "shards": [s.path for s in shards]}
+    if checkpoint_dirs:
+        source["checkpoint_dirs"] = [os.path.abspath(d) for d in checkpoint_dirs]
+    write_json(out / SOURCE_FILE, source)
     with session_scope(engine) as session:
         register_index(session, index.id, str(out.resolve()), index.manifest)
     indexed = set(index.metadata_columns(["shard"])["shard"].unique().to_list())
@@ -209,6 +215,12 @@ def open_ledger_index(session: Session, index_ref: str | None) -> GradientIndex:
 def index_model_dir(index: GradientIndex) -> str | None:
     source = index.root / SOURCE_FILE
     return json.loads(source.read_text())["model_dir"] if source.exists() else None
+
+
+def index_checkpoint_dirs(index: GradientIndex) -> list[str]:
+    """The further checkpoints' directories the index was built with (none for most)."""
+    source = index.root / SOURCE_FILE
+    return json.loads(source.read_text()).get("checkpoint_dirs", []) if source.exists() else []
 
 
 @dataclass
@@ -357,6 +369,7 @@ def attribute_outputs(
     config: ScoreConfig | None = None,
     batch_size: int = 256,
     show_progress: bool = True,
+    checkpoint_dirs: tuple[str, ...] = (),
 ) -> AttributeSummary:
     """Attribute every served output in `outputs` (jsonl) and record credits in the ledger.
 
@@ -374,8 +387,10 @@ def attribute_outputs(
     model_dir = model_dir or index_model_dir(index)
     if model_dir is None:
         raise LedgerError("the index does not record its model; pass --model DIR")
-    check_model_matches(model_dir, index)
+    checkpoint_dirs = tuple(checkpoint_dirs) or tuple(index_checkpoint_dirs(index))
+    check_model_matches(model_dir, index, checkpoint_dirs)
     model, tokenizer = load_causal_lm(model_dir)
+    checkpoints = load_checkpoints(checkpoint_dirs)
     max_length = query_max_length(index, model)
     check_encodable(queries, tokenizer, max_length, outputs)
     manifest = run_manifest(index, outputs, config)
@@ -389,7 +404,7 @@ def attribute_outputs(
         for start in progress(starts, desc="attributing", enabled=show_progress, unit="batch"):
             group = todo[start : start + batch_size]
             batches = query_batches(group, tokenizer, max_length, batch_size=16)
-            result = score_queries(model, lm_loss, batches, index, config)
+            result = score_queries(model, lm_loss, batches, index, config, checkpoints)
             unattributed += int(np.sum(result.unattributed()))
             with session_scope(engine) as session:
                 record_results(session, manifest["id"], query_results(index, group, result))
@@ -427,6 +442,7 @@ def verify_run(
     model_dir: str | None = None,
     sample: int = 8,
     tolerance: float = 1e-4,
+    checkpoint_dirs: tuple[str, ...] = (),
 ) -> Verification:
     """Re-check a run from its manifest: ids, file hashes, model, and a re-computed sample."""
     from attribution.manifest import verify_id
@@ -458,8 +474,9 @@ def verify_run(
         "queries file sha256": queries_ok,
     }
     model_dir = model_dir or index_model_dir(index)
+    checkpoint_dirs = tuple(checkpoint_dirs) or tuple(index_checkpoint_dirs(index))
     try:
-        check_model_matches(model_dir, index)
+        check_model_matches(model_dir, index, checkpoint_dirs)
         checks["model weights and tokenizer"] = True
     except InputError:
         checks["model weights and tokenizer"] = False
@@ -472,8 +489,9 @@ def verify_run(
     model, tokenizer = load_causal_lm(model_dir)
     max_length = query_max_length(index, model)
     result = score_queries(
-        model, lm_loss, query_batches(group, tokenizer, max_length, 16), index, config
-    )
+        model, lm_loss, query_batches(group, tokenizer, max_length, 16), index, config,
+        load_checkpoints(checkpoint_dirs),
+    )  # fmt: skip
     fresh = query_results(index, group, result)
     agreeing, compared, worst = 0, 0, 0.0
     with session_scope(engine) as session:

@@ -358,3 +358,92 @@ def test_a_group_without_a_command_shows_its_help(tmp_path: Path) -> None:
     proc = subprocess.run([*LEDGER, "statements"], capture_output=True, text=True, cwd=tmp_path)
     assert "Usage: ledger statements" in proc.stderr and "finalize" in proc.stderr
     assert not proc.stderr.startswith("Error")
+
+
+def _earlier_checkpoint(workspace: Path, out: Path, scale: float) -> Path:
+    """A stand-in for an earlier checkpoint of the workspace model: its weights shrunk toward
+    zero, saved as weights and config only (no tokenizer)."""
+    from attribution.lm import load_causal_lm
+
+    model, _ = load_causal_lm(workspace / "model")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_index_over_checkpoints_attributes_and_verifies(workspace: Path, tmp_path: Path) -> None:
+    from attribution.data import read_queries
+    from attribution.language import load_checkpoints
+    from attribution.lm import hash_model_weights, lm_loss, load_causal_lm, query_batches
+    from attribution.scoring import query_gradients
+    from attribution.store import GradientIndex
+
+    url = _ledger_with_one_shard(workspace, tmp_path)
+    checkpoint = _earlier_checkpoint(workspace, tmp_path / "epoch-1", 0.8)
+    args = ("--out", str(tmp_path / "indexes"), "--k-in", "4", "--k-out", "4", "--max-length",
+            "48")  # fmt: skip
+    out = ledger(tmp_path, url, "index", "--model", str(workspace / "model"),
+                 "--checkpoint", str(checkpoint), *args).stdout  # fmt: skip
+    index = GradientIndex.open(out.strip().rsplit(" at ", 1)[1])
+    assert index.checkpoints == 1
+    assert index.manifest["model"]["checkpoints"] == [
+        {"weights_sha256": hash_model_weights(checkpoint)}
+    ]
+    assert index.layer_names[-1] == "checkpoint1/lm_head"
+
+    outputs = str(workspace / "queries.jsonl")
+    summary = json.loads(ledger(tmp_path, url, "attribute", "--outputs", outputs,
+                                "--format", "json").stdout)  # fmt: skip
+    assert summary["attributed"] + summary["unattributed"] == summary["queries"] > 0
+    proc = ledger(tmp_path, url, "verify", summary["run_id"], "--outputs", outputs, check=False)
+    assert proc.returncode == 0, proc.stdout
+    # The recorded top score of an output is the sum of both models' influence: recomputed here
+    # from each model's part of the query gradient and of the stored rows.
+    model, tokenizer = load_causal_lm(workspace / "model")
+    queries = read_queries(outputs)[:1]
+    batches = query_batches(queries, tokenizer, 48, 1)
+    _, q = query_gradients(model, lm_loss, batches, index, load_checkpoints([checkpoint]))
+    rows = index.dense().numpy().astype(np.float64)
+    half = index.dim // 2
+    assert (
+        index.layer_names.index("checkpoint1/" + index.layer_names[0])
+        == len(index.layer_names) // 2
+    )
+    pre = index.curvature.precondition(q)
+    each = [pre[:, :half] @ rows[:, :half].T, pre[:, half:] @ rows[:, half:].T]
+    assert np.abs(each[1]).max() > 0.01 * np.abs(each[0]).max()  # both models count
+    inv = 1 / np.sqrt(index.self_influence)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        top = conn.execute(
+            text("SELECT MAX(t.score) FROM top_examples t JOIN queries q ON q.id = t.query_id "
+                 "WHERE q.external_id = :id"), {"id": queries[0].id}
+        ).scalar_one()  # fmt: skip
+    engine.dispose()
+    np.testing.assert_allclose(top, ((each[0] + each[1]) * inv).max(), rtol=1e-4)
+    # The Python API gives the same, and wants the checkpoints the index was built over.
+    from attribution.language import attribute_queries
+    from attribution.types import InputError
+
+    api = attribute_queries(workspace / "model", index, queries, checkpoint_dirs=[checkpoint])
+    np.testing.assert_allclose(api.top_scores[0, 0], top, rtol=1e-4)
+    with pytest.raises(InputError, match="built over 1 further checkpoint"):
+        attribute_queries(workspace / "model", index, queries)
+
+    # A checkpoint whose weights changed since is refused by attribute and fails verify.
+    _earlier_checkpoint(workspace, checkpoint, 0.7)
+    before = ledger_counts(url)
+    proc = ledger(tmp_path, url, "attribute", "--outputs", outputs, check=False)
+    assert proc.returncode == 1
+    assert "weights_sha256" in proc.stderr and "checkpoint 1 of the index" in proc.stderr
+    assert ledger_counts(url) == before
+    proc = ledger(tmp_path, url, "verify", summary["run_id"], "--outputs", outputs, check=False)
+    assert proc.returncode == 1 and "FAIL model weights and tokenizer" in proc.stdout
+    # A checkpoint that is not a model directory is refused before anything is written.
+    proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"),
+                  "--checkpoint", str(tmp_path), "--out", str(tmp_path / "other"),
+                  check=False)  # fmt: skip
+    assert proc.returncode == 1 and "no config.json" in proc.stderr
+    assert not (tmp_path / "other").exists()
