@@ -227,6 +227,21 @@ def shards_list(ctx: Context, fmt: str) -> None:
 
 # --- index and attribution ---------------------------------------------------------------------
 
+# Where `attribute` and `verify` find the index's model and checkpoints when they have moved.
+moved_model = click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    help="Model directory (default: the one the index was built from).",
+)
+moved_checkpoints = click.option(
+    "--checkpoint",
+    "checkpoint_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="The index's further checkpoints, in order (default: those it was built with).",
+)
+
 
 @cli.command("index")
 @click.option(
@@ -464,19 +479,8 @@ def index_cmd(
     help="JSONL of served outputs: id, timestamp, prompt, completion[, weight|revenue].",
 )
 @click.option("--index", "index_ref", help="Index id (or prefix) or path; default the newest.")
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(file_okay=False),
-    help="Model directory (default: the one the index was built from).",
-)
-@click.option(
-    "--checkpoint",
-    "checkpoint_dirs",
-    multiple=True,
-    type=click.Path(file_okay=False),
-    help="The index's further checkpoints, in order (default: those it was built with).",
-)
+@moved_model
+@moved_checkpoints
 @click.option(
     "--top-k",
     type=int,
@@ -814,19 +818,8 @@ def runs_show(ctx: Context, run_id: str) -> None:
 @click.option(
     "--sample", type=int, default=8, show_default=True, help="Outputs re-computed and compared."
 )
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(file_okay=False),
-    help="Model directory (default: the one the index was built from).",
-)
-@click.option(
-    "--checkpoint",
-    "checkpoint_dirs",
-    multiple=True,
-    type=click.Path(file_okay=False),
-    help="The index's further checkpoints, in order (default: those it was built with).",
-)
+@moved_model
+@moved_checkpoints
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @pass_ctx
 @user_errors
