@@ -260,26 +260,6 @@ class CurvatureSample:
 
 
 def sampled_curvature_rows(
-    model: nn.Module,
-    fisher_loss: LossFn,
-    data: Iterable[Batch],
-    layers: dict[str, nn.Module],
-    projectors: list[LayerProjector],
-    config: IndexConfig,
-    total: int,
-    show_progress: bool = False,
-    used: dict | None = None,
-) -> Iterator[np.ndarray]:
-    """Projected gradients of labels drawn from the model, batch by batch, for every draw:
-    the rows the curvature is fitted on when `config.curvature_labels` is "sampled". Only the
-    batches `CurvatureSample` picks (of `total` training examples, at most about
-    `config.curvature_examples`) are used. Each (draw, batch) has its own seed, so every pass
-    yields the same rows. `used["examples"]`: examples of one draw, once a pass completes."""
-    members = [Tracked(model, layers, projectors)]
-    return _sampled_rows(members, fisher_loss, data, config, total, show_progress, used)
-
-
-def _sampled_rows(
     members: list[Tracked],
     fisher_loss: LossFn,
     data: Iterable[Batch],
@@ -288,8 +268,12 @@ def _sampled_rows(
     show_progress: bool = False,
     used: dict | None = None,
 ) -> Iterator[np.ndarray]:
-    """`sampled_curvature_rows` of every member, side by side (each member's labels drawn
-    under the same seed as an index of that member alone)."""
+    """Projected gradients of labels drawn from the models, batch by batch, for every draw:
+    the rows the curvature is fitted on when `config.curvature_labels` is "sampled". Only the
+    batches `CurvatureSample` picks (of `total` training examples, at most about
+    `config.curvature_examples`) are used. Each (draw, batch) has its own seed, so every pass
+    yields the same rows; each member's labels are drawn under that seed, as in an index of
+    that member alone. `used["examples"]`: examples of one draw, once a pass completes."""
     with members_eval_mode(members):
         for draw in range(config.curvature_draws):
             batches = progress(
@@ -386,11 +370,11 @@ def build_index(
         }
         write_json(build_path, build)
 
-    _log_rows(members, loss_fn, data, root, config, show_progress)
+    _log_gradients(members, loss_fn, data, root, config, show_progress)
     sampled, used = None, {}
     if config.curvature_labels == "sampled":
         total = _stored_rows(root)
-        sampled = lambda: _sampled_rows(  # noqa: E731
+        sampled = lambda: sampled_curvature_rows(  # noqa: E731
             members, fisher_loss, data, config, total, show_progress, used
         )
     return _finalise(root, build, config, fingerprint, sampled, used)
@@ -405,20 +389,6 @@ def _stored_rows(root: Path) -> int:
 
 
 def _log_gradients(
-    model: nn.Module,
-    loss_fn: LossFn,
-    data: Iterable[Batch],
-    root: Path,
-    layers: dict[str, nn.Module],
-    projectors: list[LayerProjector],
-    config: IndexConfig,
-    show_progress: bool,
-) -> None:
-    """Log the projected gradients of `data` into `root`'s blocks (one model)."""
-    _log_rows([Tracked(model, layers, projectors)], loss_fn, data, root, config, show_progress)
-
-
-def _log_rows(
     members: list[Tracked],
     loss_fn: LossFn,
     data: Iterable[Batch],

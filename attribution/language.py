@@ -145,16 +145,16 @@ def check_model_matches(
                 f"does not match the index {index.root} (index {str(expected.get(key))[:12]}, "
                 f"model {found[key][:12]})",
             )
-    recorded = expected.get("checkpoints", [])
-    if len(recorded) != len(checkpoint_dirs):
+    checkpoints = expected.get("checkpoints", [])
+    if len(checkpoints) != len(checkpoint_dirs):
         raise InputError(
             str(model_dir),
             None,
             "checkpoints",
-            f"the index {index.root} was built over {len(recorded)} further checkpoint(s); "
+            f"the index {index.root} was built over {len(checkpoints)} further checkpoint(s); "
             f"{len(checkpoint_dirs)} given",
         )
-    for number, (d, r) in enumerate(zip(checkpoint_dirs, recorded, strict=True), start=1):
+    for number, (d, r) in enumerate(zip(checkpoint_dirs, checkpoints, strict=True), start=1):
         weights = hash_model_weights(d)
         if weights != r["weights_sha256"]:
             raise InputError(

@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     from attribution.lm import lm_fisher_loss, lm_loss
     from attribution.manifest import write_json
     from attribution.projection import (
+        Tracked,
         kfac_factors,
         layer_specs,
         output_head_name,
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             model, lm_loss, batches, default, fisher_loss=lm_fisher_loss, show_progress=False
         )
     )
+    members = [Tracked(model, layers, projectors)]
     specs = layer_specs(layers, output_head_name(model, layers))
     fixed_out = fixed_output_projections(specs, default.projection)
     t_factor_pass, _ = timed(
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         lambda: sum(
             1
             for _ in sampled_curvature_rows(
-                model, lm_fisher_loss, batches, layers, projectors, LANGUAGE_MODEL_INDEX, examples
+                members, lm_fisher_loss, batches, LANGUAGE_MODEL_INDEX, examples
             )
         )
     )
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = scratch / f"log-{dtype}"
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        _log_gradients(model, lm_loss, [batch], root, layers, projectors, configs[dtype], False)
+        _log_gradients(members, lm_loss, [batch], root, configs[dtype], False)
 
     try:
         # Warm-up: one step of each kind.
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = scratch / "log-float32"
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        _log_gradients(model, lm_loss, batches, root, layers, projectors, default, False)
+        _log_gradients(members, lm_loss, batches, root, default, False)
         save_projectors(root / PROJECTIONS_FILE, projectors)
         save_factors(root / FACTORS_FILE, factors)
         layout = _layout(projectors)

@@ -212,15 +212,19 @@ def open_ledger_index(session: Session, index_ref: str | None) -> GradientIndex:
     return GradientIndex.open(row.path)
 
 
+def _index_source(index: GradientIndex) -> dict:
+    """Where the index's model, checkpoints and shards were when it was built ({} if unknown)."""
+    source = index.root / SOURCE_FILE
+    return json.loads(source.read_text()) if source.exists() else {}
+
+
 def index_model_dir(index: GradientIndex) -> str | None:
-    source = index.root / SOURCE_FILE
-    return json.loads(source.read_text())["model_dir"] if source.exists() else None
+    return _index_source(index).get("model_dir")
 
 
-def index_checkpoint_dirs(index: GradientIndex) -> list[str]:
-    """The further checkpoints' directories the index was built with (none for most)."""
-    source = index.root / SOURCE_FILE
-    return json.loads(source.read_text()).get("checkpoint_dirs", []) if source.exists() else []
+def index_checkpoint_dirs(index: GradientIndex, given: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The index's further checkpoints: `given` (they moved), else where they were built."""
+    return tuple(given) or tuple(_index_source(index).get("checkpoint_dirs", []))
 
 
 @dataclass
@@ -387,7 +391,7 @@ def attribute_outputs(
     model_dir = model_dir or index_model_dir(index)
     if model_dir is None:
         raise LedgerError("the index does not record its model; pass --model DIR")
-    checkpoint_dirs = tuple(checkpoint_dirs) or tuple(index_checkpoint_dirs(index))
+    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs)
     check_model_matches(model_dir, index, checkpoint_dirs)
     model, tokenizer = load_causal_lm(model_dir)
     checkpoints = load_checkpoints(checkpoint_dirs)
@@ -474,7 +478,7 @@ def verify_run(
         "queries file sha256": queries_ok,
     }
     model_dir = model_dir or index_model_dir(index)
-    checkpoint_dirs = tuple(checkpoint_dirs) or tuple(index_checkpoint_dirs(index))
+    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs)
     try:
         check_model_matches(model_dir, index, checkpoint_dirs)
         checks["model weights and tokenizer"] = True

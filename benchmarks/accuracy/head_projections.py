@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from attribution.store import GradientIndex
 from benchmarks.accuracy.args import number_list, setting_name
 from benchmarks.accuracy.metrics import lds_per_query
 from benchmarks.accuracy.plan import FULL
+from benchmarks.accuracy.report import RESULTS
 from benchmarks.accuracy.retrain import (
     CACHE_DIR,
     RetrainCache,
@@ -36,8 +36,6 @@ from benchmarks.accuracy.retrain import (
     subset_losses,
 )
 from benchmarks.accuracy.settings import SETTINGS
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def projections(s: np.ndarray, k: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -43,7 +43,7 @@ from benchmarks.accuracy.metrics import (
 )
 from benchmarks.accuracy.peers import PEERS, kronfluence_scores, run_peer
 from benchmarks.accuracy.plan import FULL, QUICK, Plan
-from benchmarks.accuracy.report import write_markdown
+from benchmarks.accuracy.report import RESULTS, write_markdown
 from benchmarks.accuracy.retrain import (
     CACHE_DIR,
     RetrainCache,
@@ -57,7 +57,6 @@ from benchmarks.accuracy.settings import SETTINGS, Setting
 
 log = logging.getLogger("benchmarks.accuracy")
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 FACTORS = (1e-3, 1e-2, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0)
 KS = (4, 8, 16, 32)
 PCA_KS = (4, 8, 16, 32, 64)
@@ -201,8 +200,8 @@ def _variants(
     head_module, tied = output_head(base)
     rows: dict[str, np.ndarray | None] = {}
 
-    labels = default_config(setting).curvature_labels
-    prior = default_config(setting).curvature_prior_examples
+    defaults = default_config(setting)
+    labels, prior = defaults.curvature_labels, defaults.curvature_prior_examples
     other = "data" if labels == "sampled" else "sampled"
     described = {"data": "stored (training-label) gradients", "sampled": "sampled labels"}
 
