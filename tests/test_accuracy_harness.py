@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-from benchmarks.accuracy import methods, run
-from benchmarks.accuracy.args import number_list, setting_names
+from attribution.curvature import Curvature, LayerCurvature, LayerSlice
+from benchmarks.accuracy import checkpoints, eigenvalue_treatment, methods, run
+from benchmarks.accuracy.args import number_list, number_lists, setting_names
 from benchmarks.accuracy.metrics import (
     lds_per_query,
     provider_agreement,
@@ -183,6 +184,7 @@ def test_script_arguments_are_parsed_and_bad_ones_refused_in_one_line(capsys) ->
     assert setting_names("lm, lm-c") == ["lm", "lm-c"]
     assert number_list(int, low=1)("1,4,64") == [1, 4, 64]
     assert number_list(float, low=0.0)("0.5,1") == [0.5, 1.0]
+    assert number_lists(int, low=1)("3,6,9/6") == [[3, 6, 9], [6]]
     for argv, message in (
         (["--settings", "lm,bogus"], "unknown settings ['bogus']; choose from mlp, lm, lm-b, lm-c"),
         (["--settings", ""], "unknown settings ['']"),
@@ -195,6 +197,10 @@ def test_script_arguments_are_parsed_and_bad_ones_refused_in_one_line(capsys) ->
         number_list(int)("4,x")
     with pytest.raises(argparse.ArgumentTypeError, match="at least 1, got '0,2'"):
         number_list(int, low=1)("0,2")
+    with pytest.raises(SystemExit) as exit_info:
+        checkpoints.main(["--epochs", "3,6/0"])
+    assert exit_info.value.code == 2
+    assert "at least 1, got '0'" in capsys.readouterr().err
 
 
 def test_a_language_model_replays_its_training_run_with_snapshots(tmp_path, one_thread) -> None:
@@ -217,3 +223,54 @@ def test_a_language_model_replays_its_training_run_with_snapshots(tmp_path, one_
     assert train_loss[1] < train_loss[0]
     with pytest.raises(ValueError, match=r"epochs \[4\] outside the recipe's 1..3"):
         setting.snapshots((4,))
+
+
+def _toy_curvature(rng: np.random.Generator) -> Curvature:
+    """A Kronecker-factored layer (2 × 3) and a low-rank dense one (5, rank 2)."""
+    q_out = np.linalg.qr(rng.normal(size=(2, 2)))[0]
+    q_in = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    vecs = np.linalg.qr(rng.normal(size=(5, 2)))[0]
+    layers = [
+        LayerCurvature(rng.uniform(0.0, 3.0, 6), None, 0.3, q_out, q_in),
+        LayerCurvature(np.array([2.0, 0.5]), vecs, 0.2),
+    ]
+    return Curvature([LayerSlice("a", 0, 6, (2, 3)), LayerSlice("b", 6, 11)], layers)
+
+
+def _explicit(layer: LayerCurvature, diagonal: np.ndarray, rest: float) -> np.ndarray:
+    """The layer's preconditioner as a matrix: V diag(diagonal) Vᵀ + rest·(I − V Vᵀ)."""
+    v = np.kron(layer.q_out, layer.q_in) if layer.eigvecs is None else layer.eigvecs
+    return v @ np.diag(diagonal) @ v.T + rest * (np.eye(v.shape[0]) - v @ v.T)
+
+
+def test_eigenvalue_treatments_match_explicit_matrices() -> None:
+    rng = np.random.default_rng(0)
+    curvature = _toy_curvature(rng)
+    g = rng.normal(size=(4, 11))
+    assert np.allclose(
+        eigenvalue_treatment.precondition(curvature, g, eigenvalue_treatment.tikhonov),
+        curvature.precondition(g),
+    )
+    c = 2.0
+    got = eigenvalue_treatment.precondition(curvature, g, eigenvalue_treatment.spectral_filter(c))
+    for s, layer in zip(curvature.slices, curvature.layers, strict=True):
+        mu = c * layer.damping
+        diagonal = np.array([(1 - np.exp(-e / mu)) / e for e in layer.eigvals])
+        want = g[:, s.start : s.stop] @ _explicit(layer, diagonal, 1.0 / mu)
+        assert np.allclose(got[:, s.start : s.stop], want)
+    # The filter is 1/e far above μ and 1/μ far below it.
+    e = np.array([0.0, 1e-9, 1e3])
+    assert np.allclose(eigenvalue_treatment.spectral_filter(1.0)(e, 1.0), [1.0, 1.0, 1e-3])
+
+    other = _toy_curvature(np.random.default_rng(0))
+    for layer in other.layers:
+        layer.eigvals = layer.eigvals * 3.0 + 1.0
+    a, factor = 0.25, 0.1
+    mix = eigenvalue_treatment.mixed(curvature, other, a, factor)
+    for x, y, m in zip(curvature.layers, other.layers, mix.layers, strict=True):
+        eigvals = 0.75 * x.eigvals + 0.25 * y.eigvals
+        assert np.allclose(m.eigvals, eigvals)
+        assert np.isclose(m.damping, factor * eigvals.sum() / x.dim)  # zeros of a low rank count
+    different = _toy_curvature(np.random.default_rng(1))
+    with pytest.raises(SystemExit, match="eigenbases differ"):
+        eigenvalue_treatment.mixed(curvature, different, a, factor)

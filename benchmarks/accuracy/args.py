@@ -51,3 +51,13 @@ def number_list(kind: type, low: float | None = None) -> Callable[[str], list]:
         return numbers
 
     return parse
+
+
+def number_lists(kind: type, low: float | None = None) -> Callable[[str], list[list]]:
+    """A parser of one or more comma lists separated by "/" (`3,6,9/6`), each as `number_list`."""
+    one = number_list(kind, low)
+
+    def parse(value: str) -> list[list]:
+        return [one(part) for part in value.split("/")]
+
+    return parse

@@ -1,20 +1,23 @@
 """Influence summed over training checkpoints, against influence at the final model alone.
 
-    python -m benchmarks.accuracy.checkpoints [--settings lm,lm-b,lm-c] [--epochs 3,6,9]
+    python -m benchmarks.accuracy.checkpoints [--settings lm,lm-b,lm-c]
+                                              [--epochs 3,6,9/6/1,2,3,4,5,6,7,8,9,10,11]
                                               [--peers kronfluence-ekfac,...]
 
 The ground truth retrains from scratch, so what it measures is the whole training run, not a
 small step away from the final model. This study replays each language model's own training
-run (all rows, seed 0: the base model's run), keeps the model after each epoch in `--epochs`
-and the final one, and at every one of those checkpoints builds the defaults' index with the
-library (`build_index`, then `score`) and runs each peer in `--peers`. A method's checkpoint
-score is the plain sum of its scores over the checkpoints (TracIn's sum over checkpoints, with
-the curvature of each). The library computes the same sum in one index
-(`build_index(model, ..., checkpoints=earlier)`); the study checks that its scores agree.
-Reported: LDS and provider Spearman (positive part) of every method at the final model alone
-and summed, and paired differences against our sum. Reads the ground
-truth of `python -m benchmarks.accuracy.run` from the cache (run that first). Results:
-benchmarks/results/checkpoints.json.
+run (all rows, seed 0: the base model's run), keeps the model after each epoch named in
+`--epochs` and the final one, and at every one of those checkpoints builds the defaults' index
+with the library (`build_index`, then `score`) and runs each peer in `--peers`. `--epochs`
+holds one or more sets of earlier epochs separated by "/"; a method's score for a set is the
+plain sum of its scores over those checkpoints and the final model (TracIn's sum over
+checkpoints, with the curvature of each), so one run says how many checkpoints the sum needs.
+The library computes the first set's sum in one index (`build_index(model, ...,
+checkpoints=earlier)`); the study checks that its scores agree. Reported: LDS and provider
+Spearman (positive part) of every method at the final model alone, at each checkpoint alone
+and summed over each set, and paired differences against our sum over the first set. Reads
+the ground truth of `python -m benchmarks.accuracy.run` from the cache (run that first).
+Results: benchmarks/results/checkpoints.json.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import argparse
 import numpy as np
 
 from benchmarks.accuracy import methods
-from benchmarks.accuracy.args import choice_list, number_list, setting_names
+from benchmarks.accuracy.args import choice_list, number_lists, setting_names
 from benchmarks.accuracy.metrics import (
     lds_per_query,
     paired_difference,
@@ -48,7 +51,7 @@ from benchmarks.accuracy.settings import SETTINGS
 OURS = "logra (defaults)"
 
 
-def study_setting(name: str, epochs: list[int], peers: list[str]) -> dict:
+def study_setting(name: str, epoch_sets: list[list[int]], peers: list[str]) -> dict:
     workdir = CACHE_DIR / "work"
     setting = SETTINGS[name](workdir)
     if setting.snapshots is None:
@@ -60,8 +63,12 @@ def study_setting(name: str, epochs: list[int], peers: list[str]) -> dict:
     names, rises, _ = provider_removal(cache, list(plan.provider_seeds))
     config = default_config(setting)
     final = setting.base_model()
-    snapshots = setting.snapshots(tuple(epochs))
+    try:
+        snapshots = setting.snapshots(tuple(sorted({e for ep in epoch_sets for e in ep})))
+    except ValueError as error:
+        raise SystemExit(f"{name}: --epochs: {error}") from None
     last = max(snapshots)
+    sets = [sorted({*epochs, last}) for epochs in epoch_sets]
     replay_gap = float(np.abs(setting.evaluate(snapshots[last]) - setting.evaluate(final)).max())
     if replay_gap > 0:
         raise SystemExit(f"{name}: the replayed run ends {replay_gap:g} away from the base model")
@@ -86,16 +93,16 @@ def study_setting(name: str, epochs: list[int], peers: list[str]) -> dict:
     finally:
         setting.base = final
 
-    # The same sum from the library in one index: the final model with the earlier
-    # checkpoints (`build_index(checkpoints=...)`), scored by `score`.
-    earlier = tuple(model for epoch, model in sorted(snapshots.items()) if epoch != last)
+    # The first set's sum from the library in one index: the final model with that set's
+    # earlier checkpoints (`build_index(checkpoints=...)`), scored by `score`.
+    earlier = tuple(snapshots[epoch] for epoch in sets[0] if epoch != last)
     one_index = methods.build(
         setting, DEFAULT_KIND, config.projection.k_in, config.dtype, workdir,
         suffix="-checkpoints", checkpoints=earlier, curvature_labels=config.curvature_labels,
         curvature_prior_examples=config.curvature_prior_examples,
     )  # fmt: skip
     library = methods.library_scores(one_index, relatif=False)
-    summed = sum(scores[OURS].values())
+    summed = sum(scores[OURS][epoch] for epoch in sets[0])
     agreement = float(np.abs(library - summed).max() / np.abs(summed).max())
     print(f"{setting.name}: one index over the checkpoints vs the summed scores, max relative "
           f"difference {agreement:.1e}", flush=True)  # fmt: skip
@@ -104,40 +111,39 @@ def study_setting(name: str, epochs: list[int], peers: list[str]) -> dict:
         credit = provider_credit(s, setting.providers, names, positive=True)
         return lds_per_query(s, masks, losses), provider_rho_per_query(credit, rises)
 
-    per_query = {}
+    per_query: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     rows = []
     for method, by_epoch in scores.items():
         if len(by_epoch) != len(snapshots):
             continue  # a peer failed at some checkpoint: see status
-        for label, s in ((f"{method}, final model", by_epoch[last]),
-                         (f"{method}, summed over epochs {sorted(by_epoch)}",
-                          sum(by_epoch.values()))):  # fmt: skip
-            per_query[label] = measure(s)
+        per_query[method, "final model"] = measure(by_epoch[last])
+        for epochs in sets:
+            per_query[method, f"summed over epochs {epochs}"] = measure(
+                sum(by_epoch[e] for e in epochs)
+            )
         for epoch, s in sorted(by_epoch.items()):
             lds, rho = measure(s)
             rows.append({"method": method, "epoch": epoch, "lds": float(np.nanmean(lds)),
                          "provider_spearman": float(np.nanmean(rho))})  # fmt: skip
-    reference = f"{OURS}, summed over epochs {sorted(snapshots)}"
+    # Every row against ours summed over the first set; a peer's also against ours on the
+    # same models.
+    reference = (OURS, f"summed over epochs {sets[0]}")
     methods_out = {}
-    for label, (lds, rho) in per_query.items():
-        methods_out[label] = {"lds": float(np.nanmean(lds)),
-                              "provider_spearman": float(np.nanmean(rho))}  # fmt: skip
-        if label != reference:
-            methods_out[label]["paired_lds_vs_ours_summed"] = paired_difference(
-                lds, per_query[reference][0]
-            )
-            methods_out[label]["paired_provider_vs_ours_summed"] = paired_difference(
-                rho, per_query[reference][1]
-            )
-        line = f"  {label}: LDS {methods_out[label]['lds']:.3f}, provider "
-        line += f"{methods_out[label]['provider_spearman']:.3f}"
-        if label != reference:
-            dl = methods_out[label]["paired_lds_vs_ours_summed"]
-            dr = methods_out[label]["paired_provider_vs_ours_summed"]
-            line += (f" (minus ours summed: {dl['mean']:+.3f} ± {dl['se']:.3f} LDS, "
+    for (method, what), (lds, rho) in per_query.items():
+        label = f"{method}, {what}"
+        out = methods_out[label] = {"lds": float(np.nanmean(lds)),
+                                    "provider_spearman": float(np.nanmean(rho))}  # fmt: skip
+        line = f"  {label}: LDS {out['lds']:.3f}, provider {out['provider_spearman']:.3f}"
+        against = {"ours_summed": reference, "ours_same_models": (OURS, what)}
+        for name, key in against.items():
+            if key == (method, what):
+                continue
+            dl = out[f"paired_lds_vs_{name}"] = paired_difference(lds, per_query[key][0])
+            dr = out[f"paired_provider_vs_{name}"] = paired_difference(rho, per_query[key][1])
+            line += (f" (minus {key[0]}, {key[1]}: {dl['mean']:+.3f} ± {dl['se']:.3f} LDS, "
                      f"{dr['mean']:+.3f} ± {dr['se']:.3f} provider)")  # fmt: skip
         print(line, flush=True)
-    return {"setting": setting.name, "epochs": sorted(snapshots), "methods": methods_out,
+    return {"setting": setting.name, "epoch_sets": sets, "methods": methods_out,
             "per_checkpoint": rows, "peers": status,
             "one_index_vs_summed_max_rel_diff": agreement}  # fmt: skip
 
@@ -145,13 +151,16 @@ def study_setting(name: str, epochs: list[int], peers: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", type=setting_names, default="lm,lm-b,lm-c")
-    parser.add_argument("--epochs", type=number_list(int, low=1), default="3,6,9")
+    parser.add_argument(
+        "--epochs", type=number_lists(int, low=1), default="3,6,9/6/1,2,3,4,5,6,7,8,9,10,11"
+    )
     parser.add_argument("--peers", type=choice_list(PEERS, "peers"), default="kronfluence-ekfac")
     args = parser.parse_args(argv)
     set_threads()
     command = (
         "python -m benchmarks.accuracy.checkpoints --settings "
-        f"{','.join(args.settings)} --epochs {','.join(map(str, args.epochs))} "
+        f"{','.join(args.settings)} --epochs "
+        f"{'/'.join(','.join(map(str, epochs)) for epochs in args.epochs)} "
         f"--peers {','.join(args.peers)}"
     )
     return write_study(

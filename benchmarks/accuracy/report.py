@@ -11,10 +11,18 @@ RATIONALE = Path(__file__).parent / "rationale.md"
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def write_study(stem: str, command: str, run: Callable[[], list[dict]]) -> dict:
-    """Run a study over settings and save {command, settings, seconds} as results/{stem}.json."""
+def write_study(
+    stem: str,
+    command: str,
+    run: Callable[[], list[dict]],
+    summary: Callable[[list[dict]], dict] | None = None,
+) -> dict:
+    """Run a study over settings and save {command, settings, seconds} as results/{stem}.json,
+    with the keys `summary` makes of the settings' results when given."""
     start = time.perf_counter()
     report = {"command": command, "settings": run()}
+    if summary is not None:
+        report.update(summary(report["settings"]))
     report["seconds"] = round(time.perf_counter() - start, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
