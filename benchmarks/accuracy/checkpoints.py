@@ -135,11 +135,11 @@ def study_setting(name: str, epoch_sets: list[list[int]], peers: list[str]) -> d
                                     "provider_spearman": float(np.nanmean(rho))}  # fmt: skip
         line = f"  {label}: LDS {out['lds']:.3f}, provider {out['provider_spearman']:.3f}"
         against = {"ours_summed": reference, "ours_same_models": (OURS, what)}
-        for name, key in against.items():
+        for versus, key in against.items():
             if key == (method, what):
                 continue
-            dl = out[f"paired_lds_vs_{name}"] = paired_difference(lds, per_query[key][0])
-            dr = out[f"paired_provider_vs_{name}"] = paired_difference(rho, per_query[key][1])
+            dl = out[f"paired_lds_vs_{versus}"] = paired_difference(lds, per_query[key][0])
+            dr = out[f"paired_provider_vs_{versus}"] = paired_difference(rho, per_query[key][1])
             line += (f" (minus {key[0]}, {key[1]}: {dl['mean']:+.3f} ± {dl['se']:.3f} LDS, "
                      f"{dr['mean']:+.3f} ± {dr['se']:.3f} provider)")  # fmt: skip
         print(line, flush=True)
