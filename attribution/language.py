@@ -15,11 +15,13 @@ from attribution.config import LANGUAGE_MODEL_INDEX, IndexConfig, ScoreConfig
 from attribution.data import Query, ShardSpec, sha256_file
 from attribution.index import build_index
 from attribution.lm import (
+    config_differences,
     hash_model_weights,
     hash_tokenizer,
     lm_fisher_loss,
     lm_loss,
     load_causal_lm,
+    model_config,
     query_batches,
     resolve_max_length,
     train_batches,
@@ -53,11 +55,30 @@ def model_info(model_dir: str | Path, checkpoint_dirs: Sequence[str | Path] = ()
     info = {
         "weights_sha256": hash_model_weights(model_dir),
         "tokenizer_sha256": hash_tokenizer(model_dir),
+        "config": model_config(model_dir),
         "loss": LOSS_DEFINITION,
     }
+    for d in checkpoint_dirs:
+        require_same_config(info["config"], d, f"the model {model_dir}")
     if checkpoint_dirs:
         info["checkpoints"] = [{"weights_sha256": hash_model_weights(d)} for d in checkpoint_dirs]
     return info
+
+
+def require_same_config(expected: dict, model_dir: str | Path, against: str) -> None:
+    """Refuse a model directory whose config.json differs from `expected` in any key both
+    hold, naming the first such key; `against` says whose config `expected` is."""
+    differences = config_differences(expected, model_config(model_dir))
+    if differences:
+        key, was, now = differences[0]
+        extra = len(differences) - 1
+        more = f" (and {extra} more key{'s' if extra > 1 else ''})" if extra else ""
+        raise InputError(
+            str(Path(model_dir) / "config.json"),
+            None,
+            key,
+            f"{now!r} differs from {was!r} in {against}{more}",
+        )
 
 
 def load_checkpoints(checkpoint_dirs: Sequence[str | Path]) -> list:
@@ -133,6 +154,10 @@ def check_model_matches(
     and checkpoints other than the index's, in number or weights."""
     expected = index.manifest.get("model", {})
     found = model_info(model_dir)
+    recorded_config = expected.get("config")  # absent from indexes built before it was recorded
+    if recorded_config is not None:
+        for d in (model_dir, *checkpoint_dirs):
+            require_same_config(recorded_config, d, f"the index {index.root}")
     recorded = expected.get("tokenizer_sha256")
     if recorded != found["tokenizer_sha256"] and recorded == hash_tokenizer(model_dir, legacy=True):
         found["tokenizer_sha256"] = recorded  # an index hashed the earlier way

@@ -160,6 +160,38 @@ def hash_model_weights(model_dir: str | os.PathLike[str]) -> str:
     return _hash_named_files(files)
 
 
+# Keys of a loaded model config about where and how it was saved or runs, not what it computes.
+_CONFIG_RUNTIME_KEYS = ("transformers_version", "torch_dtype", "dtype", "use_cache")
+
+
+def model_config(model_dir: str | os.PathLike[str]) -> dict:
+    """The model's architecture as the installed transformers reads it from config.json:
+    `AutoConfig(...).to_dict()` in JSON form, without private keys (`_name_or_path`, ...) and
+    `_CONFIG_RUNTIME_KEYS`. Compared key by key (`config_differences`), so keys a newer
+    transformers adds do not make the same model differ."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise InputError(
+            str(path), None, None, "no config.json: not a Hugging Face model directory"
+        )
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True).to_dict()
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is a problem of the file
+        raise InputError(str(path), None, None, f"cannot read: {first_line(exc)}") from exc
+    kept = {
+        k: v for k, v in config.items() if not k.startswith("_") and k not in _CONFIG_RUNTIME_KEYS
+    }
+    return json.loads(json.dumps(kept, sort_keys=True, default=str))
+
+
+def config_differences(recorded: dict, found: dict) -> list[tuple[str, object, object]]:
+    """(key, recorded value, found value) of every key both configs hold with other values."""
+    return [(k, recorded[k], found[k]) for k in sorted(recorded.keys() & found.keys())
+            if recorded[k] != found[k]]  # fmt: skip
+
+
 # Keys transformers writes into tokenizer_config.json about how it was loaded, not what it is.
 _LOAD_ONLY_KEYS = ("local_files_only", "is_local", "name_or_path", "_commit_hash", "cache_dir")
 

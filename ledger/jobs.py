@@ -481,9 +481,9 @@ def verify_run(
     checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs)
     try:
         check_model_matches(model_dir, index, checkpoint_dirs)
-        checks["model weights and tokenizer"] = True
+        checks["model weights, tokenizer and config"] = True
     except InputError:
-        checks["model weights and tokenizer"] = False
+        checks["model weights, tokenizer and config"] = False
         return Verification(run_id, checks, 0, 0, float("nan"))
     queries = read_queries(outputs)
     rng = np.random.default_rng(0)

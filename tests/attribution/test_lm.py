@@ -369,3 +369,47 @@ def test_outputs_are_scored_within_the_models_positions(tokenizer):
     assert query_max_length(index({"max_length": 64}), model) == 32
     assert query_max_length(index({}), model) == 32
     assert query_max_length(index({"max_length": 64}), torch.nn.Linear(2, 2)) == 64
+
+
+def test_a_model_whose_config_differs_from_the_index_is_refused(tmp_path, tokenizer):
+    import shutil
+    from types import SimpleNamespace
+
+    from attribution.language import check_model_matches, model_info
+
+    directory = tmp_path / "m"
+    write_workspace_model(tiny_model(tokenizer), tokenizer, directory)
+    info = model_info(directory)
+    config = json.loads((directory / "config.json").read_text())
+    assert info["config"]["n_embd"] == config["n_embd"]
+    assert not any(k.startswith("_") or k == "transformers_version" for k in info["config"])
+    index = SimpleNamespace(manifest={"model": info}, root="idx")
+    check_model_matches(directory, index)
+
+    # Re-saved, with keys a newer transformers might add, it is the same model.
+    resaved = tmp_path / "resaved"
+    shutil.copytree(directory, resaved)
+    path = resaved / "config.json"
+    path.write_text(json.dumps({**config, "transformers_version": "99.0", "new_key": 1}))
+    check_model_matches(resaved, index)
+
+    # The same weights and tokenizer under another architecture are refused, naming the field.
+    other = tmp_path / "other"
+    shutil.copytree(directory, other)
+    (other / "config.json").write_text(
+        json.dumps({**config, "activation_function": "relu", "layer_norm_epsilon": 0.5})
+    )
+    with pytest.raises(InputError) as err:
+        check_model_matches(other, index)
+    assert err.value.path == str(other / "config.json")
+    assert err.value.field == "activation_function"
+    assert "'relu' differs from" in err.value.message and "1 more key)" in err.value.message
+    # ... and so is a checkpoint that is not of the same architecture as the model.
+    with pytest.raises(InputError, match="activation_function"):
+        model_info(directory, [other])
+    with pytest.raises(InputError, match="activation_function"):
+        check_model_matches(directory, index, [other])
+
+    # An index recorded before configs were: weights and tokenizer only, as before.
+    legacy = {k: v for k, v in info.items() if k != "config"}
+    check_model_matches(other, SimpleNamespace(manifest={"model": legacy}, root="idx"))

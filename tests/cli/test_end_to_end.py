@@ -440,7 +440,7 @@ def test_index_over_checkpoints_attributes_and_verifies(workspace: Path, tmp_pat
     assert "weights_sha256" in proc.stderr and "checkpoint 1 of the index" in proc.stderr
     assert ledger_counts(url) == before
     proc = ledger(tmp_path, url, "verify", summary["run_id"], "--outputs", outputs, check=False)
-    assert proc.returncode == 1 and "FAIL model weights and tokenizer" in proc.stdout
+    assert proc.returncode == 1 and "FAIL model weights, tokenizer and config" in proc.stdout
     # A checkpoint that is not a model directory is refused before anything is written.
     proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"),
                   "--checkpoint", str(tmp_path), "--out", str(tmp_path / "other"),
