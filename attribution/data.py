@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from attribution.types import InputError
+from attribution.types import InputError, first_line
 
 SHARD_SUFFIXES = (".jsonl", ".parquet")
 
@@ -47,6 +47,11 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(path, number, None, f"malformed JSON: {exc.msg}") from exc
+            except ValueError as exc:  # an integer of more digits than Python converts
+                detail = first_line(exc).split(":")[0]  # without the hint about sys internals
+                raise InputError(path, number, None, f"malformed JSON: {detail}") from exc
+            except RecursionError as exc:
+                raise InputError(path, number, None, "malformed JSON: nested too deeply") from exc
             if not isinstance(obj, dict):
                 raise InputError(
                     path, number, None, f"expected a JSON object, got {type(obj).__name__}"
@@ -250,8 +255,9 @@ def _parse_weight(path: str, line: int, obj: dict) -> Decimal:
         raise InputError(path, line, name, f"expected a number, got {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(path, line, name, f"must be a finite number, got {value}")
-    if isinstance(value, str) and not value.isascii():
-        # Decimal() reads any Unicode digits ('１２' is 12); a number here is ASCII.
+    if isinstance(value, str) and (not value.isascii() or "_" in value):
+        # Decimal() reads any Unicode digits ('１２' is 12) and underscores ('1_000'); a number
+        # here is plain ASCII digits.
         raise InputError(path, line, name, f"not a number: {value!r}")
     try:
         # str() first: Decimal(0.1) would carry the float's binary error into money.

@@ -148,6 +148,8 @@ def _hash_named_files(paths: Iterable[Path]) -> str:
 
 def hash_model_weights(model_dir: str | os.PathLike[str]) -> str:
     """Hex sha256 over the directory's `*.safetensors` files (sorted names and their bytes)."""
+    if not Path(model_dir).is_dir():
+        raise InputError(str(model_dir), None, None, "model directory not found")
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise InputError(

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 
 from attribution.config import (
     DEFAULT_CURVATURE,
@@ -74,9 +74,6 @@ def user_errors(fn: Callable) -> Callable:
             FileNotFoundError,
         ) as exc:
             raise click.ClickException(str(exc).splitlines()[0]) from exc
-        except OperationalError as exc:
-            detail = str(exc.orig).strip().splitlines()[0]
-            raise click.ClickException(f"database error: {detail}") from exc
         except IntegrityError as exc:
             # Every write checks first; a conflict here means another process wrote the same
             # rows between that check and this write (two runs of one command at once).
@@ -85,6 +82,9 @@ def user_errors(fn: Callable) -> Callable:
                 f"another process wrote the same ledger rows at the same time ({detail}); this "
                 "step was rolled back: re-run the command to resume"
             ) from exc
+        except DatabaseError as exc:  # unreachable, locked, not a database at all, ...
+            detail = str(exc.orig).strip().splitlines()[0]
+            raise click.ClickException(f"database error: {detail}") from exc
 
     return wrapper
 
@@ -816,7 +816,11 @@ def runs_show(ctx: Context, run_id: str) -> None:
     help="The run's queries file (default: its file name, here).",
 )
 @click.option(
-    "--sample", type=int, default=8, show_default=True, help="Outputs re-computed and compared."
+    "--sample",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Outputs re-computed and compared.",
 )
 @moved_model
 @moved_checkpoints
@@ -931,9 +935,7 @@ def _emit(rows: list[dict], fmt: str, right: tuple[str, ...] = ()) -> None:
     if fmt == "json":
         click.echo(render.to_json(rows))
     elif fmt == "csv":
-        import polars as pl
-
-        click.echo(pl.DataFrame(rows).write_csv() if rows else "", nl=False)
+        click.echo(render.to_csv(rows), nl=False)
     else:
         click.echo(render.table(rows, right=right))
 
@@ -945,6 +947,16 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 def main() -> None:
     """The `ledger` entry point. Every error is one line on stderr: usage errors (a missing or
     invalid option) exit 2 with a pointer to the command's help, other errors exit 1."""
+    for arg in sys.argv[1:]:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the file system allows but the ledger cannot store
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            click.echo(
+                f"Error: argument {shown!r} is not valid UTF-8; rename the file (or fix the text)",
+                err=True,
+            )
+            sys.exit(2)
     try:
         code = cli.main(prog_name="ledger", standalone_mode=False)
     except _NO_ARGS_IS_HELP as exc:  # `ledger` or `ledger statements` alone: the help

@@ -124,6 +124,13 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         session.close()
 
 
+def _plain_value(value: Any) -> Any:
+    """Binary values as hex text (`\\x00ff`, as PostgreSQL prints them); others unchanged."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()
+    return value
+
+
 def read_only_query(engine: Engine, query: str) -> list[dict[str, Any]]:
     """The rows of one SQL query that cannot change the ledger.
 
@@ -152,7 +159,16 @@ def read_only_query(engine: Engine, query: str) -> list[dict[str, Any]]:
             if cursor.description is None:
                 raise LedgerError("the statement returns no rows; only queries that read are run")
             names = [d[0] for d in cursor.description]
-            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise LedgerError(
+                    f"the result has more than one column named {repeated[0]!r}; give each "
+                    "column its own name (SELECT a.x AS a_x, b.x AS b_x ...)"
+                )
+            rows = [
+                {n: _plain_value(v) for n, v in zip(names, row, strict=True)}
+                for row in cursor.fetchall()
+            ]
         except conn.dialect.loaded_dbapi.Error as exc:
             raise LedgerError(f"SQL error: {str(exc).strip().splitlines()[0]}") from exc
         finally:

@@ -82,7 +82,8 @@ def register_shards(engine: Engine, paths: list[str], provider: str) -> list[m.S
         specs.append((os.path.abspath(path), sha256_file(path), rows))
     with session_scope(engine) as session:
         get_provider(session, provider)
-        return [add_shard(session, path, sha, provider, rows) for path, sha, rows in specs]
+        added = [add_shard(session, path, sha, provider, rows) for path, sha, rows in specs]
+        return list({shard.id: shard for shard in added}.values())  # a path given twice: once
 
 
 def ledger_shards(session: Session) -> list[ShardSpec]:
@@ -215,7 +216,18 @@ def open_ledger_index(session: Session, index_ref: str | None) -> GradientIndex:
 def _index_source(index: GradientIndex) -> dict:
     """Where the index's model, checkpoints and shards were when it was built ({} if unknown)."""
     source = index.root / SOURCE_FILE
-    return json.loads(source.read_text()) if source.exists() else {}
+    if not source.exists():
+        return {}
+    try:
+        found = json.loads(source.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        found = exc
+    if not isinstance(found, dict):
+        raise InputError(
+            str(source), None, None,
+            "unreadable (it records where the index's model was); delete it and pass --model DIR",
+        )  # fmt: skip
+    return found
 
 
 def index_model_dir(index: GradientIndex) -> str | None:
@@ -482,9 +494,12 @@ def verify_run(
     try:
         check_model_matches(model_dir, index, checkpoint_dirs)
         checks["model weights, tokenizer and config"] = True
-    except InputError:
+    except InputError as exc:
         checks["model weights, tokenizer and config"] = False
-        return Verification(run_id, checks, 0, 0, float("nan"))
+        return Verification(run_id, checks, 0, 0, float("nan"), [str(exc)])
+    if not queries_ok:
+        note = f"{outputs} is not the run's queries file: no output was re-computed"
+        return Verification(run_id, checks, 0, 0, float("nan"), [note])
     queries = read_queries(outputs)
     rng = np.random.default_rng(0)
     picked = sorted(rng.choice(len(queries), size=min(sample, len(queries)), replace=False))

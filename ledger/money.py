@@ -102,7 +102,8 @@ def parse_amount(text: str | int | Decimal, currency: str) -> Decimal:
     places = minor_units(currency)
     if isinstance(text, float) or isinstance(text, bool):
         raise MoneyError(f"amount {text!r} must be given as a string or Decimal, not a float")
-    if isinstance(text, str) and not text.isascii():
+    if isinstance(text, str) and (not text.isascii() or "_" in text):
+        # Decimal() reads Unicode digits ("１２" is 12) and underscores ("1_000" is 1000).
         raise MoneyError(f"invalid amount {text!r}: not a decimal number")
     try:
         value = Decimal(text.strip() if isinstance(text, str) else text)

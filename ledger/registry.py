@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -78,7 +79,9 @@ def add_shard(session: Session, path: str, sha256: str, provider: str, rows: int
 
     Registering the same path again with the same content is a no-op that returns the existing
     shard; the same path with a different sha256 raises `ConflictError` ("content changed"), as
-    does the same content under a different provider or row count.
+    does the same path under a different provider or row count. Content already registered
+    under another path raises `ConflictError` too (the index would hold its rows twice), unless
+    both paths name the same file (a symbolic link): then the existing shard is returned.
     """
     sha256 = check_sha256(sha256, "shard sha256")
     if not isinstance(rows, int) or rows < 0:
@@ -96,6 +99,14 @@ def add_shard(session: Session, path: str, sha256: str, provider: str, rows: int
                 f"{existing.row_count} rows, not {provider!r} with {rows}"
             )
         return existing
+    same_content = session.scalar(select(Shard).where(Shard.sha256 == sha256))
+    if same_content is not None:
+        if os.path.realpath(same_content.path) == os.path.realpath(path):
+            return add_shard(session, same_content.path, sha256, provider, rows)
+        raise ConflictError(
+            f"shard {path!r}: the same content is already registered as {same_content.path!r} "
+            f"(provider {same_content.provider.name!r}); a copy would count its rows twice"
+        )
     shard = Shard(
         path=path,
         sha256=sha256,

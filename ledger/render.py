@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -50,8 +53,36 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _finite(obj: Any) -> Any:
+    """Non-finite floats as the strings "Infinity", "-Infinity" and "NaN" (JSON has no such
+    numbers), in nested lists and dicts too."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=_json_default)
+    return json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """CSV of query rows (header from the first row); empty cells for NULL, ISO times. Any mix
+    of types in a column is written as it comes (SQLite columns need not have one type)."""
+    if not rows:
+        return ""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(list(rows[0]))
+    for row in rows:
+        writer.writerow(
+            "" if v is None else v.isoformat() if isinstance(v, datetime | date) else v
+            for v in row.values()
+        )
+    return out.getvalue()
 
 
 def write_frame(frame: pl.DataFrame, fmt: str, out: str | None) -> str | None:

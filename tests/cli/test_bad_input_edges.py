@@ -374,3 +374,152 @@ def test_verify_takes_a_moved_model_and_reports_a_damaged_index(
     report = json.loads(run(url, *args, "--format", "json").stdout)
     assert report["ok"] is False and report["checks"]["index files intact"] is False
     assert "curvature.safetensors" in report["notes"][0]
+
+
+def _run_id(url: str) -> str:
+    return json.loads(ok(url, "sql", "--format", "json", "SELECT id FROM attribution_runs"))[0][
+        "id"
+    ]
+
+
+def test_a_model_whose_config_differs_is_refused_by_attribute_and_fails_verify(
+    ledger_url: str, workspace: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    other = tmp_path / "model-relu"
+    shutil.copytree(workspace / "model", other)  # the same weights and tokenizer
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    path = outputs_file(workspace, tmp_path)  # one output the ledger has not seen
+    before = counts(ledger_url)
+    line = refused(ledger_url, "attribute", "--outputs", str(path), "--model", str(other))
+    assert line.startswith(f"Error: {other / 'config.json'}, field 'activation_function': 'relu'")
+    assert counts(ledger_url) == before
+    args = ("verify", _run_id(ledger_url), "--outputs", str(workspace / "queries.jsonl"))
+    result = run(ledger_url, *args, "--model", str(other), "--sample", "2")
+    assert result.exit_code == 1
+    assert "FAIL model weights, tokenizer and config" in result.stdout
+    assert "field 'activation_function'" in result.stdout
+    assert "re-computed 2/2 outputs agree" in ok(ledger_url, *args, "--sample", "2")
+
+
+def test_verify_with_another_queries_file_fails_its_hash_and_recomputes_nothing(
+    ledger_url: str, workspace: Path, tmp_path: Path
+) -> None:
+    path = outputs_file(workspace, tmp_path)
+    result = run(ledger_url, "verify", _run_id(ledger_url), "--outputs", str(path))
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert "FAIL queries file sha256" in lines and "ok   run manifest id" in lines
+    assert lines[-1].strip() == f"{path} is not the run's queries file: no output was re-computed"
+    usage = run(ledger_url, "verify", _run_id(ledger_url), "--sample", "0")
+    assert usage.exit_code == 2 and "0 is not in the range x>=1" in usage.stderr
+
+
+def test_an_unreadable_source_file_of_the_index_is_refused_in_one_line(
+    ledger_url: str, workspace: Path, tmp_path: Path
+) -> None:
+    query = "SELECT path FROM gradient_indexes"
+    index_dir = Path(json.loads(ok(ledger_url, "sql", "--format", "json", query))[0]["path"])
+    source = index_dir / "source.json"
+    saved = source.read_bytes()
+    path = outputs_file(workspace, tmp_path)
+    before = counts(ledger_url)
+    try:
+        for damaged in (b"", b"[]", b"\xff{"):
+            source.write_bytes(damaged)
+            line = refused(ledger_url, "attribute", "--outputs", str(path))
+            assert line.startswith(f"Error: {source}: unreadable") and "--model DIR" in line
+            assert counts(ledger_url) == before
+    finally:
+        source.write_bytes(saved)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('{"id": ' + "9" * 5000 + "}", "malformed JSON: Exceeds the limit (4300 digits)"),
+        ('{"id": ' + "[" * 100_000 + "]" * 100_000 + "}", "malformed JSON: nested too deeply"),
+    ],
+)
+def test_json_that_python_cannot_read_is_refused_with_its_line(
+    ledger_url: str, workspace: Path, tmp_path: Path, row: str, message: str
+) -> None:
+    path = tmp_path / "outputs.jsonl"
+    first = (workspace / "queries.jsonl").read_text().splitlines()[0]
+    path.write_text(first + "\n" + row + "\n")
+    before = counts(ledger_url)
+    line = refused(ledger_url, "attribute", "--outputs", str(path))
+    assert line.startswith(f"Error: {path}, line 2: {message}")
+    assert counts(ledger_url) == before
+
+
+def test_amounts_and_weights_with_underscores_are_refused(
+    ledger_url: str, workspace: Path, tmp_path: Path
+) -> None:
+    before = counts(ledger_url)
+    line = refused(ledger_url, "report", "--period", "2024-Q3", "--pool", "1_000")
+    assert "invalid amount '1_000': not a decimal number" in line
+    path = outputs_file(workspace, tmp_path, weight="1_000")
+    line = refused(ledger_url, "attribute", "--outputs", str(path))
+    assert f"{path}, line 2, field 'weight': not a number: '1_000'" in line
+    assert counts(ledger_url) == before
+
+
+def test_a_copy_of_a_registered_shard_is_refused_and_a_path_given_twice_counts_once(
+    workspace: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    ok(url, "init")
+    ok(url, "providers", "add", "stellar", "harbor")
+    shard = workspace / "shards" / "stellar-000.jsonl"
+    rows = len(shard.read_text().splitlines())
+    out = ok(url, "shards", "add", str(shard), str(shard), "--provider", "stellar")
+    assert out.strip() == f"registered 1 shard(s) for stellar: {rows} rows"
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(shard, copy)
+    for provider in ("stellar", "harbor"):
+        line = refused(url, "shards", "add", str(copy), "--provider", provider)
+        assert f"the same content is already registered as '{shard}'" in line
+    assert counts(url)["shards"] == 1
+
+
+def test_sql_results_are_written_whole_or_refused(ledger_url: str) -> None:
+    line = refused(ledger_url, "sql", "SELECT 1 AS a, 2 AS a")
+    assert "more than one column named 'a'" in line
+    rows = json.loads(
+        ok(ledger_url, "sql", "--format", "json", "SELECT X'00ff' AS b, 1e999 AS x, -1e999 AS y")
+    )
+    assert rows == [{"b": "\\x00ff", "x": "Infinity", "y": "-Infinity"}]
+    csv = ok(ledger_url, "sql", "--format", "csv", "SELECT X'00' AS b UNION ALL SELECT 'x'")
+    assert csv.splitlines() == ["b", "\\x00", "x"]
+
+
+def test_a_file_that_is_not_a_database_is_refused_in_one_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "x.db"
+    garbage.write_text("hello world this is not sqlite at all")
+    line = refused(f"sqlite:///{garbage}", "providers", "list")
+    assert line == "Error: database error: file is not a database"
+
+
+def test_an_argument_that_is_not_utf8_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    name = os.fsencode(tmp_path) + b"/shard\xff.jsonl"
+    with open(name, "w") as handle:
+        handle.write('{"text": "a comet"}\n')
+    db = tmp_path / "l.db"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from ledger.cli import main; main()", "--db", f"sqlite:///{db}",
+         "shards", "add", name, "--provider", "stellar"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "shard\\\\xff.jsonl' is not valid UTF-8" in lines[0]
+    assert not db.exists()

@@ -38,6 +38,18 @@ def count(engine: Engine, table: str) -> int:
         return conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
 
 
+def test_a_shard_reached_through_a_link_is_the_shard_itself(engine: Engine, tmp_path) -> None:
+    shard = tmp_path / "a.jsonl"
+    shard.write_text('{"text": "a b"}\n')
+    (tmp_path / "link.jsonl").symlink_to(shard)
+    with session_scope(engine) as s:
+        first = add_shard(s, str(shard), sha("a"), "books", 1)
+        assert add_shard(s, str(tmp_path / "link.jsonl"), sha("a"), "books", 1).id == first.id
+        with pytest.raises(ConflictError, match="registered for provider 'books'"):
+            add_shard(s, str(tmp_path / "link.jsonl"), sha("a"), "acme", 1)
+        assert [x.path for x in list_shards(s)] == [str(shard)]
+
+
 def test_providers_and_shards_are_registered_once(engine: Engine) -> None:
     with session_scope(engine) as s:
         add_provider(s, "acme")
@@ -48,6 +60,10 @@ def test_providers_and_shards_are_registered_once(engine: Engine) -> None:
         assert add_shard(s, "a.jsonl", sha("a"), "books", 5).id == shard.id
         with pytest.raises(ConflictError, match="content changed"):
             add_shard(s, "a.jsonl", sha("b"), "books", 5)
+        # A copy of registered content, under this provider or another, would be indexed twice.
+        for provider in ("books", "acme"):
+            with pytest.raises(ConflictError, match="already registered as 'a.jsonl'"):
+                add_shard(s, "copy.jsonl", sha("a"), provider, 5)
         assert [p.name for p in list_providers(s)] == ["acme", "books"]
         assert [x.path for x in list_shards(s)] == ["a.jsonl"]
         index = register_index(s, sha("i"), "/idx", {"k": 1})
