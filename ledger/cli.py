@@ -316,7 +316,7 @@ moved_checkpoints = click.option(
     "(0: --k-out). Fewer directions shrink the index and cost accuracy (see "
     "benchmarks/results/accuracy.md).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option(
     "--curvature",
     type=click.Choice(["ekfac", "full"]),
@@ -422,10 +422,11 @@ def index_cmd(
         ("--k-out", k_out),
         ("--curvature-draws", curvature_draws),
         ("--batch-size", batch_size),
-        ("--max-length", max_length),
     ):
         if value is not None and value < 1:
             raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
+    if max_length is not None and max_length < 2:  # a prediction needs a token before it
+        raise click.BadParameter(f"must be at least 2, got {max_length}", param_hint="--max-length")
     for name, value in (
         ("--head-k-out", head_k_out),
         ("--curvature-examples", curvature_examples),
@@ -455,6 +456,7 @@ def index_cmd(
         curvature_prior_examples=curvature_prior_examples,
         damping_factor=damping,
     )
+    created = not Path(out_root).exists()
     try:
         index = build_ledger_index(
             ctx.engine(),
@@ -466,8 +468,13 @@ def index_cmd(
             show_progress=not ctx.quiet,
             checkpoint_dirs=checkpoint_dirs,
         )
-    except ValueError as exc:  # settings the model or data cannot satisfy (no layer matches, …)
-        raise click.ClickException(str(exc).splitlines()[0]) from exc
+    except Exception as exc:
+        if created and Path(out_root).is_dir() and not any(Path(out_root).iterdir()):
+            Path(out_root).rmdir()  # refused before anything was written: leave no trace
+        if isinstance(exc, ValueError) and not isinstance(exc, InputError | LedgerError):
+            # Settings the model or data cannot satisfy (no layer matches, ...).
+            raise click.ClickException(str(exc).splitlines()[0]) from exc
+        raise
     ctx.echo(f"index {index.id[:16]}: {index.rows} examples × {index.dim} dims at {index.root}")
 
 

@@ -523,3 +523,13 @@ def test_an_argument_that_is_not_utf8_is_refused_before_anything_runs(tmp_path: 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "shard\\\\xff.jsonl' is not valid UTF-8" in lines[0]
     assert not db.exists()
+
+
+def test_an_index_refused_for_its_settings_leaves_no_directory(
+    ledger_url: str, workspace: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "new-indexes"
+    line = refused(ledger_url, "index", "--model", str(workspace / "model"), "--out", str(out),
+                   "--modules", "nomatch")  # fmt: skip
+    assert "module patterns ['nomatch']" in line
+    assert not out.exists()

@@ -339,6 +339,9 @@ def test_every_command_explains_itself(command: list[str], tmp_path: Path) -> No
     ("command", "expected"),
     [
         (["index", "--model", "m", "--k-in", "0"], "Error: Invalid value for --k-in: must be positive, got 0 (see `ledger index --help`)"),
+        (["index", "--model", "m", "--max-length", "1"], "Error: Invalid value for --max-length: must be at least 2, got 1"),
+        (["index", "--model", "m", "--seed", "9" * 20], "Error: Invalid value for '--seed': "),
+        (["verify", "abc", "--sample", "0"], "Error: Invalid value for '--sample': 0 is not in the range x>=1."),
         (["report"], "Error: Missing option '--period'. (see `ledger report --help`)"),
         (["report", "--period", "2024-Q3", "--format", "xml"], "Error: Invalid value for '--format': "),
         (["shards", "add", "--provider", "p"], "Error: Missing argument 'PATHS...'. (see `ledger shards add --help`)"),
