@@ -216,6 +216,19 @@ def kfac_bases(factors: Iterable) -> Bases:
     }  # fmt: skip
 
 
+MAX_DAMPING_FACTOR = 1e6
+"""Beyond this the damped inverse is 1/λ times the identity to within 1e-6 (scores rank as the
+gradient dot product), and λ's scale only risks float32's range when queries are scored."""
+
+
+def check_damping_factor(factor: float) -> None:
+    """Refuse a damping factor that is not a number in (0, `MAX_DAMPING_FACTOR`]."""
+    if not (isinstance(factor, int | float) and 0 < factor <= MAX_DAMPING_FACTOR):
+        raise ValueError(
+            f"damping factor must be positive and at most {MAX_DAMPING_FACTOR:g}, got {factor}"
+        )
+
+
 def fit_curvature(
     block_source: BlockSource,
     slices: list[LayerSlice],
@@ -228,8 +241,7 @@ def fit_curvature(
     """Curvature of each layer from gradient rows; `block_source()` returns a fresh iterable of
     (n, D) row blocks (passes are streamed, never all rows in memory). `ekfac` needs the
     layers' eigenbases (`kfac_bases` of the index's KFAC factors)."""
-    if damping_factor <= 0:
-        raise ValueError(f"damping factor must be positive, got {damping_factor}")
+    check_damping_factor(damping_factor)
     if kind == "full":
         fitted = _fit_full(block_source, slices, budget_bytes)
     elif kind == "ekfac":

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from math import inf
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from attribution.config import IndexConfig, ProjectionConfig
-from attribution.curvature import fit_curvature, kfac_bases, shrink_to_kfac
+from attribution.curvature import check_damping_factor, fit_curvature, kfac_bases, shrink_to_kfac
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
 from attribution.projection import (
@@ -205,8 +204,7 @@ def _check_config(fisher_loss: LossFn | None, config: IndexConfig) -> None:
         raise ValueError(f"unknown curvature kind '{config.curvature}' (ekfac or full)")
     if config.fisher_labels not in ("sampled", "data"):
         raise ValueError(f"unknown fisher_labels '{config.fisher_labels}' (sampled or data)")
-    if not (isinstance(config.damping_factor, int | float) and 0 < config.damping_factor < inf):
-        raise ValueError(f"damping factor must be positive, got {config.damping_factor}")
+    check_damping_factor(config.damping_factor)
     if not isinstance(config.rows_per_block, int) or config.rows_per_block < 1:
         raise ValueError(f"rows_per_block must be a positive integer, got {config.rows_per_block}")
     if config.curvature_prior_examples < 0:
@@ -414,8 +412,16 @@ def _log_gradients(
             g = tracked_gradients(members, loss_fn, batch)[skip:]
             if not torch.isfinite(g).all():
                 bad = batch.example_ids[skip + int((~torch.isfinite(g)).any(1).nonzero()[0])]
-                raise FloatingPointError(f"gradient of training example '{bad}' is not finite")
-            grads.append(g.detach().cpu().numpy().astype(dtype))
+                raise ValueError(f"gradient of training example '{bad}' is not finite")
+            stored = g.detach().cpu().numpy().astype(dtype)
+            if not np.isfinite(stored).all():  # beyond the storage dtype's range (float16)
+                row = int((~np.isfinite(stored)).any(axis=1).nonzero()[0][0])
+                raise ValueError(
+                    f"gradient of training example '{batch.example_ids[skip + row]}' has a value "
+                    f"of {float(g[row].abs().max()):.3g}, beyond {config.dtype}'s largest "
+                    f"{float(np.finfo(dtype).max):.6g}; build the index with dtype float32"
+                )
+            grads.append(stored)
             for j in range(skip, n):
                 meta.append(
                     {

@@ -84,8 +84,20 @@ def load_causal_lm(
         hf_logging.set_verbosity(verbosity)
     if tok is not None and tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
+    rows = embedding_rows(model)
+    if tok is not None and rows is not None and (tok.pad_token_id or 0) >= rows:
+        # A pad token added to the tokenizer without resizing the model's embeddings: padded
+        # positions are masked, so any token the model has pads as well (EOS, else id 0).
+        eos = tok.eos_token_id
+        tok.pad_token = tok.eos_token if eos is not None and eos < rows else None
     model.eval()
     return model, tok
+
+
+def embedding_rows(model: nn.Module) -> int | None:
+    """How many token ids the model's input embedding takes (None when it has none)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embedding, "num_embeddings", None)
 
 
 POSITION_LIMIT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")
@@ -434,6 +446,16 @@ def _token_nll(model: nn.Module, batch: Batch, sample: bool) -> torch.Tensor:
     from attribution.fisher import sample_targets
 
     inputs = batch.inputs
+    rows = embedding_rows(model)
+    if rows is not None and inputs["input_ids"].numel() and int(inputs["input_ids"].max()) >= rows:
+        raise InputError(
+            str(getattr(model.config, "_name_or_path", "") or "the model"),
+            None,
+            "vocab_size",
+            f"the tokenizer gives token id {int(inputs['input_ids'].max())}, but the model's "
+            f"embedding has {rows} rows: they do not match (resize the embeddings with "
+            "model.resize_token_embeddings(len(tokenizer)) and save the model again)",
+        )
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()

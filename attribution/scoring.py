@@ -178,6 +178,9 @@ def score(
     if query_grads.ndim != 2 or query_grads.shape[1] != index.dim:
         raise ValueError(f"query gradients must be (n, {index.dim}), got {query_grads.shape}")
     query_ids = query_ids if query_ids is not None else [str(i) for i in range(n_q)]
+    if not np.isfinite(query_grads).all():
+        bad = query_ids[int((~np.isfinite(query_grads)).any(axis=1).nonzero()[0][0])]
+        raise ValueError(f"gradient of query '{bad}' is not finite")
     providers, codes = index.provider_codes()
     inv_sqrt = _inverse_sqrt(index.self_influence) if config.relatif else np.ones(index.rows)
     parts = [
@@ -191,11 +194,20 @@ def score(
         )
         for a in range(0, max(n_q, 1), MAX_QUERIES_PER_PASS)
     ]
+    positive = np.concatenate([p[0] for p in parts])
+    signed = np.concatenate([p[1] for p in parts])
+    broken = ~(np.isfinite(positive) & np.isfinite(signed)).all(axis=1)
+    if broken.any():
+        bad = query_ids[int(broken.nonzero()[0][0])]
+        raise ValueError(
+            f"scores of query '{bad}' are not finite: they leave float32's range (a gradient "
+            "or curvature of extreme scale); nothing was recorded"
+        )
     return ScoreResult(
         query_ids=query_ids,
         providers=providers,
-        positive=np.concatenate([p[0] for p in parts]),
-        signed=np.concatenate([p[1] for p in parts]),
+        positive=positive,
+        signed=signed,
         top_rows=np.concatenate([p[2] for p in parts]),
         top_scores=np.concatenate([p[3] for p in parts]),
         dense=np.concatenate([p[4] for p in parts], axis=0) if config.dense else None,

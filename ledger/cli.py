@@ -32,8 +32,9 @@ from attribution.config import (
     ProjectionConfig,
     ScoreConfig,
 )
+from attribution.curvature import MAX_DAMPING_FACTOR
 from attribution.lm import DEFAULT_MAX_LENGTH
-from attribution.types import IndexDamagedError, IndexMismatchError, InputError
+from attribution.types import IndexDamagedError, IndexMismatchError, InputError, first_line
 from ledger import render
 from ledger.db import database_url, has_ledger_tables, make_engine, session_scope, upgrade
 from ledger.errors import LedgerError
@@ -434,8 +435,11 @@ def index_cmd(
     ):
         if value < 0:
             raise click.BadParameter(f"must be 0 or positive, got {value}", param_hint=name)
-    if damping <= 0:
-        raise click.BadParameter(f"must be positive, got {damping}", param_hint="--damping")
+    if not 0 < damping <= MAX_DAMPING_FACTOR:
+        raise click.BadParameter(
+            f"must be positive and at most {MAX_DAMPING_FACTOR:g}, got {damping}",
+            param_hint="--damping",
+        )
     config = IndexConfig(
         projection=ProjectionConfig(
             kind=kind,
@@ -474,6 +478,10 @@ def index_cmd(
         if isinstance(exc, ValueError) and not isinstance(exc, InputError | LedgerError):
             # Settings the model or data cannot satisfy (no layer matches, ...).
             raise click.ClickException(str(exc).splitlines()[0]) from exc
+        if isinstance(exc, RuntimeError):  # a model that loads but cannot run (a bad config)
+            raise click.ClickException(
+                f"{model_dir}: the model failed on the training data: {first_line(exc)}"
+            ) from exc
         raise
     ctx.echo(f"index {index.id[:16]}: {index.rows} examples × {index.dim} dims at {index.root}")
 

@@ -413,3 +413,32 @@ def test_a_model_whose_config_differs_from_the_index_is_refused(tmp_path, tokeni
     # An index recorded before configs were: weights and tokenizer only, as before.
     legacy = {k: v for k, v in info.items() if k != "config"}
     check_model_matches(other, SimpleNamespace(manifest={"model": legacy}, root="idx"))
+
+
+def test_a_tokenizer_beyond_the_models_embedding(tmp_path):
+    """A pad token added to the tokenizer without resizing the embeddings pads with a token the
+    model has (padding is masked: the losses are those of the unpadded texts); any other id
+    beyond the embedding is refused in one line."""
+    words = build_word_tokenizer([WORDS])
+    directory = tmp_path / "m"
+    write_workspace_model(tiny_model(words), words, directory)
+    rows = tiny_model(words).get_input_embeddings().num_embeddings
+    padded = build_word_tokenizer([WORDS])
+    padded.add_special_tokens({"pad_token": "[PAD]"})
+    assert padded.pad_token_id >= rows
+    padded.save_pretrained(directory)
+    model, tok = load_causal_lm(directory)
+    assert tok.pad_token_id is not None and tok.pad_token_id < rows
+    texts = ["the star shines bright . a comet orbits", "the moon glows"]
+    shard = tmp_path / "s.jsonl"
+    shard.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    spec = ShardSpec(str(shard), "p", "s", None)
+    (batch,) = list(train_batches([spec], tok, 32, batch_size=2))
+    assert bool((batch.inputs["attention_mask"] == 0).any())  # the short text is padded
+    alone = [lm_loss(model, b) for b in train_batches([spec], tok, 32, batch_size=1)]
+    assert torch.allclose(lm_loss(model, batch), torch.cat(alone), atol=1e-5)
+
+    (beyond,) = list(train_batches([spec], tok, 32, batch_size=2))
+    beyond.inputs["input_ids"][0, 1] = rows  # a token the model does not have
+    with pytest.raises(InputError, match=f"token id {rows}, but the model's embedding has {rows}"):
+        lm_loss(model, beyond)

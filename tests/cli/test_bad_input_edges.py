@@ -533,3 +533,22 @@ def test_an_index_refused_for_its_settings_leaves_no_directory(
                    "--modules", "nomatch")  # fmt: skip
     assert "module patterns ['nomatch']" in line
     assert not out.exists()
+
+
+def test_a_model_that_fails_on_the_data_is_reported_in_one_line(
+    ledger_url: str, workspace: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import ledger.jobs
+
+    def broken(*args, **kwargs):  # as a config torch cannot run raises from the forward pass
+        raise RuntimeError("The size of tensor a (2) must match the size of tensor b (32)\nmore")
+
+    monkeypatch.setattr(ledger.jobs, "index_language_model", broken)
+    out = tmp_path / "indexes"
+    before = counts(ledger_url)
+    line = refused(ledger_url, "index", "--model", str(workspace / "model"), "--out", str(out))
+    assert line == (
+        f"Error: {workspace / 'model'}: the model failed on the training data: The size of "
+        "tensor a (2) must match the size of tensor b (32)"
+    )
+    assert counts(ledger_url) == before and not out.exists()
