@@ -266,7 +266,9 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
     blocks = {k: np.concatenate([a for _, a in v.blocks()]) for k, v in built.items()}
     eig = {k: v.curvature.layers[-1].eigvals for k, v in built.items()}
     for other in ("curv", "draws", "alone"):
-        np.testing.assert_array_equal(blocks["default"], blocks[other])
+        # Same logging pass; separate processes, whose PCA eigenvectors of the KFAC factors
+        # can differ in their last bits (one full-suite run saw 4e-6 relative), hence rtol.
+        np.testing.assert_allclose(blocks["default"], blocks[other], rtol=1e-4, atol=1e-6)
         assert not np.allclose(eig["default"], eig[other])
     assert not np.allclose(eig["draws"], eig["alone"])
     for flag in ("--curvature-examples", "--curvature-prior-examples"):
