@@ -302,6 +302,8 @@ def test_hashes_and_loading_fail_clearly_without_files(tmp_path):
     with pytest.raises(InputError, match="no \\*.safetensors") as err:
         hash_model_weights(tmp_path)
     assert "safe_serialization=True" in err.value.message  # how to convert a .bin checkpoint
+    with pytest.raises(InputError, match="model directory not found"):
+        hash_model_weights(tmp_path / "missing")
     with pytest.raises(InputError, match="no tokenizer files"):
         hash_tokenizer(tmp_path)
     with pytest.raises(InputError, match="model directory not found"):
