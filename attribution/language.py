@@ -65,10 +65,14 @@ def model_info(model_dir: str | Path, checkpoint_dirs: Sequence[str | Path] = ()
     return info
 
 
-def require_same_config(expected: dict, model_dir: str | Path, against: str) -> None:
+def require_same_config(
+    expected: dict, model_dir: str | Path, against: str, found: dict | None = None
+) -> None:
     """Refuse a model directory whose config.json differs from `expected` in any key both
-    hold, naming the first such key; `against` says whose config `expected` is."""
-    differences = config_differences(expected, model_config(model_dir))
+    hold, naming the first such key; `against` says whose config `expected` is. `found`: the
+    directory's `model_config`, when already read."""
+    found = found if found is not None else model_config(model_dir)
+    differences = config_differences(expected, found)
     if differences:
         key, was, now = differences[0]
         extra = len(differences) - 1
@@ -156,8 +160,10 @@ def check_model_matches(
     found = model_info(model_dir)
     recorded_config = expected.get("config")  # absent from indexes built before it was recorded
     if recorded_config is not None:
-        for d in (model_dir, *checkpoint_dirs):
-            require_same_config(recorded_config, d, f"the index {index.root}")
+        against = f"the index {index.root}"
+        require_same_config(recorded_config, model_dir, against, found["config"])
+        for d in checkpoint_dirs:
+            require_same_config(recorded_config, d, against)
     recorded = expected.get("tokenizer_sha256")
     if recorded != found["tokenizer_sha256"] and recorded == hash_tokenizer(model_dir, legacy=True):
         found["tokenizer_sha256"] = recorded  # an index hashed the earlier way

@@ -32,7 +32,7 @@ from attribution.config import (
     ProjectionConfig,
     ScoreConfig,
 )
-from attribution.curvature import MAX_DAMPING_FACTOR
+from attribution.curvature import check_damping_factor
 from attribution.lm import DEFAULT_MAX_LENGTH
 from attribution.types import IndexDamagedError, IndexMismatchError, InputError, first_line
 from ledger import render
@@ -435,11 +435,10 @@ def index_cmd(
     ):
         if value < 0:
             raise click.BadParameter(f"must be 0 or positive, got {value}", param_hint=name)
-    if not 0 < damping <= MAX_DAMPING_FACTOR:
-        raise click.BadParameter(
-            f"must be positive and at most {MAX_DAMPING_FACTOR:g}, got {damping}",
-            param_hint="--damping",
-        )
+    try:
+        check_damping_factor(damping)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--damping") from exc
     config = IndexConfig(
         projection=ProjectionConfig(
             kind=kind,

@@ -29,38 +29,24 @@ import numpy as np
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import choice_list, number_lists, setting_names
 from benchmarks.accuracy.metrics import (
-    lds_per_query,
     paired_difference,
-    provider_credit,
-    provider_rho_per_query,
 )
 from benchmarks.accuracy.peers import PEERS, run_peer
-from benchmarks.accuracy.plan import FULL
 from benchmarks.accuracy.report import write_study
 from benchmarks.accuracy.retrain import (
-    CACHE_DIR,
-    RetrainCache,
-    lds_subsets,
-    provider_removal,
     set_threads,
-    subset_losses,
 )
 from benchmarks.accuracy.run import DEFAULT_KIND, default_config
-from benchmarks.accuracy.settings import SETTINGS
+from benchmarks.accuracy.truth import cached_truth
 
 OURS = "logra (defaults)"
 
 
 def study_setting(name: str, epoch_sets: list[list[int]], peers: list[str]) -> dict:
-    workdir = CACHE_DIR / "work"
-    setting = SETTINGS[name](workdir)
+    truth = cached_truth(name)
+    setting, workdir = truth.setting, truth.workdir
     if setting.snapshots is None:
         raise SystemExit(f"{name}: this setting cannot replay its training run")
-    plan = FULL[setting.name]
-    cache = RetrainCache(setting)
-    masks = lds_subsets(setting.n_train, plan.lds_subsets)
-    losses = subset_losses(cache, masks, list(plan.lds_seeds), quiet=True)
-    names, rises, _ = provider_removal(cache, list(plan.provider_seeds))
     config = default_config(setting)
     final = setting.base_model()
     try:
@@ -107,22 +93,18 @@ def study_setting(name: str, epoch_sets: list[list[int]], peers: list[str]) -> d
     print(f"{setting.name}: one index over the checkpoints vs the summed scores, max relative "
           f"difference {agreement:.1e}", flush=True)  # fmt: skip
 
-    def measure(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        credit = provider_credit(s, setting.providers, names, positive=True)
-        return lds_per_query(s, masks, losses), provider_rho_per_query(credit, rises)
-
     per_query: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     rows = []
     for method, by_epoch in scores.items():
         if len(by_epoch) != len(snapshots):
             continue  # a peer failed at some checkpoint: see status
-        per_query[method, "final model"] = measure(by_epoch[last])
+        per_query[method, "final model"] = truth.measure(by_epoch[last])
         for epochs in sets:
-            per_query[method, f"summed over epochs {epochs}"] = measure(
+            per_query[method, f"summed over epochs {epochs}"] = truth.measure(
                 sum(by_epoch[e] for e in epochs)
             )
         for epoch, s in sorted(by_epoch.items()):
-            lds, rho = measure(s)
+            lds, rho = truth.measure(s)
             rows.append({"method": method, "epoch": epoch, "lds": float(np.nanmean(lds)),
                          "provider_spearman": float(np.nanmean(rho))})  # fmt: skip
     # Every row against ours summed over the first set; a peer's also against ours on the

@@ -34,23 +34,14 @@ from attribution.curvature import Curvature, LayerCurvature
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import number_list, setting_names
 from benchmarks.accuracy.metrics import (
-    lds_per_query,
     paired_difference,
-    provider_credit,
-    provider_rho_per_query,
 )
-from benchmarks.accuracy.plan import FULL
 from benchmarks.accuracy.report import pooled, write_study
 from benchmarks.accuracy.retrain import (
-    CACHE_DIR,
-    RetrainCache,
-    lds_subsets,
-    provider_removal,
     set_threads,
-    subset_losses,
 )
 from benchmarks.accuracy.run import DEFAULT_KIND, default_config
-from benchmarks.accuracy.settings import SETTINGS
+from benchmarks.accuracy.truth import cached_truth
 
 Spectrum = Callable[[np.ndarray, float], np.ndarray]
 """(eigenvalues, damping λ) → the inverse's diagonal in the eigenbasis."""
@@ -104,13 +95,8 @@ def mixed(sampled: Curvature, stored: Curvature, a: float, factor: float) -> Cur
 
 
 def measure_setting(name: str, filters: list[float], mixes: list[float]) -> dict:
-    workdir = CACHE_DIR / "work"
-    setting = SETTINGS[name](workdir)
-    plan = FULL[setting.name]
-    cache = RetrainCache(setting)
-    masks = lds_subsets(setting.n_train, plan.lds_subsets)
-    losses = subset_losses(cache, masks, list(plan.lds_seeds), quiet=True)
-    names, rises, _ = provider_removal(cache, list(plan.provider_seeds))
+    truth = cached_truth(name)
+    setting, workdir = truth.setting, truth.workdir
     config = default_config(setting)
     if config.curvature_labels != "sampled":
         raise SystemExit(f"{name}: the defaults fit eigenvalues on the stored gradients already")
@@ -128,9 +114,7 @@ def measure_setting(name: str, filters: list[float], mixes: list[float]) -> dict
     queries = np.asarray(default.query_grads, np.float64)
 
     def measure(curvature: Curvature, spectrum: Spectrum) -> tuple[np.ndarray, np.ndarray]:
-        scores = precondition(curvature, queries, spectrum) @ rows.T
-        credit = provider_credit(scores, setting.providers, names, positive=True)
-        return lds_per_query(scores, masks, losses), provider_rho_per_query(credit, rises)
+        return truth.measure(precondition(curvature, queries, spectrum) @ rows.T)
 
     base_lds, base_rho = measure(default.index.curvature, tikhonov)
     out = {"setting": setting.name, "lds": float(np.nanmean(base_lds)),

@@ -21,35 +21,21 @@ from attribution.curvature import shrink_to_kfac
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import number_list, setting_names
 from benchmarks.accuracy.metrics import (
-    lds_per_query,
     paired_difference,
-    provider_credit,
-    provider_rho_per_query,
 )
-from benchmarks.accuracy.plan import FULL
 from benchmarks.accuracy.report import write_study
 from benchmarks.accuracy.retrain import (
-    CACHE_DIR,
-    RetrainCache,
-    lds_subsets,
-    provider_removal,
     set_threads,
-    subset_losses,
 )
-from benchmarks.accuracy.settings import SETTINGS
+from benchmarks.accuracy.truth import cached_truth
 
 KFAC_ALONE = 10**12
 """m0 large enough that the sample's eigenvalues no longer count: KFAC's, rescaled."""
 
 
 def sweep_setting(name: str, m0s: list[int]) -> dict:
-    workdir = CACHE_DIR / "work"
-    setting = SETTINGS[name](workdir)
-    plan = FULL[setting.name]
-    cache = RetrainCache(setting)
-    masks = lds_subsets(setting.n_train, plan.lds_subsets)
-    losses = subset_losses(cache, masks, list(plan.lds_seeds))
-    names, rises, _ = provider_removal(cache, list(plan.provider_seeds))
+    truth = cached_truth(name, quiet=False)
+    setting, workdir = truth.setting, truth.workdir
     quarter = max(1, setting.n_train // 4)
 
     def build(label: str, examples: int | None) -> methods.BuiltIndex:
@@ -59,9 +45,9 @@ def sweep_setting(name: str, m0s: list[int]) -> dict:
 
     def measure(built: methods.BuiltIndex, curvature) -> tuple[np.ndarray, np.ndarray]:
         rows = built.index.dense().numpy().astype(np.float64)
-        scores = curvature.precondition(np.asarray(built.query_grads, np.float64)) @ rows.T
-        credit = provider_credit(scores, setting.providers, names, positive=True)
-        return lds_per_query(scores, masks, losses), provider_rho_per_query(credit, rises)
+        return truth.measure(
+            curvature.precondition(np.asarray(built.query_grads, np.float64)) @ rows.T
+        )
 
     samples = {"all": (build("all", None), setting.n_train),
                "quarter": (build("quarter", quarter), quarter)}  # fmt: skip
