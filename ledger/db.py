@@ -6,7 +6,11 @@ SQLite is the default (a file, ``ledger.db``); PostgreSQL is used by giving a
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
@@ -22,6 +26,7 @@ from ledger import guards
 from ledger.errors import LedgerError
 
 DEFAULT_URL = "sqlite:///ledger.db"
+LEDGER_LOCK_KEY = 0x6C656467  # "ledg": the ledger's advisory lock on PostgreSQL
 ENV_VAR = "LEDGER_DATABASE_URL"
 
 
@@ -34,6 +39,10 @@ def database_url(explicit: str | None) -> str:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for `url`; SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
+    if url.startswith("sqlite") and "connect_args" not in kwargs:
+        # Writers take the database's write lock up front (`lock_ledger`); another writer
+        # waits for it up to this many seconds instead of failing at once.
+        kwargs["connect_args"] = {"timeout": 60}
     try:
         engine = create_engine(url, **kwargs)
     except ModuleNotFoundError as exc:
@@ -109,6 +118,35 @@ def has_ledger_tables(engine: Engine) -> bool:
     return inspect(engine).has_table("statements")
 
 
+def lock_ledger(session: Session, exclusive: bool = True) -> None:
+    """Serialise the ledger's money writes; call first in the transaction.
+
+    PostgreSQL: a transaction-scoped advisory lock, exclusive for building, finalising and
+    adjusting statements, shared for recording credits (so batches record side by side, but
+    never while a statement is being built or closed). SQLite: the write lock up front
+    (``BEGIN IMMEDIATE``), so what the transaction reads cannot change before it writes.
+    """
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        connection.exec_driver_sql(f"SELECT {function}({LEDGER_LOCK_KEY})")
+    elif connection.dialect.name == "sqlite":
+        raw = connection.connection.dbapi_connection
+        if raw is not None and not raw.in_transaction:
+            raw.execute("BEGIN IMMEDIATE")
+
+
+def database_user(session: Session) -> str:
+    """Who is writing: the database's session user on PostgreSQL, the OS user on SQLite."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        return str(connection.exec_driver_sql("SELECT session_user").scalar())
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (containers)
+        return f"uid {os.getuid()}"
+
+
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session in one transaction: committed if the block succeeds, rolled back otherwise."""
@@ -131,49 +169,222 @@ def _plain_value(value: Any) -> Any:
     return value
 
 
-def read_only_query(engine: Engine, query: str) -> list[dict[str, Any]]:
-    """The rows of one SQL query that cannot change the ledger.
+DEFAULT_QUERY_TIMEOUT_S = 60.0
+"""How long `read_only_query` may run, from its start to its last row, unless told otherwise."""
+READER_ROLE = "ledger_reader"
+"""The PostgreSQL role `read_only_query` runs as: SELECT on the views, nothing else."""
+CHUNK_ROWS = 1000
+"""Rows fetched from the database at a time: memory stays flat however many rows there are."""
 
-    The database enforces it, whatever the query says: SQLite runs it under
-    `PRAGMA query_only`, PostgreSQL in a `READ ONLY` transaction as a prepared statement (so it
-    is one statement: `...; COMMIT; DELETE ...` is refused). Either way the transaction is
-    rolled back. The text goes to the driver unchanged (no bind-parameter parsing, so `':'` and
-    `'%'` in literals are plain text). Raises `LedgerError` for a database error or a
-    statement that returns no rows.
+# Functions refused by name on PostgreSQL although the reader role may call them: set_config
+# could switch the role back to the login user (or lift the time limit), and these run SQL text
+# given as a string (so could call set_config unseen); the rest signal other sessions, read
+# files or take locks that outlive the query. Most are also refused to the reader role itself;
+# naming them gives a clear error instead of one from deep in the server.
+_PG_REFUSED_FUNCTIONS = (
+    "set_config",
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+    "dblink",
+    "pg_cancel_backend",
+    "pg_terminate_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "lo_import",
+    "lo_export",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+)
+# SQLite: load_extension is already off in Python's sqlite3 ("not authorized"); fts3_tokenizer
+# hands out (and with two arguments takes) raw pointers.
+_SQLITE_REFUSED_FUNCTIONS = ("load_extension", "fts3_tokenizer")
+_NAME_PATTERN = r"(?<![\w$])({})(?![\w$])"
+
+
+def _refused_function(query: str, dialect: str) -> str | None:
+    """The first function named in `query` that `read_only_query` refuses on `dialect`."""
+    names = _PG_REFUSED_FUNCTIONS if dialect == "postgresql" else _SQLITE_REFUSED_FUNCTIONS
+    match = re.search(_NAME_PATTERN.format("|".join(names)), query, flags=re.IGNORECASE)
+    if match:
+        return match.group(1).lower()
+    if dialect == "postgresql" and re.search(r"u&\s*\"", query, flags=re.IGNORECASE):
+        return 'U&"..." (an identifier spelled with escapes)'
+    return None
+
+
+def read_only_query(
+    engine: Engine,
+    query: str,
+    *,
+    timeout: float = DEFAULT_QUERY_TIMEOUT_S,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[dict[str, Any]]:
+    """The rows of one SQL query that cannot change the ledger, as they come from the database.
+
+    A generator: the query starts at the first `next()`, rows are fetched `chunk_rows` at a
+    time (a PostgreSQL server-side cursor, SQLite's stepping cursor), so memory does not grow
+    with the number of rows; closing the generator early ends the query. The transaction is
+    always rolled back.
+
+    The database enforces that nothing is written, whatever the query says: SQLite runs it under
+    `PRAGMA query_only` with an authorizer that allows only reading; PostgreSQL in a `READ ONLY`
+    transaction as the role `ledger_reader` (which may read the views and nothing else, and
+    cannot signal other sessions or read server files), and as one statement (a cursor, or a
+    prepared statement for EXPLAIN: `...; COMMIT; DELETE ...` is refused). Functions that could
+    undo those limits or reach outside the query are refused by name (`_refused_function`).
+    The query and the reading of its rows must finish within `timeout` seconds: PostgreSQL's
+    `statement_timeout` (set to the time left before each fetch), SQLite's progress handler.
+    The text goes to the driver unchanged (no bind-parameter parsing, so `':'` and `'%'` in
+    literals are plain text). Raises `LedgerError` (one line) for a database error, a refused
+    function, the time limit, a missing reader role, or a statement that returns no rows.
     """
+    if not timeout > 0:
+        raise LedgerError(f"the time limit must be positive, not {timeout}")
+    deadline = time.monotonic() + timeout
     with engine.connect() as conn:
         dialect = conn.dialect.name
         if dialect not in ("sqlite", "postgresql"):
             raise LedgerError(
                 f"read-only queries are supported on SQLite and PostgreSQL, not {dialect}"
             )
+        refused = _refused_function(query, dialect)
+        if refused:
+            raise LedgerError(
+                f"ledger sql does not run {refused}: it could reach beyond reading the ledger"
+            )
         raw = conn.connection.dbapi_connection
-        cursor = raw.cursor()
+        if dialect == "sqlite":
+            yield from _sqlite_rows(raw, query, deadline, timeout, chunk_rows)
+        else:
+            yield from _postgres_rows(raw, query, deadline, timeout, chunk_rows)
+
+
+def _time_limit_error(timeout: float) -> LedgerError:
+    return LedgerError(
+        f"the query ran past its time limit of {timeout:g} s and was stopped; narrow it, or "
+        "give a longer --timeout"
+    )
+
+
+def _rows_of(cursor: Any, fetch: Any) -> Iterator[dict[str, Any]]:
+    """Rows as dicts of plain values, after checking the result's columns."""
+    if cursor.description is None:
+        raise LedgerError("the statement returns no rows; only queries that read are run")
+    names = [d[0] for d in cursor.description]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise LedgerError(
+            f"the result has more than one column named {repeated[0]!r}; give each "
+            "column its own name (SELECT a.x AS a_x, b.x AS b_x ...)"
+        )
+    while chunk := fetch():
+        for row in chunk:
+            yield {n: _plain_value(v) for n, v in zip(names, row, strict=True)}
+
+
+_SQLITE_READS = {
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    sqlite3.SQLITE_RECURSIVE,
+}
+
+
+def _sqlite_authorizer(action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
+    """Allow reading, reading a pragma's value and calling functions other than the refused."""
+    if action == sqlite3.SQLITE_FUNCTION:
+        return sqlite3.SQLITE_DENY if (arg2 or "").lower() in _SQLITE_REFUSED_FUNCTIONS else 0
+    if action in _SQLITE_READS or (action == sqlite3.SQLITE_PRAGMA and arg2 is None):
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def _sqlite_rows(
+    raw: Any, query: str, deadline: float, timeout: float, chunk_rows: int
+) -> Iterator[dict[str, Any]]:
+    cursor = raw.cursor()
+    timed_out = False
+
+    def past_deadline() -> int:
+        nonlocal timed_out
+        timed_out = time.monotonic() > deadline
+        return int(timed_out)
+
+    cursor.execute("PRAGMA query_only = ON")
+    raw.set_authorizer(_sqlite_authorizer)
+    raw.set_progress_handler(past_deadline, 10_000)
+    try:
+        cursor.execute(query)
+        yield from _rows_of(cursor, lambda: cursor.fetchmany(chunk_rows))
+    except sqlite3.Error as exc:
+        if timed_out:
+            raise _time_limit_error(timeout) from exc
+        raise LedgerError(f"SQL error: {str(exc).strip().splitlines()[0]}") from exc
+    finally:
+        raw.set_progress_handler(None, 0)
+        raw.set_authorizer(None)
+        raw.rollback()
+        cursor.execute("PRAGMA query_only = OFF")
+        cursor.close()
+
+
+def _postgres_rows(
+    raw: Any, query: str, deadline: float, timeout: float, chunk_rows: int
+) -> Iterator[dict[str, Any]]:
+    import psycopg
+
+    def set_time_left(cursor: Any) -> None:
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            raise _time_limit_error(timeout)
+        cursor.execute(f"SET LOCAL statement_timeout = {left_ms}")
+
+    setup = raw.cursor()
+    explain = query.lstrip().split(None, 1)[0].lower() == "explain" if query.strip() else False
+    cursor = setup if explain else raw.cursor(name="ledger_sql")
+    try:
+        setup.execute("SET TRANSACTION READ ONLY")
         try:
-            if dialect == "sqlite":
-                cursor.execute("PRAGMA query_only = ON")
-                cursor.execute(query)
-            else:
-                cursor.execute("SET TRANSACTION READ ONLY")
-                cursor.execute(query, prepare=True)
-            if cursor.description is None:
-                raise LedgerError("the statement returns no rows; only queries that read are run")
-            names = [d[0] for d in cursor.description]
-            repeated = sorted({n for n in names if names.count(n) > 1})
-            if repeated:
-                raise LedgerError(
-                    f"the result has more than one column named {repeated[0]!r}; give each "
-                    "column its own name (SELECT a.x AS a_x, b.x AS b_x ...)"
-                )
-            rows = [
-                {n: _plain_value(v) for n, v in zip(names, row, strict=True)}
-                for row in cursor.fetchall()
-            ]
-        except conn.dialect.loaded_dbapi.Error as exc:
-            raise LedgerError(f"SQL error: {str(exc).strip().splitlines()[0]}") from exc
-        finally:
-            raw.rollback()
-            if dialect == "sqlite":
-                cursor.execute("PRAGMA query_only = OFF")
+            setup.execute(f"SET LOCAL ROLE {READER_ROLE}")
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"ledger sql runs as the database role {READER_ROLE}, which this database does "
+                f"not have or this user may not use ({str(exc).strip().splitlines()[0]}); run "
+                "the migrations (ledger init) as a user that may create roles, or GRANT "
+                f"{READER_ROLE} TO this user"
+            ) from exc
+        set_time_left(setup)
+        if explain:
+            cursor.execute(query, prepare=True)
+        else:
+            cursor.execute(query)  # DECLARE ... CURSOR FOR <query>: one statement
+
+        def fetch() -> list[tuple]:
+            set_time_left(setup)
+            return cursor.fetchmany(chunk_rows)
+
+        yield from _rows_of(cursor, fetch)
+    except psycopg.errors.QueryCanceled as exc:
+        raise _time_limit_error(timeout) from exc
+    except psycopg.Error as exc:
+        raise LedgerError(f"SQL error: {str(exc).strip().splitlines()[0]}") from exc
+    finally:
+        raw.rollback()  # ends the cursor, the role and the time limit with the transaction
+        if cursor is not setup:
             cursor.close()
-    return rows
+        setup.close()

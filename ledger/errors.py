@@ -33,3 +33,8 @@ class StatementFinalError(LedgerError):
 
 class EmptyStatementError(LedgerError):
     """A statement was asked for a period in which no served query earned any credit."""
+
+
+class ClosedPeriodError(ConflictError):
+    """Credits for outputs served in a period whose statement is final (they would never be
+    paid, so they are refused)."""

@@ -11,8 +11,11 @@ import hashlib
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,7 @@ from ledger.recording import (
     QueryResult,
     TopExample,
     already_recorded,
+    closed_period_outputs,
     finish_run,
     record_results,
     start_run,
@@ -302,6 +306,40 @@ def check_known_queries(session: Session, queries: list[Query], path: str) -> No
                     )
 
 
+def check_open_periods(session: Session, queries: list[Query], path: str) -> None:
+    """Refuse outputs served in a period whose statement is final: their credits would never be
+    paid (the database refuses them too). Names the first such output's line."""
+    closed = closed_period_outputs(session, [(q.id, q.timestamp) for q in queries])
+    if closed:
+        ext, label = closed[0]
+        more = f" (and {len(closed) - 1} more)" if len(closed) > 1 else ""
+        raise InputError(
+            path,
+            query_lines(path).get(ext),
+            "timestamp",
+            f"output {ext!r} was served in {label}, whose statement is final{more}; credits "
+            "for a closed period are refused: remove these outputs, or correct the period "
+            "with `ledger statements adjust`",
+        )
+
+
+def write_with_retry(engine: Engine, write: Callable[[Session], Any], attempts: int = 5) -> Any:
+    """Run `write` in its own transaction, again when the database aborted it for a deadlock or
+    a serialisation failure with another writer (PostgreSQL), which leaves nothing written."""
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(attempts):
+        try:
+            with session_scope(engine) as session:
+                return write(session)
+        except DBAPIError as exc:
+            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+            if code not in ("40P01", "40001") or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def check_storable(queries: list[Query], path: str) -> None:
     """Refuse, before anything is written, a query that the ledger's columns cannot hold: an id
     longer than `queries.external_id`, or a weight that is not a whole number of millionths
@@ -411,9 +449,10 @@ def attribute_outputs(
     check_encodable(queries, tokenizer, max_length, outputs)
     manifest = run_manifest(index, outputs, config)
     with session_scope(engine) as session:
-        start_run(session, manifest["id"], index.id, manifest)
         done = already_recorded(session, manifest["id"], [q.id for q in queries])
-    todo = [q for q in queries if q.id not in done]
+        todo = [q for q in queries if q.id not in done]
+        check_open_periods(session, todo, outputs)
+        start_run(session, manifest["id"], index.id, manifest)
     unattributed = 0
     if todo:
         starts = range(0, len(todo), batch_size)
@@ -422,8 +461,12 @@ def attribute_outputs(
             batches = query_batches(group, tokenizer, max_length, batch_size=16)
             result = score_queries(model, lm_loss, batches, index, config, checkpoints)
             unattributed += int(np.sum(result.unattributed()))
-            with session_scope(engine) as session:
-                record_results(session, manifest["id"], query_results(index, group, result))
+            write_with_retry(
+                engine,
+                lambda session, rows=query_results(index, group, result): record_results(
+                    session, manifest["id"], rows
+                ),
+            )
     with session_scope(engine) as session:
         finish_run(session, manifest["id"])
     return AttributeSummary(

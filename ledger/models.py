@@ -32,6 +32,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -147,7 +148,17 @@ class QueryResult(Base):
     is_current: Mapped[bool] = mapped_column(Boolean)
     recorded_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
-    __table_args__ = (Index("ix_query_results_query_id_is_current", "query_id", "is_current"),)
+    __table_args__ = (
+        Index("ix_query_results_query_id_is_current", "query_id", "is_current"),
+        # The database holds "one current result per output", whatever writes to it.
+        Index(
+            "uq_query_results_current",
+            "query_id",
+            unique=True,
+            sqlite_where=text("is_current"),
+            postgresql_where=text("is_current"),
+        ),
+    )
 
 
 class Credit(Base):
@@ -224,6 +235,14 @@ class Statement(Base):
     status: Mapped[str] = mapped_column(String(8), default="draft")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finalized_by: Mapped[str | None] = mapped_column(String(200))
+    final_seq: Mapped[int | None] = mapped_column(Integer)
+    """Order of finalisation (1, 2, ...): the hash chain runs in this order."""
+    content: Mapped[str | None] = mapped_column(Text)
+    """A final statement's printed content as canonical JSON (provider names included)."""
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
+    """sha256 of the previous final statement's content_sha256 and this content."""
+    previous_sha256: Mapped[str | None] = mapped_column(String(64))
 
     lines: Mapped[list[StatementLine]] = relationship(
         back_populates="statement", order_by="StatementLine.id"
@@ -237,6 +256,7 @@ class Statement(Base):
         CheckConstraint("status IN ('draft', 'final')", name="status_known"),
         CheckConstraint("period_end > period_start", name="period_not_empty"),
         CheckConstraint("pool_minor IS NULL OR pool_minor >= 0", name="pool_non_negative"),
+        Index("uq_statements_final_seq", "final_seq", unique=True),
     )
 
 
@@ -281,12 +301,62 @@ class Adjustment(Base):
     corrects_line_id: Mapped[int | None] = mapped_column(ForeignKey("statement_lines.id"))
     provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"))
     amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    """The adjustment's own currency; it must be its statement's (the database refuses others)."""
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
 
     provider: Mapped[Provider] = relationship()
 
     __table_args__ = (
         CheckConstraint("amount_minor <> 0", name="amount_not_zero"),
         CheckConstraint("statement_id <> corrects_statement_id", name="not_self"),
+    )
+
+
+ACCOUNTS = ("pool", "payable", "carry", "adjustments", "paid")
+TRANSFER_KINDS = ("allocation", "carry_in", "holdback", "adjustment", "payment")
+
+
+class Transfer(Base):
+    """One balanced journal entry: `amount_minor` moves from `debit_account` to `credit_account`.
+
+    Booked when a statement with a pool is finalised, never changed afterwards. Accounts are
+    per provider and currency: ``pool`` (funds a statement's allocation), ``payable`` (what a
+    provider is owed on the statement being closed; zero once it is closed), ``carry`` (held back
+    under a minimum payout; never negative), ``adjustments`` (funds corrections) and ``paid``.
+    A balance is Σ amounts in − Σ amounts out, so money paid twice shows as a balance that does
+    not add up.
+    """
+
+    __tablename__ = "transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    statement_id: Mapped[int] = mapped_column(ForeignKey("statements.id"), index=True)
+    adjustment_id: Mapped[int | None] = mapped_column(ForeignKey("adjustments.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    debit_account: Mapped[str] = mapped_column(String(16))
+    credit_account: Mapped[str] = mapped_column(String(16))
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"), index=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+
+    __table_args__ = (
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        CheckConstraint("debit_account <> credit_account", name="two_accounts"),
+        CheckConstraint(
+            "debit_account IN ('pool', 'payable', 'carry', 'adjustments', 'paid')",
+            name="debit_known",
+        ),
+        CheckConstraint(
+            "credit_account IN ('pool', 'payable', 'carry', 'adjustments', 'paid')",
+            name="credit_known",
+        ),
+        CheckConstraint(
+            "kind IN ('allocation', 'carry_in', 'holdback', 'adjustment', 'payment')",
+            name="kind_known",
+        ),
     )

@@ -21,15 +21,17 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 import polars as pl
-from sqlalchemy import Integer, and_, delete, func, insert, select
+from sqlalchemy import and_, case, delete, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from ledger import guards
@@ -42,6 +44,7 @@ from ledger.errors import (
     NotFoundError,
     StatementFinalError,
 )
+from ledger.db import database_user, lock_ledger
 from ledger.money import (
     MAX_MINOR,
     allocate,
@@ -52,7 +55,7 @@ from ledger.money import (
 )
 from ledger.periods import Period
 from ledger.recording import to_utc_naive
-from ledger.registry import get_provider
+from ledger.registry import canonical_json, get_provider
 
 guards.install()
 
@@ -67,13 +70,25 @@ class ProviderValue:
     share: float
 
 
-def period_credits(session: Session, period: Period) -> pl.DataFrame:
-    """Current credits of the queries served in `period`: columns provider_id, credit."""
+@dataclass(frozen=True)
+class PeriodSnapshot:
+    """Everything a statement reads about its period, from one SQL statement (one snapshot)."""
+
+    credits: pl.DataFrame
+    """provider_id, credit of the current credits of the period's outputs."""
+    runs: list[str]
+    query_count: int
+    unattributed_count: int
+
+
+def period_snapshot(session: Session, period: Period) -> PeriodSnapshot:
+    """The period's current results and credits, read in one statement so that the run list and
+    the amounts can never come from different moments."""
     c, r, q = m.Credit.__table__, m.QueryResult.__table__, m.Query.__table__
     stmt = (
-        select(c.c.provider_id, c.c.credit)
+        select(r.c.run_id, r.c.query_id, r.c.unattributed, c.c.provider_id, c.c.credit)
         .select_from(
-            q.join(r, r.c.query_id == q.c.id).join(
+            q.join(r, r.c.query_id == q.c.id).outerjoin(
                 c, and_(c.c.run_id == r.c.run_id, c.c.query_id == r.c.query_id)
             )
         )
@@ -84,12 +99,31 @@ def period_credits(session: Session, period: Period) -> pl.DataFrame:
         )
     )
     result = session.execute(stmt)
-    # Integers and floats need no conversion, so read the driver's rows directly: building
-    # SQLAlchemy Row objects would take longer than the query itself at a million rows.
+    # Read the driver's rows directly: building SQLAlchemy Row objects would take longer than
+    # the query itself at a million rows.
     rows = result.cursor.fetchall() if result.cursor is not None else []
     result.close()
-    schema = {"provider_id": pl.Int64, "credit": pl.Float64}
-    return pl.DataFrame(rows, schema=schema, orient="row")
+    schema = {
+        "run_id": pl.String,
+        "query_id": pl.Int64,
+        "unattributed": pl.Boolean,
+        "provider_id": pl.Int64,
+        "credit": pl.Float64,
+    }
+    frame = pl.DataFrame(rows, schema=schema, orient="row")
+    queries = frame.unique("query_id", keep="first")
+    credits = frame.filter(pl.col("provider_id").is_not_null()).select("provider_id", "credit")
+    return PeriodSnapshot(
+        credits=credits,
+        runs=sorted(frame["run_id"].unique().to_list()),
+        query_count=queries.height,
+        unattributed_count=int(queries["unattributed"].sum() or 0),
+    )
+
+
+def period_credits(session: Session, period: Period) -> pl.DataFrame:
+    """Current credits of the queries served in `period`: columns provider_id, credit."""
+    return period_snapshot(session, period).credits
 
 
 def provider_values(session: Session, credits: pl.DataFrame) -> list[ProviderValue]:
@@ -120,52 +154,87 @@ def provider_values(session: Session, credits: pl.DataFrame) -> list[ProviderVal
     return sorted(values, key=lambda v: v.provider)
 
 
-def _period_results(session: Session, period: Period) -> tuple[list[str], int, int]:
-    r, q = m.QueryResult.__table__, m.Query.__table__
-    rows = session.execute(
-        select(r.c.run_id, func.count(), func.sum(r.c.unattributed.cast(Integer)))
-        .select_from(r.join(q, q.c.id == r.c.query_id))
-        .where(
-            r.c.is_current,
-            q.c.served_at >= to_utc_naive(period.start),
-            q.c.served_at < to_utc_naive(period.end),
-        )
-        .group_by(r.c.run_id)
-    ).all()
-    runs = sorted(run_id for run_id, _, _ in rows)
-    return runs, sum(n for _, n, _ in rows), sum(int(u or 0) for _, _, u in rows)
-
-
-def _predecessor(session: Session, start: datetime, currency: str) -> m.Statement | None:
-    """The latest statement with a pool in `currency` that ended by `start`."""
-    return session.scalar(
-        select(m.Statement)
-        .where(
-            m.Statement.currency == currency,
-            m.Statement.pool_minor.is_not(None),
-            m.Statement.period_end <= start,
-        )
-        .order_by(m.Statement.period_end.desc(), m.Statement.id.desc())
-        .limit(1)
+def account_balances(
+    session: Session, account: str, currency: str | None = None
+) -> dict[tuple[int, str], int]:
+    """Balance (Σ in − Σ out, minor units) of `account` per (provider id, currency)."""
+    t = m.Transfer.__table__
+    signed = case((t.c.credit_account == account, t.c.amount_minor), else_=-t.c.amount_minor)
+    stmt = (
+        select(t.c.provider_id, t.c.currency, func.sum(signed))
+        .where(or_(t.c.credit_account == account, t.c.debit_account == account))
+        .group_by(t.c.provider_id, t.c.currency)
     )
+    if currency is not None:
+        stmt = stmt.where(t.c.currency == currency)
+    return {(pid, cur): int(total) for pid, cur, total in session.execute(stmt)}
 
 
-def _carried_in(session: Session, start: datetime, currency: str) -> dict[int, int]:
-    """Amounts carried forward to this period by provider id, from the previous statement."""
-    previous = _predecessor(session, start, currency)
-    if previous is None:
-        return {}
-    carried = {
-        line.provider_id: line.carried_forward_minor
-        for line in previous.lines
-        if line.carried_forward_minor
+def carried_balances(session: Session, currency: str) -> dict[int, int]:
+    """What each provider has carried forward and not yet been paid, in `currency`: the balance
+    of its carry account in the journal (booked by final statements only)."""
+    return {
+        pid: total
+        for (pid, _), total in account_balances(session, "carry", currency).items()
+        if total
     }
-    if carried and previous.status != "final":
-        raise ConflictError(
-            f"statement {previous.id} ({previous.period_label}) carries amounts forward but is "
-            "still a draft; finalise it before building the next period"
+
+
+@dataclass(frozen=True)
+class _Computed:
+    snapshot: PeriodSnapshot
+    values: list[ProviderValue]
+    lines: list[dict[str, Any]]
+    total_value: float
+
+
+def _compute(
+    session: Session,
+    period: Period,
+    pool_minor: int | None,
+    currency: str,
+    min_minor: int | None,
+) -> _Computed:
+    """The lines of `period`'s statement from the current credits and carried balances."""
+    snapshot = period_snapshot(session, period)
+    values = provider_values(session, snapshot.credits)
+    if not values:
+        raise EmptyStatementError(
+            f"no query served in {period.label} has any credit; nothing to put on a statement"
         )
-    return carried
+    amounts: dict[int, int] = {}
+    payouts: dict[int, Any] = {}
+    if pool_minor is not None:
+        # Keyed by name so that equal remainders go to the alphabetically first provider.
+        by_name = allocate(pool_minor, {v.provider: Fraction(v.value) for v in values})
+        amounts = {v.provider_id: by_name[v.provider] for v in values}
+        payouts = apply_minimum_payout(amounts, carried_balances(session, currency), min_minor)
+    by_id = {v.provider_id: v for v in values}
+    extra = sorted(set(payouts) - set(by_id))
+    extra_names: dict[int, str] = {
+        pid: name
+        for pid, name in session.execute(
+            select(m.Provider.id, m.Provider.name).where(m.Provider.id.in_(extra))
+        )
+    }
+    ordered = [(v.provider, v.provider_id) for v in values] + [(extra_names[p], p) for p in extra]
+    lines = []
+    for _, pid in sorted(ordered):
+        v = by_id.get(pid)
+        payout = payouts.get(pid)
+        lines.append(
+            {
+                "provider_id": pid,
+                "value": v.value if v else 0.0,
+                "share": v.share if v else 0.0,
+                "amount_minor": None if pool_minor is None else amounts.get(pid, 0),
+                "carried_in_minor": payout.carried_in if payout else 0,
+                "payable_minor": payout.payable if payout else None,
+                "carried_forward_minor": payout.carried_forward if payout else 0,
+            }
+        )
+    total = math.fsum(snapshot.credits["credit"].to_list())
+    return _Computed(snapshot, values, lines, total)
 
 
 def find_statement(session: Session, period: Period) -> m.Statement | None:
@@ -195,6 +264,20 @@ def list_statements(session: Session) -> list[m.Statement]:
     )
 
 
+def _overlapping_pool(
+    session: Session, start: datetime, end: datetime, exclude: int | None, final_only: bool
+) -> m.Statement | None:
+    stmt = select(m.Statement).where(
+        m.Statement.pool_minor.is_not(None),
+        m.Statement.period_start < end,
+        m.Statement.period_end > start,
+        m.Statement.id != (exclude if exclude is not None else -1),
+    )
+    if final_only:
+        stmt = stmt.where(m.Statement.status == "final")
+    return session.scalar(stmt.order_by(m.Statement.id).limit(1))
+
+
 def build_statement(
     session: Session,
     period: Period,
@@ -204,9 +287,12 @@ def build_statement(
 ) -> m.Statement:
     """Build (or rebuild) the draft statement for `period` from the current credits.
 
-    With `pool` None the statement has values and shares only (amounts are NULL). Raises
-    `StatementFinalError` if the period's statement is final, `EmptyStatementError` if no query
-    served in the period earned credit, `MoneyError` for a bad currency or amount.
+    With `pool` None the statement has values and shares only (amounts are NULL). Amounts
+    carried in are the providers' carried-forward balances in the journal (what final
+    statements held back and no final statement has paid yet). Raises `StatementFinalError` if
+    the period's statement is final, `EmptyStatementError` if no query served in the period
+    earned credit, `MoneyError` for a bad currency or amount, `ConflictError` if the draft
+    carries adjustments in another currency or the pool overlaps another statement's.
     """
     currency = currency.strip().upper() if isinstance(currency, str) else currency
     places = minor_units(currency)
@@ -219,6 +305,7 @@ def build_statement(
     if min_minor is not None and min_minor < 0:
         raise MoneyError(f"minimum payout {min_payout} must not be negative")
     start, end = to_utc_naive(period.start), to_utc_naive(period.end)
+    lock_ledger(session)
 
     statement = find_statement(session, period)
     if statement is not None and statement.status == "final":
@@ -227,36 +314,28 @@ def build_statement(
             "rebuilt; add an adjustment to the next open statement instead"
         )
     if pool_minor is not None:
-        overlapping = session.scalar(
-            select(m.Statement).where(
-                m.Statement.pool_minor.is_not(None),
-                m.Statement.period_start < end,
-                m.Statement.period_end > start,
-                m.Statement.id != (statement.id if statement is not None else -1),
-            )
+        overlapping = _overlapping_pool(
+            session, start, end, statement.id if statement is not None else None, False
         )
         if overlapping is not None:
             raise ConflictError(
                 f"period {period.label} overlaps statement {overlapping.id} "
                 f"({overlapping.period_label}), which already allocates a pool"
             )
-
-    credits = period_credits(session, period)
-    values = provider_values(session, credits)
-    if not values:
-        raise EmptyStatementError(
-            f"no query served in {period.label} has any credit; nothing to put on a statement"
+    if statement is not None:
+        other = session.scalar(
+            select(m.Adjustment.currency)
+            .where(m.Adjustment.statement_id == statement.id, m.Adjustment.currency != currency)
+            .limit(1)
         )
-    runs, query_count, unattributed_count = _period_results(session, period)
+        if other is not None or (pool_minor is None and _has_adjustments(session, statement.id)):
+            raise ConflictError(
+                f"statement {statement.id} ({statement.period_label}) carries adjustments in "
+                f"{other or statement.currency}; it can only be rebuilt with a pool in "
+                f"{other or statement.currency}"
+            )
 
-    amounts: dict[int, int] = {}
-    payouts: dict[int, Any] = {}
-    if pool_minor is not None:
-        # Keyed by name so that equal remainders go to the alphabetically first provider.
-        by_name = allocate(pool_minor, {v.provider: Fraction(v.value) for v in values})
-        amounts = {v.provider_id: by_name[v.provider] for v in values}
-        carried = _carried_in(session, start, currency)
-        payouts = apply_minimum_payout(amounts, carried, min_minor)
+    computed = _compute(session, period, pool_minor, currency, min_minor)
 
     if statement is None:
         statement = m.Statement(period_start=start, period_end=end)
@@ -276,79 +355,263 @@ def build_statement(
     statement.minor_units = places
     statement.pool_minor = pool_minor
     statement.min_payout_minor = min_minor
-    statement.total_value = math.fsum(credits["credit"].to_list())
-    statement.query_count = query_count
-    statement.unattributed_count = unattributed_count
+    statement.total_value = computed.total_value
+    statement.query_count = computed.snapshot.query_count
+    statement.unattributed_count = computed.snapshot.unattributed_count
     statement.status = "draft"
     statement.created_at = m.utcnow()
     session.flush()
 
-    by_id = {v.provider_id: v for v in values}
-    extra = sorted(set(payouts) - set(by_id))
-    extra_names: dict[int, str] = {
-        pid: name
-        for pid, name in session.execute(
-            select(m.Provider.id, m.Provider.name).where(m.Provider.id.in_(extra))
-        )
-    }
-    ordered = [(v.provider, v.provider_id) for v in values] + [(extra_names[p], p) for p in extra]
-    lines = []
-    for _, pid in sorted(ordered):
-        v = by_id.get(pid)
-        payout = payouts.get(pid)
-        lines.append(
-            {
-                "statement_id": statement.id,
-                "provider_id": pid,
-                "value": v.value if v else 0.0,
-                "share": v.share if v else 0.0,
-                "amount_minor": None if pool_minor is None else amounts.get(pid, 0),
-                "carried_in_minor": payout.carried_in if payout else 0,
-                "payable_minor": payout.payable if payout else None,
-                "carried_forward_minor": payout.carried_forward if payout else 0,
-            }
-        )
-    session.execute(insert(m.StatementLine.__table__), lines)
-    if runs:
+    session.execute(
+        insert(m.StatementLine.__table__),
+        [{"statement_id": statement.id, **line} for line in computed.lines],
+    )
+    if computed.snapshot.runs:
         session.execute(
-            insert(m.statement_runs), [{"statement_id": statement.id, "run_id": r} for r in runs]
+            insert(m.statement_runs),
+            [{"statement_id": statement.id, "run_id": r} for r in computed.snapshot.runs],
         )
     session.flush()
     session.expire(statement, ["lines", "runs"])
     return statement
 
 
-def finalize_statement(session: Session, statement_id: int) -> m.Statement:
+def _has_adjustments(session: Session, statement_id: int) -> bool:
+    return (
+        session.scalar(
+            select(m.Adjustment.id).where(m.Adjustment.statement_id == statement_id).limit(1)
+        )
+        is not None
+    )
+
+
+_LINE_FIELDS = (
+    "provider_id",
+    "value",
+    "share",
+    "amount_minor",
+    "carried_in_minor",
+    "payable_minor",
+    "carried_forward_minor",
+)
+
+
+def _stored_lines(session: Session, statement_id: int) -> list[dict[str, Any]]:
+    t = m.StatementLine.__table__
+    rows = session.execute(
+        select(*[t.c[f] for f in _LINE_FIELDS])
+        .where(t.c.statement_id == statement_id)
+        .order_by(t.c.provider_id)
+    ).all()
+    return [dict(zip(_LINE_FIELDS, row, strict=True)) for row in rows]
+
+
+def unfinished_runs(session: Session) -> list[m.AttributionRun]:
+    """Attribution runs not marked finished (interrupted, or still recording)."""
+    return list(
+        session.scalars(
+            select(m.AttributionRun)
+            .where(m.AttributionRun.status != "finished")
+            .order_by(m.AttributionRun.started_at, m.AttributionRun.id)
+        )
+    )
+
+
+def finalize_statement(
+    session: Session, statement_id: int, allow_unfinished: bool = False
+) -> m.Statement:
     """Make a draft statement final; from then on neither the ledger nor the database changes it.
 
-    Refuses if an earlier statement with a pool in the same currency is still a draft, or if
-    the amounts carried in no longer match what that statement carries forward (rebuild first).
+    Under the ledger's lock, the draft is checked against the current credits and carried
+    balances (a draft that is out of date must be rebuilt first), the money is booked as
+    balanced transfers (pool → payable, carry → payable, payable → carry, adjustments →
+    payable, payable → paid), and the printed content is stored with its sha256, chained to
+    the previous final statement's. Refuses while an attribution run is unfinished, unless
+    `allow_unfinished` (its later credits for this period would be refused).
     """
+    lock_ledger(session)
     statement = get_statement(session, statement_id)
+    session.refresh(statement, with_for_update=True)
     if statement.status == "final":
         raise StatementFinalError(f"statement {statement.id} ({statement.period_label}) is final")
+    label = f"statement {statement.id} ({statement.period_label})"
+    unfinished = unfinished_runs(session)
+    if unfinished and not allow_unfinished:
+        names = ", ".join(run.id[:16] for run in unfinished[:3])
+        raise ConflictError(
+            f"{label} cannot be finalised while attribution run{'s' if len(unfinished) > 1 else ''}"
+            f" {names}{' …' if len(unfinished) > 3 else ''} "
+            f"{'are' if len(unfinished) > 1 else 'is'} unfinished (its credits for this period "
+            "would never be paid); resume it with `ledger attribute`, or finalise with "
+            "--allow-unfinished"
+        )
     if statement.pool_minor is not None:
-        previous = _predecessor(session, statement.period_start, statement.currency)
-        if previous is not None and previous.status != "final":
+        overlapping = _overlapping_pool(
+            session, statement.period_start, statement.period_end, statement.id, True
+        )
+        if overlapping is not None:
             raise ConflictError(
-                f"statement {previous.id} ({previous.period_label}) comes before "
-                f"{statement.period_label} and is still a draft; finalise it first"
+                f"{label} overlaps final statement {overlapping.id} "
+                f"({overlapping.period_label}), whose pool already pays that time"
             )
-        expected = _carried_in(session, statement.period_start, statement.currency)
-        actual = {
-            line.provider_id: line.carried_in_minor
-            for line in statement.lines
-            if line.carried_in_minor
-        }
-        if expected != actual:
-            raise ConflictError(
-                f"statement {statement.id} ({statement.period_label}) is out of date with the "
-                "amounts carried forward to it; rebuild it before finalising"
-            )
-    statement.status = "final"
-    statement.finalized_at = m.utcnow()
+    period = Period(
+        statement.period_label,
+        statement.period_start.replace(tzinfo=UTC),
+        statement.period_end.replace(tzinfo=UTC),
+    )
+    try:
+        computed = _compute(
+            session,
+            period,
+            statement.pool_minor,
+            statement.currency,
+            statement.min_payout_minor,
+        )
+    except EmptyStatementError as exc:
+        raise ConflictError(f"{label} is out of date: {exc}; rebuild it") from exc
+    fresh = sorted(
+        ({f: line[f] for f in _LINE_FIELDS} for line in computed.lines),
+        key=lambda line: line["provider_id"],
+    )
+    stored = _stored_lines(session, statement.id)
+    runs = sorted(run.id for run in statement.runs)
+    if (
+        fresh != stored
+        or runs != computed.snapshot.runs
+        or computed.total_value != statement.total_value
+        or computed.snapshot.query_count != statement.query_count
+    ):
+        raise ConflictError(
+            f"{label} is out of date with the ledger (credits recorded or amounts carried "
+            "forward since it was built); rebuild it (`ledger report --period "
+            f"{statement.period_label}`) and check it before finalising"
+        )
+    user = database_user(session)
+    now = m.utcnow()
+    if statement.pool_minor is not None:
+        _book_transfers(session, statement, user, now)
+    _seal(session, statement, user, now)
     session.flush()
     return statement
+
+
+def _book_transfers(session: Session, statement: m.Statement, user: str, now: datetime) -> None:
+    """The balanced journal entries of closing `statement` (one with a pool)."""
+    cur = statement.currency
+    rows: list[dict[str, Any]] = []
+
+    def move(kind: str, debit: str, credit: str, pid: int, minor: int, adj: int | None = None):
+        if minor < 0:
+            debit, credit, minor = credit, debit, -minor
+        if minor:
+            rows.append(
+                {
+                    "statement_id": statement.id,
+                    "adjustment_id": adj,
+                    "kind": kind,
+                    "debit_account": debit,
+                    "credit_account": credit,
+                    "provider_id": pid,
+                    "currency": cur,
+                    "amount_minor": minor,
+                    "created_at": now,
+                    "created_by": user,
+                }
+            )
+
+    payable: dict[int, int] = {}
+    for line in _stored_lines(session, statement.id):
+        pid = line["provider_id"]
+        move("allocation", "pool", "payable", pid, line["amount_minor"] or 0)
+        move("carry_in", "carry", "payable", pid, line["carried_in_minor"])
+        move("holdback", "payable", "carry", pid, line["carried_forward_minor"])
+        payable[pid] = payable.get(pid, 0) + (line["payable_minor"] or 0)
+    for adj_id, pid, minor in session.execute(
+        select(m.Adjustment.id, m.Adjustment.provider_id, m.Adjustment.amount_minor)
+        .where(m.Adjustment.statement_id == statement.id)
+        .order_by(m.Adjustment.id)
+    ):
+        move("adjustment", "adjustments", "payable", pid, minor, adj_id)
+        payable[pid] = payable.get(pid, 0) + minor
+    for pid in sorted(payable):
+        move("payment", "payable", "paid", pid, payable[pid])
+    if rows:
+        session.execute(insert(m.Transfer.__table__), rows)
+
+
+def statement_content(session: Session, statement: m.Statement) -> dict[str, Any]:
+    """What a statement prints, as a JSON-ready document (the sealed content of a final one)."""
+    summary = _live_summary(session, statement)
+    rows = _live_rows(session, statement)
+    return {
+        "statement": {
+            key: (value.isoformat() if isinstance(value, datetime) else value)
+            for key, value in summary.items()
+            if key not in ("runs", "adjustments", "content_sha256", "previous_sha256")
+        },
+        "lines": rows,
+        "adjustments": [
+            {
+                key: (value.isoformat() if isinstance(value, datetime) else value)
+                for key, value in adj.items()
+            }
+            for adj in summary["adjustments"]
+        ],
+        "runs": summary["runs"],
+        "previous_sha256": statement.previous_sha256,
+    }
+
+
+def content_hash(content_text: str) -> str:
+    """The sha256 a final statement stores: of its canonical content (which names the previous
+    final statement's hash, so every final statement vouches for the ones before it)."""
+    return hashlib.sha256(content_text.encode("utf-8")).hexdigest()
+
+
+def _chain_head(session: Session) -> m.Statement | None:
+    return session.scalar(
+        select(m.Statement)
+        .where(m.Statement.final_seq.is_not(None))
+        .order_by(m.Statement.final_seq.desc())
+        .limit(1)
+    )
+
+
+def _seal(session: Session, statement: m.Statement, user: str, now: datetime) -> None:
+    with session.no_autoflush:
+        _seal_unflushed(session, statement, user, now)
+
+
+def _seal_unflushed(session: Session, statement: m.Statement, user: str, now: datetime) -> None:
+    head = _chain_head(session)
+    statement.final_seq = (head.final_seq if head is not None else 0) + 1
+    statement.previous_sha256 = head.content_sha256 if head is not None else None
+    statement.finalized_at = now
+    statement.finalized_by = user
+    statement.status = "final"
+    text = canonical_json(statement_content(session, statement))
+    statement.content = text
+    statement.content_sha256 = content_hash(text)
+
+
+def seal_legacy_final_statements(session: Session) -> int:
+    """Book and seal final statements made before the journal existed (migration 0003), in the
+    order they were finalised; returns how many."""
+    legacy = list(
+        session.scalars(
+            select(m.Statement)
+            .where(m.Statement.status == "final", m.Statement.content_sha256.is_(None))
+            .order_by(m.Statement.finalized_at, m.Statement.id)
+        )
+    )
+    for statement in legacy:
+        user = statement.finalized_by or "before-journal"
+        now = statement.finalized_at or m.utcnow()
+        if statement.pool_minor is not None:
+            _book_transfers(session, statement, user, now)
+        _seal(session, statement, user, now)
+        session.flush()
+    return len(legacy)
 
 
 def add_adjustment(
@@ -365,6 +628,7 @@ def add_adjustment(
     if the corrected statement is a draft (rebuild it instead) or if no open statement exists
     yet (build the next period's draft first).
     """
+    lock_ledger(session)
     corrected = get_statement(session, corrects_statement_id)
     if corrected.status != "final":
         raise LedgerError(
@@ -391,6 +655,7 @@ def add_adjustment(
         )
         .order_by(m.Statement.period_start, m.Statement.id)
         .limit(1)
+        .with_for_update()
     )
     if target is None:
         raise LedgerError(
@@ -411,8 +676,10 @@ def add_adjustment(
         corrects_line_id=line.id if line is not None else None,
         provider_id=provider_row.id,
         amount_minor=minor,
+        currency=corrected.currency,
         reason=reason.strip(),
         created_at=m.utcnow(),
+        created_by=database_user(session),
     )
     session.add(adjustment)
     session.flush()
@@ -422,6 +689,15 @@ def add_adjustment(
 def statement_adjustments(session: Session, statement_id: int) -> list[dict[str, Any]]:
     """Adjustments carried by a statement, each with the statement and line it corrects."""
     statement = get_statement(session, statement_id)
+    if statement.status == "final" and statement.content is not None:
+        return [
+            {**adj, "created_at": datetime.fromisoformat(adj["created_at"])}
+            for adj in json.loads(statement.content)["adjustments"]
+        ]
+    return _live_adjustments(session, statement_id)
+
+
+def _live_adjustments(session: Session, statement_id: int) -> list[dict[str, Any]]:
     corrected = m.Statement.__table__.alias("corrected")
     rows = session.execute(
         select(
@@ -433,6 +709,8 @@ def statement_adjustments(session: Session, statement_id: int) -> list[dict[str,
             corrected.c.period_label,
             m.Adjustment.corrects_line_id,
             m.Adjustment.created_at,
+            m.Adjustment.currency,
+            m.Adjustment.created_by,
         )
         .join(m.Provider, m.Provider.id == m.Adjustment.provider_id)
         .join(corrected, corrected.c.id == m.Adjustment.corrects_statement_id)
@@ -444,14 +722,27 @@ def statement_adjustments(session: Session, statement_id: int) -> list[dict[str,
             "id": adj_id,
             "provider": name,
             "amount_minor": minor,
-            "amount": format_minor(minor, statement.currency),
+            "amount": format_minor(minor, currency),
+            "currency": currency,
             "reason": reason,
             "corrects_statement_id": corrects_id,
             "corrects_period": corrects_label,
             "corrects_line_id": line_id,
             "created_at": created_at,
+            "created_by": created_by,
         }
-        for adj_id, name, minor, reason, corrects_id, corrects_label, line_id, created_at in rows
+        for (
+            adj_id,
+            name,
+            minor,
+            reason,
+            corrects_id,
+            corrects_label,
+            line_id,
+            created_at,
+            currency,
+            created_by,
+        ) in rows
     ]
 
 
@@ -501,12 +792,23 @@ def statement_rows(session: Session, statement_id: int) -> pl.DataFrame:
     ``amount`` is the provider's part of the pool; ``payable`` is what is paid on this
     statement: amount plus amounts carried in, less what is carried forward, plus adjustments.
     Money columns are null for a statement without a pool. Sorted by value, largest first.
+    A final statement's rows are the ones it sealed (provider names as they were then).
     """
     statement = get_statement(session, statement_id)
+    if statement.status == "final" and statement.content is not None:
+        rows = json.loads(statement.content)["lines"]
+    else:
+        rows = _live_rows(session, statement)
+    return pl.DataFrame(rows, schema=ROW_SCHEMA)
+
+
+def _live_rows(session: Session, statement: m.Statement) -> list[dict[str, Any]]:
+    """A statement's rows from its lines and adjustments as the tables hold them now."""
+    statement_id = statement.id
     cur = statement.currency
     pooled = statement.pool_minor is not None
     adjustments: dict[str, int] = {}
-    for adj in statement_adjustments(session, statement_id):
+    for adj in _live_adjustments(session, statement_id):
         adjustments[adj["provider"]] = adjustments.get(adj["provider"], 0) + adj["amount_minor"]
     rows: list[dict[str, Any]] = []
     for line in statement.lines:
@@ -552,13 +854,34 @@ def statement_rows(session: Session, statement_id: int) -> pl.DataFrame:
                 f"largest amount the ledger stores ({MAX_MINOR} minor units)"
             )
     rows.sort(key=lambda row: (-row["value"], row["provider"]))
-    return pl.DataFrame(rows, schema=ROW_SCHEMA)
+    return rows
 
 
 def statement_summary(session: Session, statement_id: int) -> dict[str, Any]:
     """Period, pool, currency, status, counts, the runs (and their indexes) the statement rests
-    on, and the adjustments it carries."""
+    on, and the adjustments it carries; for a final statement, as it was sealed, with who
+    finalised it and its content hash."""
     s = get_statement(session, statement_id)
+    if s.status == "final" and s.content is not None:
+        content = json.loads(s.content)
+        head = content["statement"]
+        summary = {
+            **head,
+            "period_start": datetime.fromisoformat(head["period_start"]),
+            "period_end": datetime.fromisoformat(head["period_end"]),
+            "created_at": datetime.fromisoformat(head["created_at"]),
+            "finalized_at": datetime.fromisoformat(head["finalized_at"]),
+            "runs": content["runs"],
+            "adjustments": statement_adjustments(session, statement_id),
+        }
+    else:
+        summary = _live_summary(session, s)
+    summary["content_sha256"] = s.content_sha256
+    summary["previous_sha256"] = s.previous_sha256
+    return summary
+
+
+def _live_summary(session: Session, s: m.Statement) -> dict[str, Any]:
     cur = s.currency
     return {
         "id": s.id,
@@ -575,8 +898,10 @@ def statement_summary(session: Session, statement_id: int) -> dict[str, Any]:
         "unattributed_queries": s.unattributed_count,
         "created_at": s.created_at,
         "finalized_at": s.finalized_at,
+        "finalized_by": s.finalized_by,
+        "final_seq": s.final_seq,
         "runs": [
             {"run_id": run.id, "index_id": run.index_id, "status": run.status} for run in s.runs
         ],
-        "adjustments": statement_adjustments(session, statement_id),
+        "adjustments": _live_adjustments(session, s.id),
     }
