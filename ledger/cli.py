@@ -7,10 +7,11 @@ file, line and field, a non-zero exit status, and nothing written.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,14 @@ from attribution.curvature import check_damping_factor
 from attribution.lm import DEFAULT_MAX_LENGTH
 from attribution.types import IndexDamagedError, IndexMismatchError, InputError, first_line
 from ledger import render
-from ledger.db import database_url, has_ledger_tables, make_engine, session_scope, upgrade
+from ledger.db import (
+    DEFAULT_QUERY_TIMEOUT_S,
+    database_url,
+    has_ledger_tables,
+    make_engine,
+    session_scope,
+    upgrade,
+)
 from ledger.errors import LedgerError
 
 FORMATS = click.Choice(["table", "json", "csv"])
@@ -574,6 +582,11 @@ def attribute(
 )
 @click.option("--out", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
 @click.option("--finalize", is_flag=True, help="Close the statement: it can never change again.")
+@click.option(
+    "--allow-unfinished",
+    is_flag=True,
+    help="With --finalize: close it even while an attribution run is unfinished.",
+)
 @pass_ctx
 @user_errors
 def report(
@@ -585,6 +598,7 @@ def report(
     fmt: str,
     out: str | None,
     finalize: bool,
+    allow_unfinished: bool,
 ) -> None:
     """The value statement of a period: per provider value, share and royalty amount.
 
@@ -625,7 +639,7 @@ def report(
                 "pool; it cannot change"
             )
         if finalize and statement.status != "final":
-            finalize_statement(session, statement.id)
+            finalize_statement(session, statement.id, allow_unfinished=allow_unfinished)
         _render_statement(session, statement.id, fmt, out)
 
 
@@ -724,15 +738,109 @@ def statements_list(ctx: Context, fmt: str) -> None:
 
 @statements.command("finalize")
 @click.argument("statement")
+@click.option(
+    "--allow-unfinished",
+    is_flag=True,
+    help="Close it even while an attribution run is unfinished (its later credits for this "
+    "period are refused).",
+)
 @pass_ctx
 @user_errors
-def statements_finalize(ctx: Context, statement: str) -> None:
-    """Close a statement (by id or period label); it can never change afterwards."""
+def statements_finalize(ctx: Context, statement: str, allow_unfinished: bool) -> None:
+    """Close a statement (by id or period label); it can never change afterwards.
+
+    The draft must be up to date with the ledger (rebuild it with `ledger report` otherwise);
+    its money is booked as balanced transfers and its content sealed with a sha256 chained to
+    the previous final statement's.
+    """
     from ledger.statements import finalize_statement
 
     with session_scope(ctx.engine()) as session:
-        s = finalize_statement(session, _statement_id(session, statement))
-        ctx.echo(f"statement {s.id} for {s.period_label} is final")
+        s = finalize_statement(
+            session, _statement_id(session, statement), allow_unfinished=allow_unfinished
+        )
+        ctx.echo(
+            f"statement {s.id} for {s.period_label} is final (sha256 {s.content_sha256[:16]}, "
+            f"finalised by {s.finalized_by})"
+        )
+
+
+@statements.command("verify")
+@click.argument("statement")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@pass_ctx
+@user_errors
+def statements_verify(ctx: Context, statement: str, fmt: str) -> None:
+    """Check a final statement against what it sealed: its hash and chain link, its lines,
+    adjustments, runs and provider names, its values re-summed from the credits, and its
+    journal. Exit status 1 on any difference. Same as `ledger verify --statement`."""
+    _verify_statement(ctx, statement, fmt)
+
+
+def _verify_statement(ctx: Context, statement: str, fmt: str) -> None:
+    from ledger.audit import verify_statement
+
+    with session_scope(ctx.engine()) as session:
+        report = verify_statement(session, _statement_id(session, statement))
+    _print_checks(report, fmt)
+
+
+def _print_checks(report: Any, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(render.to_json(report.as_dict()))
+    else:
+        for check in report.checks:
+            click.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name}")
+            if check.detail:
+                click.echo(f"     {check.detail}")
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@pass_ctx
+@user_errors
+def audit(ctx: Context, fmt: str) -> None:
+    """Check every invariant of the ledger (docs/invariants.md); exit status 1 on any breach.
+
+    One current result per output; credits that add up to each output's weight; every final
+    statement's hash, chain link, content, values and journal; carried-forward money paid once;
+    payables settled; final pools that never overlap; adjustments in their statement's
+    currency; nothing recorded into a closed period.
+    """
+    from ledger.audit import audit_ledger
+
+    with session_scope(ctx.engine()) as session:
+        report = audit_ledger(session)
+    _print_checks(report, fmt)
+    if fmt == "text":
+        ctx.echo(f"{sum(c.ok for c in report.checks)}/{len(report.checks)} checks passed")
+
+
+@cli.command()
+@click.argument("role", type=click.Choice(["reader", "writer", "approver"]))
+@click.argument("user")
+@click.option("--create", is_flag=True, help="Create USER as a login role first.")
+@click.option(
+    "--timeout",
+    default="60s",
+    show_default=True,
+    help="For a reader: the statement timeout set on USER's sessions.",
+)
+@pass_ctx
+@user_errors
+def grant(ctx: Context, role: str, user: str, create: bool, timeout: str) -> None:
+    """Give a PostgreSQL user one of the ledger's roles (run as the database's owner).
+
+    reader: SELECT on the views only, with a statement timeout. writer: records credits and
+    builds drafts; cannot TRUNCATE, ALTER or finalise. approver: a writer who may finalise.
+    Who finalised and adjusted is recorded as the database user.
+    """
+    from ledger.db import grant_role
+
+    grant_role(ctx.engine(), role, user, create=create, timeout=timeout)
+    ctx.echo(f"{user} is now a ledger {role}")
 
 
 @statements.command("adjust")
@@ -910,24 +1018,70 @@ def explain(ctx: Context, query_id: str, fmt: str) -> None:
     )
 
 
+TABLE_ROWS = 1000
+"""Rows `ledger sql --format table` shows unless --limit says otherwise (it needs every row it
+shows before printing, for the column widths; csv and json stream any number)."""
+
+
 @cli.command()
 @click.argument("query")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_QUERY_TIMEOUT_S,
+    show_default=True,
+    help="Seconds the query, with the reading of its rows, may take before it is stopped.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"At most this many rows (default: all for csv and json, {TABLE_ROWS} for table).",
+)
 @pass_ctx
 @user_errors
-def sql(ctx: Context, query: str, fmt: str) -> None:
+def sql(ctx: Context, query: str, fmt: str, timeout: float, limit: int | None) -> None:
     """Run a read-only SQL query against the ledger (views: see docs/sql.md).
 
     Example: `ledger sql "SELECT * FROM statement_lines_named"`. The database runs it
-    read-only (SQLite's query_only, a PostgreSQL READ ONLY transaction, one statement) and the
-    transaction is rolled back, so nothing can be changed this way.
+    read-only (SQLite's query_only, a PostgreSQL READ ONLY transaction as the role
+    ledger_reader, which reads the views only, one statement) within --timeout seconds, and the
+    transaction is rolled back, so nothing can be changed this way. csv and json rows are
+    written as they come from the database; the table shows the first --limit rows.
     """
     from ledger.db import read_only_query
 
     first = query.lstrip().split(None, 1)[0].lower() if query.strip() else ""
-    if first not in ("select", "with", "explain"):
+    if first not in ("select", "with", "explain", "values"):
         raise LedgerError("only SELECT (or WITH ... SELECT) queries are allowed here")
-    _emit(read_only_query(ctx.engine(), query), fmt)
+    rows = read_only_query(ctx.engine(), query, timeout=timeout)
+    try:
+        if fmt == "table":
+            _emit_table_rows(rows, limit or TABLE_ROWS)
+            return
+        pieces = render.json_lines if fmt == "json" else render.csv_lines
+        buffer: list[str] = []
+        for piece in pieces(itertools.islice(rows, limit)):
+            buffer.append(piece)
+            if len(buffer) >= 1000:
+                click.echo("".join(buffer), nl=False)
+                buffer.clear()
+        click.echo("".join(buffer), nl=False)
+    finally:
+        rows.close()  # ends the query (and its transaction) if rows were left unread
+
+
+def _emit_table_rows(rows: Iterator[dict], limit: int) -> None:
+    """Up to `limit` rows as a table, and a note on stderr if the query had more."""
+    shown = list(itertools.islice(rows, limit + 1))
+    click.echo(render.table(shown[:limit]))
+    if len(shown) > limit:
+        click.echo(
+            f"(the first {limit} rows; --limit N shows more, --format csv or json streams "
+            "every row)",
+            err=True,
+        )
 
 
 @cli.command()

@@ -147,6 +147,50 @@ def database_user(session: Session) -> str:
         return f"uid {os.getuid()}"
 
 
+LEDGER_ROLES = {"reader": "ledger_reader", "writer": "ledger_writer", "approver": "ledger_approver"}
+_TIMEOUT = re.compile(r"\d{1,7}(ms|s|min)?")
+
+
+def grant_role(
+    engine: Engine, role: str, user: str, *, create: bool = False, timeout: str = "60s"
+) -> None:
+    """Make PostgreSQL `user` a member of the ledger's `role` (reader, writer or approver).
+
+    With `create`, `user` is created first as a login role. A reader's sessions get a
+    statement timeout (`timeout`, e.g. ``60s``). The roles come from the migrations; this
+    refuses on SQLite, whose file permissions are its only access control.
+    """
+    if role not in LEDGER_ROLES:
+        raise LedgerError(f"unknown role {role!r}: reader, writer or approver")
+    if _TIMEOUT.fullmatch(timeout) is None:
+        raise LedgerError(f"--timeout {timeout!r}: expected a number with ms, s or min")
+    with engine.begin() as conn:
+        if conn.dialect.name != "postgresql":
+            raise LedgerError(
+                "roles are a PostgreSQL feature; a SQLite ledger is protected by its file's "
+                "permissions"
+            )
+        name = LEDGER_ROLES[role]
+        if (
+            conn.exec_driver_sql("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).first()
+            is None
+        ):
+            raise LedgerError(
+                f"role {name} does not exist: migrate the database as a user who may create "
+                "roles (`ledger init`)"
+            )
+        quoted = conn.dialect.identifier_preparer.quote(user)
+        exists = conn.exec_driver_sql("SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)).first()
+        if create and exists is None:
+            conn.exec_driver_sql(f"CREATE ROLE {quoted} LOGIN")
+        elif exists is None:
+            raise LedgerError(f"database user {user!r} does not exist (add --create)")
+        conn.exec_driver_sql(f"GRANT {name} TO {quoted}")
+        if role == "reader":
+            conn.exec_driver_sql(f"ALTER ROLE {quoted} SET statement_timeout = '{timeout}'")
+            conn.exec_driver_sql(f"ALTER ROLE {quoted} SET default_transaction_read_only = on")
+
+
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session in one transaction: committed if the block succeeds, rolled back otherwise."""

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, select
@@ -461,11 +461,10 @@ def attribute_outputs(
             batches = query_batches(group, tokenizer, max_length, batch_size=16)
             result = score_queries(model, lm_loss, batches, index, config, checkpoints)
             unattributed += int(np.sum(result.unattributed()))
+            rows = query_results(index, group, result)
             write_with_retry(
                 engine,
-                lambda session, rows=query_results(index, group, result): record_results(
-                    session, manifest["id"], rows
-                ),
+                lambda session, rows=rows: record_results(session, manifest["id"], rows),
             )
     with session_scope(engine) as session:
         finish_run(session, manifest["id"])

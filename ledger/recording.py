@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
-from sqlalchemy import Float, func, insert, select, update
+from sqlalchemy import Float, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger import models as m

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from ledger import guards
 from ledger import models as m
+from ledger.db import database_user, lock_ledger
 from ledger.errors import (
     ConflictError,
     EmptyStatementError,
@@ -44,7 +45,6 @@ from ledger.errors import (
     NotFoundError,
     StatementFinalError,
 )
-from ledger.db import database_user, lock_ledger
 from ledger.money import (
     MAX_MINOR,
     allocate,

@@ -121,7 +121,9 @@ def _schema() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("created_by", sa.String(200), nullable=True),
         sa.CheckConstraint("amount_minor > 0", name=op.f("ck_transfers_amount_positive")),
-        sa.CheckConstraint("debit_account <> credit_account", name=op.f("ck_transfers_two_accounts")),
+        sa.CheckConstraint(
+            "debit_account <> credit_account", name=op.f("ck_transfers_two_accounts")
+        ),
         sa.CheckConstraint(
             "debit_account IN ('pool', 'payable', 'carry', 'adjustments', 'paid')",
             name=op.f("ck_transfers_debit_known"),
@@ -135,7 +137,9 @@ def _schema() -> None:
             name=op.f("ck_transfers_kind_known"),
         ),
         sa.ForeignKeyConstraint(
-            ["adjustment_id"], ["adjustments.id"], name=op.f("fk_transfers_adjustment_id_adjustments")
+            ["adjustment_id"],
+            ["adjustments.id"],
+            name=op.f("fk_transfers_adjustment_id_adjustments"),
         ),
         sa.ForeignKeyConstraint(
             ["provider_id"], ["providers.id"], name=op.f("fk_transfers_provider_id_providers")
@@ -168,10 +172,7 @@ def _drop_0002_triggers() -> None:
 
 def _sqlite_trigger(name: str, timing: str, when: str, message: str) -> str:
     message = message.replace("'", "''")
-    return (
-        f"CREATE TRIGGER {name} {timing} WHEN {when} "
-        f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
-    )
+    return f"CREATE TRIGGER {name} {timing} WHEN {when} BEGIN SELECT RAISE(ABORT, '{message}'); END"
 
 
 def _sqlite_triggers() -> list[tuple[str, str]]:
@@ -208,7 +209,9 @@ def _sqlite_triggers() -> list[tuple[str, str]]:
             "statements_finalise_pool_overlap",
             "BEFORE UPDATE OF status ON statements",
             "NEW.status = 'final' AND NEW.pool_minor IS NOT NULL AND "
-            + _OVERLAPS_FINAL_POOL.format(sid="NEW.id", start="NEW.period_start", end="NEW.period_end"),
+            + _OVERLAPS_FINAL_POOL.format(
+                sid="NEW.id", start="NEW.period_start", end="NEW.period_end"
+            ),
             "the pool of this statement overlaps the pool of a final statement",
         ),
         (
@@ -528,7 +531,12 @@ _PG_FUNCTIONS = {
 
 # (trigger name, table, timing and events, function, row or statement level)
 _PG_TRIGGERS = [
-    ("statements_guard", "statements", "BEFORE INSERT OR UPDATE OR DELETE", "ledger_statements_guard"),
+    (
+        "statements_guard",
+        "statements",
+        "BEFORE INSERT OR UPDATE OR DELETE",
+        "ledger_statements_guard",
+    ),
     *[
         (f"{t}_guard", t, "BEFORE INSERT OR UPDATE OR DELETE", "ledger_statement_child_guard")
         for t in CHILD_TABLES
@@ -557,8 +565,7 @@ def _postgresql_objects() -> list[str]:
     ]
     for name, table, events, function in _PG_TRIGGERS:
         sql.append(
-            f"CREATE TRIGGER {name} {events} ON {table} "
-            f"FOR EACH ROW EXECUTE FUNCTION {function}()"
+            f"CREATE TRIGGER {name} {events} ON {table} FOR EACH ROW EXECUTE FUNCTION {function}()"
         )
     # Row triggers do not fire on TRUNCATE: statement-level triggers refuse it.
     for table in GUARDED_TABLES:
@@ -647,7 +654,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     dialect = op.get_bind().dialect.name
     if dialect == "postgresql":
-        op.execute("ALTER TABLE statements DROP CONSTRAINT IF EXISTS ex_statements_final_pools_overlap")
+        op.execute(
+            "ALTER TABLE statements DROP CONSTRAINT IF EXISTS ex_statements_final_pools_overlap"
+        )
         for table in GUARDED_TABLES:
             op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
         for name, table, _, _ in _PG_TRIGGERS:
