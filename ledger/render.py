@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable, Iterator
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -97,3 +98,33 @@ def write_frame(frame: pl.DataFrame, fmt: str, out: str | None) -> str | None:
         Path(out).write_text(text)
         return None
     return text
+
+
+def json_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """The text of `to_json(list(rows))`, piece by piece as the rows come (one piece per row,
+    so a long result is never held whole)."""
+    first = True
+    for row in rows:
+        body = to_json(row).replace("\n", "\n  ")
+        yield ("[\n  " if first else ",\n  ") + body
+        first = False
+    yield "[]\n" if first else "\n]\n"
+
+
+def csv_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """The text of `to_csv(list(rows))`, piece by piece as the rows come: the header (from the
+    first row) with the first row, then one piece per row; nothing for no rows."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    first = True
+    for row in rows:
+        if first:
+            writer.writerow(list(row))
+            first = False
+        writer.writerow(
+            "" if v is None else v.isoformat() if isinstance(v, datetime | date) else v
+            for v in row.values()
+        )
+        yield out.getvalue()
+        out.seek(0)
+        out.truncate()

@@ -4,7 +4,7 @@ read-only path of `ledger sql`, which no query can use to change the ledger."""
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,7 +14,14 @@ from sqlalchemy import Engine, text
 from ledger.db import read_only_query, session_scope
 from ledger.errors import LedgerError
 from ledger.periods import parse_period
-from ledger.statements import add_adjustment, build_statement, finalize_statement
+from ledger.statements import (
+    add_adjustment,
+    build_statement,
+    finalize_statement,
+    find_statement,
+    statement_adjustments,
+    statement_rows,
+)
 from tests.ledger.helpers import record_run, result, setup_index
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
@@ -85,7 +92,7 @@ def test_no_query_can_change_the_ledger(analyst_db: Engine, sql: str) -> None:
     before = counts()
     assert before["top_examples"] > 0 and before["credits"] > 0
     try:
-        read_only_query(analyst_db, sql)
+        list(read_only_query(analyst_db, sql))
     except LedgerError as exc:
         assert str(exc).startswith("SQL error: ") and "\n" not in str(exc)
     assert counts() == before
@@ -94,7 +101,7 @@ def test_no_query_can_change_the_ledger(analyst_db: Engine, sql: str) -> None:
 
 
 def test_read_only_queries_take_colons_and_percent_signs_literally(analyst_db: Engine) -> None:
-    rows = read_only_query(analyst_db, "SELECT 'a:b' AS s, '10%' AS p")
+    rows = list(read_only_query(analyst_db, "SELECT 'a:b' AS s, '10%' AS p"))
     assert rows == [{"s": "a:b", "p": "10%"}]
 
 
@@ -116,3 +123,29 @@ def test_views_give_exact_amounts_and_the_current_credits(analyst_db: Engine) ->
         assert Decimal(amount) == Decimal(minor) / 100
         assert amount == f"{minor // 100}.{minor % 100:02d}"
     assert adjustment == "-12.50"
+
+
+def test_the_total_paid_example_pays_what_the_statements_pay(analyst_db: Engine) -> None:
+    """Adjustments included (one for a provider with no line on the statement), and the Q4
+    statement, which ends exactly on the example's boundary 2025-01-01, counted."""
+    (example,) = [sql for sql in EXAMPLES if "paid_minor" in sql]
+    with session_scope(analyst_db) as s:
+        q3 = find_statement(s, parse_period("2024-Q3"))
+        add_adjustment(s, q3.id, "acme-news", Decimal("5.00"), "query chat-0003 under-credited")
+        q4 = find_statement(s, parse_period("2024-Q4"))
+        finalize_statement(s, q4.id)
+        expected: dict[tuple[str, str], int] = {}
+        for statement in (q3, q4):
+            assert statement_adjustments(s, statement.id) or statement is q3
+            for row in statement_rows(s, statement.id).to_dicts():
+                key = (row["provider"], statement.currency)
+                expected[key] = expected.get(key, 0) + row["payable_minor"]
+    assert q4.period_end.date() == date(2025, 1, 1)
+    paid = {
+        (r["provider"], r["currency"]): r["paid_minor"]
+        for r in read_only_query(analyst_db, example)
+    }
+    assert paid == expected
+    assert paid[("openwiki", "USD")] == expected[("openwiki", "USD")]  # -12.50 on Q4
+    with analyst_db.connect() as conn:  # the same through any client, as the docs promise
+        assert {(r[0], r[1]): r[2] for r in conn.execute(text(example))} == expected
