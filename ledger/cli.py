@@ -942,7 +942,14 @@ def runs_show(ctx: Context, run_id: str) -> None:
     type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="Outputs re-computed and compared.",
+    help="Outputs re-computed and compared, drawn at random (see --seed).",
+)
+@click.option("--all", "every", is_flag=True, help="Re-compute every output of the run.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**63 - 1),
+    default=None,
+    help="Draw the sample with this seed (printed by each verify) to repeat a check.",
 )
 @moved_model
 @moved_checkpoints
@@ -954,34 +961,39 @@ def verify(
     run_id: str,
     outputs: str | None,
     sample: int,
+    every: bool,
+    seed: int | None,
     model_dir: str | None,
     checkpoint_dirs: tuple[str, ...],
     fmt: str,
 ) -> None:
-    """Re-check a run from its manifest: hashes of index, model and queries, and a sample of
-    outputs re-computed and compared with the ledger. Exit status 1 on any disagreement."""
-    from ledger.jobs import verify_run
+    """Re-check a run from its manifest: hashes of index, model and queries, every output's
+    stored credits against its weight, and a random sample of outputs (or --all) re-computed
+    and compared with the run's stored results. Exit status 1 on any disagreement."""
+    from ledger.jobs import STORED_CHECK, verify_run
 
     v = verify_run(
-        ctx.engine(), run_id, outputs, model_dir=model_dir, sample=sample,
-        checkpoint_dirs=checkpoint_dirs,
+        ctx.engine(), run_id, outputs, model_dir=model_dir, sample=None if every else sample,
+        seed=seed, checkpoint_dirs=checkpoint_dirs,
     )  # fmt: skip
     if fmt == "json":
         click.echo(render.to_json(v.as_dict()))
     else:
         for name, ok in v.checks.items():
-            click.echo(f"{'ok  ' if ok else 'FAIL'} {name}")
-        if v.notes:  # nothing was re-computed: this is why
-            for note in v.notes:
-                click.echo(f"     {note}")
-        elif v.sampled == 0:
-            click.echo("FAIL no sampled output is still credited by this run (superseded)")
-        else:
+            click.echo(f"{'ok  ' if ok else 'FAIL'} {name}" + (
+                f" ({v.outputs} outputs)" if name == STORED_CHECK else ""
+            ))  # fmt: skip
+        for note in v.notes:  # why a check failed
+            click.echo(f"     {note}")
+        if v.sampled:
             click.echo(
                 f"{'ok  ' if v.agreeing == v.sampled else 'FAIL'} re-computed "
                 f"{v.agreeing}/{v.sampled} outputs agree "
-                f"(largest credit difference {v.max_credit_difference:.3g})"
+                f"(largest credit difference {v.max_credit_difference:.3g}; "
+                f"sample seed {v.seed})"
             )
+        elif not v.notes:
+            click.echo("FAIL no output was re-computed")
     if not v.ok:
         raise SystemExit(1)
 

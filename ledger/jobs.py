@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, case, func, select
 from sqlalchemy.orm import Session
 
 from attribution import GradientIndex, IndexConfig, ScoreConfig
@@ -481,7 +482,13 @@ class Verification:
     agreeing: int
     max_credit_difference: float
     notes: list[str] = field(default_factory=list)
-    """Why a check failed, where a reason is known (a damaged index file)."""
+    """Why a check failed, where a reason is known (a damaged index file, tampered credits)."""
+    seed: int | None = None
+    """The seed that drew the sample (`verify_run(seed=...)` draws the same one again)."""
+    outputs: int = 0
+    """How many outputs the run recorded (all of them have their stored credits checked)."""
+    sampled_outputs: list[str] = field(default_factory=list)
+    """The ids of the outputs re-computed."""
 
     @property
     def ok(self) -> bool:
@@ -492,29 +499,110 @@ class Verification:
         return {**asdict(self), "ok": self.ok}
 
 
+STORED_CHECK = "stored credits add up to each output's weight"
+
+
+def stored_credit_problems(session: Session, run_id: str, limit: int = 3) -> tuple[int, list[str]]:
+    """Check, in SQL, every output run `run_id` recorded: its credits add up to its weight
+    (none when unattributed), and each credit is weight × its influence sum / the output's
+    total. Returns the number of outputs and up to `limit` problems, naming the outputs.
+
+    Cheap next to re-computing, so it covers the outputs a sample leaves out: credits rewritten
+    in SQL are seen unless the rewrite keeps both the sums and the influence shares.
+    """
+    from ledger.audit import CREDIT_SUM_TOLERANCE
+
+    r, q, c = m.QueryResult.__table__, m.Query.__table__, m.Credit.__table__
+    weight = q.c.weight_micros / 1e6
+    share_error = func.abs(c.c.credit - weight * c.c.positive_sum / r.c.positive_total)
+    rows = session.execute(
+        select(
+            q.c.external_id,
+            q.c.weight_micros,
+            r.c.unattributed,
+            func.count(c.c.credit),
+            func.sum(c.c.credit),
+            func.max(case((r.c.positive_total > 0, share_error), else_=None)),
+        )
+        .select_from(
+            r.join(q, q.c.id == r.c.query_id).outerjoin(
+                c, (c.c.run_id == r.c.run_id) & (c.c.query_id == r.c.query_id)
+            )
+        )
+        .where(r.c.run_id == run_id)
+        .group_by(q.c.external_id, q.c.weight_micros, r.c.unattributed)
+        .order_by(q.c.external_id)
+    ).all()
+    problems: list[str] = []
+    for ext, micros, unattributed, n, total, worst in rows:
+        w = micros / 1e6
+        allowed = CREDIT_SUM_TOLERANCE * max(1.0, w)
+        if unattributed and n:
+            problems.append(f"output {ext!r} is unattributed but has {n} credit(s)")
+        elif not unattributed and abs(float(total or 0.0) - w) > allowed:
+            problems.append(f"output {ext!r}: stored credits add up to {total!r}, weight {w}")
+        elif worst is not None and float(worst) > allowed:
+            problems.append(
+                f"output {ext!r}: a stored credit is not weight × its share of the influence"
+            )
+    shown = problems[:limit]
+    if len(problems) > limit:
+        shown.append(f"... and {len(problems) - limit} more output(s)")
+    return len(rows), shown
+
+
 def verify_run(
     engine: Engine,
     run_id: str,
     outputs: str | None = None,
     *,
     model_dir: str | None = None,
-    sample: int = 8,
+    sample: int | None = 8,
+    seed: int | None = None,
     tolerance: float = 1e-4,
     checkpoint_dirs: tuple[str, ...] = (),
 ) -> Verification:
-    """Re-check a run from its manifest: ids, file hashes, model, and a re-computed sample."""
+    """Re-check a run from its manifest: ids, file hashes, model, every output's stored credits
+    (`stored_credit_problems`), and a re-computed sample of `sample` outputs (None: all).
+
+    The sample is drawn at random from the outputs the run recorded, with `seed` (a fresh
+    unpredictable one when None, reported in the result so that the same sample can be drawn
+    again): a fixed sample could be avoided by whoever tampers with the others. Each sampled
+    output is compared with this run's own stored result, also where a later run superseded it
+    (a final statement may rest on a superseded run).
+    """
     from attribution.manifest import verify_id
     from ledger.recording import get_run, query_explanation
 
+    seed = secrets.randbits(63) if seed is None else seed
     with session_scope(engine) as session:
         run = get_run(session, _resolve_run_id(session, run_id))
         manifest = json.loads(run.manifest)
         index_path, index_id, run_id = run.index.path, run.index_id, run.id
+        recorded = set(
+            session.scalars(
+                select(m.Query.external_id)
+                .join(m.QueryResult, m.QueryResult.query_id == m.Query.id)
+                .where(m.QueryResult.run_id == run_id)
+            )
+        )
+        n_outputs, stored_problems = stored_credit_problems(session, run_id)
     outputs = outputs or manifest["queries_file"]["name"]
     if not os.path.isfile(outputs):
         raise InputError(outputs, None, None, "queries file of the run not found (pass --outputs)")
     run_ok = verify_id(manifest) and manifest["id"] == run_id
     queries_ok = sha256_file(outputs) == manifest["queries_file"]["sha256"]
+
+    def verification(
+        checks: dict[str, bool], notes: list[str], *counts: Any, ids: list[str] | None = None
+    ) -> Verification:
+        checks = {**checks, STORED_CHECK: not stored_problems}
+        sampled, agreeing, worst = counts or (0, 0, float("nan"))
+        return Verification(
+            run_id, checks, sampled, agreeing, worst, notes + stored_problems, seed, n_outputs,
+            ids or [],
+        )  # fmt: skip
+
     try:
         index = GradientIndex.open(index_path)
     except IndexDamagedError as exc:
@@ -523,7 +611,7 @@ def verify_run(
             "index files intact": False,
             "queries file sha256": queries_ok,
         }
-        return Verification(run_id, checks, 0, 0, float("nan"), [str(exc)])
+        return verification(checks, [str(exc)])
     checks = {
         "run manifest id": run_ok,
         "index manifest id": verify_id(index.manifest) and index.id == index_id,
@@ -538,13 +626,16 @@ def verify_run(
         checks["model weights, tokenizer and config"] = True
     except InputError as exc:
         checks["model weights, tokenizer and config"] = False
-        return Verification(run_id, checks, 0, 0, float("nan"), [str(exc)])
+        return verification(checks, [str(exc)])
     if not queries_ok:
         note = f"{outputs} is not the run's queries file: no output was re-computed"
-        return Verification(run_id, checks, 0, 0, float("nan"), [note])
-    queries = read_queries(outputs)
-    rng = np.random.default_rng(0)
-    picked = sorted(rng.choice(len(queries), size=min(sample, len(queries)), replace=False))
+        return verification(checks, [note])
+    queries = [q for q in read_queries(outputs) if q.id in recorded]
+    if not queries:
+        return verification(checks, ["the run recorded none of the file's outputs"])
+    rng = np.random.default_rng(seed)
+    size = len(queries) if sample is None else min(sample, len(queries))
+    picked = sorted(rng.choice(len(queries), size=size, replace=False))
     group = [queries[i] for i in picked]
     config = ScoreConfig(**manifest["score"])
     model, tokenizer = load_causal_lm(model_dir)
@@ -554,17 +645,14 @@ def verify_run(
         load_checkpoints(checkpoint_dirs),
     )  # fmt: skip
     fresh = query_results(index, group, result)
-    agreeing, compared, worst = 0, 0, 0.0
+    agreeing, worst = 0, 0.0
     with session_scope(engine) as session:
         for qr in fresh:
-            stored = query_explanation(session, qr.query.external_id)
-            if stored["run_id"] != run_id:
-                continue  # superseded by a later run, whose numbers are not this run's
-            compared += 1
+            stored = query_explanation(session, qr.query.external_id, run_id=run_id)
             diff, agrees = compare_result(stored, qr, tolerance)
             worst = max(worst, diff)
             agreeing += agrees
-    return Verification(run_id, checks, compared, agreeing, worst)
+    return verification(checks, [], len(fresh), agreeing, worst, ids=[q.id for q in group])
 
 
 def compare_result(stored: dict, fresh: QueryResult, tolerance: float) -> tuple[float, bool]:

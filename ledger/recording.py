@@ -478,19 +478,22 @@ def record_results(
     return len(todo)
 
 
-def query_explanation(session: Session, external_id: str) -> dict[str, Any]:
-    """The current result for a query: its run, credits (largest first) and top examples.
+def query_explanation(
+    session: Session, external_id: str, run_id: str | None = None
+) -> dict[str, Any]:
+    """The current result for a query (or its result in run `run_id`, superseded or not): its
+    run, credits (largest first) and top examples.
 
-    Raises `NotFoundError` if the query is unknown or has never been attributed.
+    Raises `NotFoundError` if the query is unknown or has never been attributed (by that run).
     """
     query = session.scalar(select(m.Query).where(m.Query.external_id == external_id))
     if query is None:
         raise NotFoundError(f"unknown query {external_id!r}")
-    result = session.scalar(
-        select(m.QueryResult).where(m.QueryResult.query_id == query.id, m.QueryResult.is_current)
-    )
+    which = m.QueryResult.is_current if run_id is None else m.QueryResult.run_id == run_id
+    result = session.scalar(select(m.QueryResult).where(m.QueryResult.query_id == query.id, which))
     if result is None:
-        raise NotFoundError(f"query {external_id!r} has no attribution result")
+        by = "" if run_id is None else f" by run {run_id[:16]}"
+        raise NotFoundError(f"query {external_id!r} has no attribution result{by}")
     run = get_run(session, result.run_id)
     index = run.index
     credits = session.execute(
