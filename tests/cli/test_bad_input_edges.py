@@ -349,11 +349,13 @@ def test_verify_takes_a_moved_model_and_reports_a_damaged_index(
     args = ("verify", run_id[:12], "--outputs", outputs, "--sample", "2")
     assert "re-computed 2/2 outputs agree" in ok(url, *args, "--model", str(moved))
 
-    # A credit changed in the ledger after the run is caught by the re-computation.
+    # A credit changed in the ledger after the run (by an owner who dropped the database's
+    # guard on credits) is caught by the re-computation.
     from sqlalchemy import create_engine, text
 
     engine = create_engine(url)
     with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER credits_no_update"))
         conn.execute(text("UPDATE credits SET credit = credit + 0.01"))
     tampered = run(url, *args)
     assert tampered.exit_code == 1 and "FAIL re-computed 0/2 outputs agree" in tampered.stdout
