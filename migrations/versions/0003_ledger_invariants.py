@@ -609,7 +609,9 @@ def _postgresql_roles() -> list[str]:
                            current_schema());
             GRANT SELECT ON {views} TO ledger_reader;
             GRANT SELECT, INSERT ON {tables}, alembic_version TO ledger_writer;
-            GRANT UPDATE ON statements, statement_lines, query_results, attribution_runs,
+            -- UPDATE on queries only lets writers lock them (SELECT ... FOR UPDATE); the
+            -- append-only trigger refuses any actual change.
+            GRANT UPDATE ON statements, statement_lines, query_results, attribution_runs, queries,
                 gradient_indexes, shards TO ledger_writer;
             GRANT DELETE ON statement_lines, statement_runs TO ledger_writer;
             GRANT SELECT ON {views} TO ledger_writer;

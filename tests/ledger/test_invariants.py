@@ -405,3 +405,44 @@ def test_statements_tolerate_nothing_but_their_own_errors(engine: Engine) -> Non
         finalize_statement(s, sid)
     with pytest.raises(LedgerError), session_scope(engine) as s:
         finalize_statement(s, sid)
+
+
+@pytest.mark.postgres
+def test_roles_writer_records_approver_finalises_reader_sees_views(make_database_url) -> None:
+    from sqlalchemy.engine import make_url
+
+    from ledger.db import grant_role, upgrade
+
+    url = make_database_url("postgresql")
+    owner = make_engine(url)
+    upgrade(owner)
+    suffix = sha(url)[:8]
+    users = {role: f"{role}_{suffix}" for role in ("reader", "writer", "approver")}
+    for role, user in users.items():
+        grant_role(owner, role, user, create=True)
+    with pytest.raises(LedgerError, match="does not exist"):
+        grant_role(owner, "reader", f"nobody_{suffix}")
+
+    def as_user(role: str) -> Engine:
+        return make_engine(make_url(url).set(username=users[role]).render_as_string(False))
+
+    writer, approver, reader = as_user("writer"), as_user("approver"), as_user("reader")
+    populate(writer, [result("a", datetime(2024, 7, 2), {"alpha": 1.0, "beta": 3.0})])
+    with session_scope(writer) as s:
+        sid = build_statement(s, Q3, Decimal("100"), "USD").id
+    with pytest.raises(DatabaseError, match="approver"), session_scope(writer) as s:
+        finalize_statement(s, sid)
+    for sql in ("TRUNCATE credits", "ALTER TABLE credits DISABLE TRIGGER ALL"):
+        with pytest.raises(DatabaseError, match="permission denied|must be owner"):
+            with writer.begin() as conn:
+                conn.execute(text(sql))
+    with session_scope(approver) as s:
+        assert finalize_statement(s, sid).finalized_by == users["approver"]
+    with reader.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM statement_lines_named")).scalar() == 2
+    with pytest.raises(DatabaseError, match="permission denied"), reader.connect() as conn:
+        conn.execute(text("SELECT * FROM credits"))
+    with reader.connect() as conn:
+        assert conn.execute(text("SHOW statement_timeout")).scalar() == "1min"
+    for engine in (owner, writer, approver, reader):
+        engine.dispose()
