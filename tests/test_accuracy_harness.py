@@ -22,6 +22,8 @@ from benchmarks.accuracy.metrics import (
 )
 from benchmarks.accuracy.retrain import RetrainCache, lds_subsets, subset_losses
 from benchmarks.accuracy.settings import lm_setting, mlp_setting
+from tests.attribution.reference import score_scale
+from tests.tolerance import assert_close_f32, assert_close_f64
 
 
 def test_spearman_and_ranks_match_scipy_with_ties() -> None:
@@ -29,8 +31,10 @@ def test_spearman_and_ranks_match_scipy_with_ties() -> None:
     for _ in range(20):
         a = rng.integers(0, 6, 30).astype(float)  # many ties
         b = a + rng.normal(size=30)
-        np.testing.assert_allclose(rankdata(a), stats.rankdata(a))
-        assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+        # Ranks of ties are averages of small integers: float64 exact up to 30 terms.
+        assert_close_f64(rankdata(a), stats.rankdata(a), 30)
+        # A correlation (|r| ≤ 1) of 30 pairs in float64.
+        assert_close_f64(spearman(a, b), stats.spearmanr(a, b).statistic, 30, scale=1)
     assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
 
 
@@ -40,20 +44,24 @@ def test_lds_is_one_for_an_exactly_additive_model_and_signs_follow_the_loss() ->
     masks = lds_subsets(40, 25)
     # A training example with a positive score lowers the query's loss: loss = -Σ scores.
     losses = -(masks.astype(float) @ scores.T) + 3.0
-    np.testing.assert_allclose(lds_per_query(scores, masks, losses), 1.0)
-    np.testing.assert_allclose(lds_per_query(-scores, masks, losses), -1.0)
+    # Rank correlations over 25 subsets of sums over 40 examples, in float64.
+    assert_close_f64(lds_per_query(scores, masks, losses), 1.0, 25 * 40, scale=1)
+    assert_close_f64(lds_per_query(-scores, masks, losses), -1.0, 25 * 40, scale=1)
 
 
 def test_provider_agreement_of_perfect_and_reversed_credit() -> None:
     providers = np.array(["a", "b", "c", "a", "b", "c"])
     scores = np.array([[3.0, 2.0, 1.0, 3.0, 2.0, -5.0]])
     credit = provider_credit(scores, providers, ["a", "b", "c"], positive=True)
-    np.testing.assert_allclose(credit, [[6.0, 4.0, 1.0]])
+    assert_close_f64(credit, [[6.0, 4.0, 1.0]], 6)  # float64 sums of six small scores
     rises = np.array([[0.9], [0.5], [0.1]])
     good = provider_agreement(credit, rises)
-    assert good["spearman"]["mean"] == pytest.approx(1.0) and good["top1"] == 1.0
+    # Rank correlations of 3 providers, in float64.
+    assert_close_f64(good["spearman"]["mean"], 1.0, 3, scale=1)
+    assert good["top1"] == 1.0
     bad = provider_agreement(-credit, rises)
-    assert bad["spearman"]["mean"] == pytest.approx(-1.0) and bad["top1"] == 0.0
+    assert_close_f64(bad["spearman"]["mean"], -1.0, 3, scale=1)
+    assert bad["top1"] == 0.0
 
 
 def test_split_half_agreement_is_the_mean_per_query_spearman_stepped_up() -> None:
@@ -63,10 +71,12 @@ def test_split_half_agreement_is_the_mean_per_query_spearman_stepped_up() -> Non
     second = truth + rng.normal(scale=0.8, size=truth.shape)
     got = split_half_agreement(first, second)
     expected = np.mean([stats.spearmanr(first[:, q], second[:, q]).statistic for q in range(40)])
-    assert got["half"] == pytest.approx(expected, abs=1e-12)
-    assert got["full"] == pytest.approx(2 * expected / (1 + expected), abs=1e-12)
+    # Means over 40 queries of correlations over 6 providers (|r| ≤ 1), in float64.
+    assert_close_f64(got["half"], expected, 6 * 40, scale=1)
+    assert_close_f64(got["full"], 2 * expected / (1 + expected), 6 * 40, scale=1)
     assert 0.2 < got["half"] < got["full"] < 1.0
-    assert split_half_agreement(truth, 2 * truth + 1) == pytest.approx({"half": 1.0, "full": 1.0})
+    same = split_half_agreement(truth, 2 * truth + 1)
+    assert_close_f64([same["half"], same["full"]], [1.0, 1.0], 6 * 40, scale=1)
 
 
 @pytest.fixture
@@ -106,7 +116,9 @@ def test_both_curvature_kinds_on_one_index_and_library_path_agrees(tmp_path, one
     for relatif in (False, True):
         lib = methods.library_scores(built, relatif=relatif)
         red = methods.influence_scores(built, factor, relatif=relatif)
-        np.testing.assert_allclose(lib, red, rtol=1e-5, atol=1e-6 * np.abs(red).max())
+        # Two float32 scorings (one re-damped): float32 precision of the scores' terms, twice.
+        scale = 2 * score_scale(built.index, built.query_grads, relatif)
+        assert_close_f32(lib, red, built.index.dim, scale=scale)
     ekfac = methods.influence_scores(built, 1.0, False, curvature_kind="ekfac")
     full = methods.influence_scores(built, 1.0, False, curvature_kind="full")
     assert ekfac.shape == full.shape == (3, 40)
@@ -139,13 +151,15 @@ def test_head_projection_study_builds_the_projections_it_names() -> None:
     np.testing.assert_array_equal(ps["whole vocabulary (no projection)"], np.eye(12))
     assert all(p.shape == (6, 12) for n, p in ps.items() if n.startswith(("Gaussian", "count")))
     orthonormal = ps["orthonormal random rows (the library's `random`)"]
-    np.testing.assert_allclose(orthonormal @ orthonormal.T, np.eye(6) * 12 / 6, atol=1e-10)
+    # float64 rows of squared norm 12/6, products over 12 entries.
+    assert_close_f64(orthonormal @ orthonormal.T, np.eye(6) * 12 / 6, 12, scale=2)
     sketch = ps["count sketch (seed 0)"]
     assert ((sketch != 0).sum(0) == 1).all() and set(np.unique(sketch)) <= {-1.0, 0.0, 1.0}
     pca = ps["PCA (top eigenvectors of S)"]
-    np.testing.assert_allclose(pca @ pca.T, np.eye(6), atol=1e-10)
+    assert_close_f64(pca @ pca.T, np.eye(6), 12, scale=1)  # float64 unit rows over 12 entries
     top = np.linalg.eigh(s)[0][::-1][:6]
-    np.testing.assert_allclose(np.diag(pca @ s @ pca.T), top, rtol=1e-8)
+    # Rayleigh quotients over 12 × 12 terms, at the largest eigenvalue's magnitude.
+    assert_close_f64(np.diag(pca @ s @ pca.T), top, 144, scale=top.max())
     mixed = next(p for n, p in ps.items() if n.startswith("top 3 tokens"))
     frequent = np.argsort(-np.diag(s))[:3]
     np.testing.assert_array_equal(mixed[:3][:, frequent], np.eye(3))
@@ -154,7 +168,9 @@ def test_head_projection_study_builds_the_projections_it_names() -> None:
     whitened = ps["Gaussian rows, whitened by S (damping 1 × mean)"]
     gaussian = ps["Gaussian rows"]
     damped = s + np.trace(s) / 12 * np.eye(12)
-    np.testing.assert_allclose(whitened @ damped @ whitened.T, gaussian @ gaussian.T, atol=1e-10)
+    # float64, over 12 × 12 terms, through an inverse square root of condition ≤ 1 + 12.
+    scale = 13 * np.abs(gaussian) @ np.abs(gaussian).T
+    assert_close_f64(whitened @ damped @ whitened.T, gaussian @ gaussian.T, 144, scale=scale)
 
 
 def test_pooled_differences_weight_each_setting_by_its_queries() -> None:
@@ -174,10 +190,11 @@ def test_pooled_differences_weight_each_setting_by_its_queries() -> None:
     ]
     out = pooled(settings, "paired")
     assert list(out) == ["peer − ours"] and out["peer − ours"]["n"] == 140
-    assert abs(out["peer − ours"]["mean"] - np.concatenate([a, b]).mean()) < 1e-12
+    both = np.concatenate([a, b])  # float64 means over 140 values
+    assert_close_f64(out["peer − ours"]["mean"], both.mean(), 140, scale=np.abs(both).max())
     se_a, se_b = a.std(ddof=1) / np.sqrt(40), b.std(ddof=1) / np.sqrt(100)
     expected = np.sqrt((40 / 140) ** 2 * se_a**2 + (100 / 140) ** 2 * se_b**2)
-    assert abs(out["peer − ours"]["se"] - expected) < 1e-12
+    assert_close_f64(out["peer − ours"]["se"], expected, 140, scale=np.abs(both).max())
 
 
 def test_script_arguments_are_parsed_and_bad_ones_refused_in_one_line(capsys) -> None:
@@ -247,20 +264,24 @@ def test_eigenvalue_treatments_match_explicit_matrices() -> None:
     rng = np.random.default_rng(0)
     curvature = _toy_curvature(rng)
     g = rng.normal(size=(4, 11))
-    assert np.allclose(
+    # float64 solves over 11 dimensions, at most 1/λ times the gradients' magnitude.
+    expected = curvature.precondition(g)
+    assert_close_f64(
         eigenvalue_treatment.precondition(curvature, g, eigenvalue_treatment.tikhonov),
-        curvature.precondition(g),
-    )
+        expected, 11 * 11,
+    )  # fmt: skip
     c = 2.0
     got = eigenvalue_treatment.precondition(curvature, g, eigenvalue_treatment.spectral_filter(c))
     for s, layer in zip(curvature.slices, curvature.layers, strict=True):
         mu = c * layer.damping
         diagonal = np.array([(1 - np.exp(-e / mu)) / e for e in layer.eigvals])
         want = g[:, s.start : s.stop] @ _explicit(layer, diagonal, 1.0 / mu)
-        assert np.allclose(got[:, s.start : s.stop], want)
+        assert_close_f64(got[:, s.start : s.stop], want, 11 * 11)  # float64 products, d ≤ 11
     # The filter is 1/e far above μ and 1/μ far below it.
     e = np.array([0.0, 1e-9, 1e3])
-    assert np.allclose(eigenvalue_treatment.spectral_filter(1.0)(e, 1.0), [1.0, 1.0, 1e-3])
+    # 1 − exp(−x) over x: 1 to float64 precision for x ≤ 1e-9 (the next term is x/2 ≈ 5e-10).
+    got = eigenvalue_treatment.spectral_filter(1.0)(e, 1.0)
+    assert_close_f64(got, [1.0, 1.0 - 5e-10, 1e-3], 4, scale=1)
 
     other = _toy_curvature(np.random.default_rng(0))
     for layer in other.layers:
@@ -269,8 +290,9 @@ def test_eigenvalue_treatments_match_explicit_matrices() -> None:
     mix = eigenvalue_treatment.mixed(curvature, other, a, factor)
     for x, y, m in zip(curvature.layers, other.layers, mix.layers, strict=True):
         eigvals = 0.75 * x.eigvals + 0.25 * y.eigvals
-        assert np.allclose(m.eigvals, eigvals)
-        assert np.isclose(m.damping, factor * eigvals.sum() / x.dim)  # zeros of a low rank count
+        assert_close_f64(m.eigvals, eigvals, 2)  # float64: one weighted sum of two
+        # zeros of a low rank count; a float64 sum over the layer's dimensions
+        assert_close_f64(m.damping, factor * eigvals.sum() / x.dim, x.dim)
     different = _toy_curvature(np.random.default_rng(1))
     with pytest.raises(SystemExit, match="eigenbases differ"):
         eigenvalue_treatment.mixed(curvature, different, a, factor)

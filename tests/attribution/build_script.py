@@ -1,12 +1,15 @@
 """Builds a small index in its own process (the kill-and-resume test SIGKILLs it).
 
-Usage: python -m tests.attribution.build_script OUT_DIR [SLEEP_SECONDS]
+Usage: python -m tests.attribution.build_script OUT_DIR [SLEEP_SECONDS [DTYPE]]
+(DTYPE: the model's, float64 by default; float32 as trained models are.)
 """
 
 from __future__ import annotations
 
 import sys
 import time
+
+import torch
 
 from attribution import IndexConfig, ProjectionConfig, build_index
 from tests.attribution.tiny import lm_batches, lm_fisher_loss, lm_loss, tiny_gpt2
@@ -27,9 +30,9 @@ class SlowBatches:
             yield b
 
 
-def build(out_dir: str, delay: float = 0.0):
+def build(out_dir: str, delay: float = 0.0, dtype: str = "float64"):
     return build_index(
-        tiny_gpt2(),
+        tiny_gpt2(dtype=getattr(torch, dtype)),
         lm_loss,
         SlowBatches(delay),
         out_dir,
@@ -41,4 +44,4 @@ def build(out_dir: str, delay: float = 0.0):
 
 
 if __name__ == "__main__":
-    build(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
+    build(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0, *sys.argv[3:4])

@@ -15,6 +15,7 @@ from torch.func import functional_call, grad
 
 from attribution import Batch, LossFn
 from attribution.projection import layer_widths
+from attribution.scoring import _inverse_sqrt, precondition
 
 
 def single_examples(batch: Batch) -> list[Batch]:
@@ -150,3 +151,27 @@ def kfac_factors_reference(
                 a[n] = a[n] + x.T @ x
                 s[n] = s[n] + d.T @ d
     return {n: (a[n], s[n]) for n in layer_names}
+
+
+def score_scale(index, q: np.ndarray, relatif: bool) -> np.ndarray:
+    """(Q, N) magnitude of the terms of each float32 score: Σ_d |(F + λI)⁻¹q|_d·|g_d| (times
+    RelatIF's 1/sqrt(self-influence)). Scores cancel, so their rounding follows the terms."""
+    g = np.concatenate([np.asarray(a, dtype=np.float64) for _, a in index.blocks()])
+    terms = np.abs(precondition(index, q)) @ np.abs(g).T
+    return terms * _inverse_sqrt(index.self_influence)[None, :] if relatif else terms
+
+
+def assert_rows_close(actual: np.ndarray, expected: np.ndarray, index, tokens: int) -> None:
+    """Rows of `index`'s layout against rows computed elsewhere (another process, thread count
+    or CPU) from a float32 model: each entry sums ≤ `tokens` tokens' products over a layer's
+    widths, and the rounding reaches every entry of a layer at that layer's largest |entry|."""
+    from tests.tolerance import assert_close_f32
+
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = np.zeros(expected.shape[1])
+    for layer in index.build["layers"]:
+        scale[layer["start"] : layer["stop"]] = np.abs(
+            expected[:, layer["start"] : layer["stop"]]
+        ).max()
+    width = max(max(p.p_in.shape[1], p.p_out.shape[1]) for p in index.projectors())
+    assert_close_f32(actual, expected, tokens * width, scale=scale, what="rows")

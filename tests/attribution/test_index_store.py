@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from attribution import (
     GradientIndex,
@@ -24,9 +25,11 @@ from attribution import (
 from attribution.manifest import verify_id
 from attribution.store import completed_blocks
 from tests.attribution.build_script import build
+from tests.attribution.reference import assert_rows_close
 from tests.attribution.tiny import (
     classification_fisher_loss,
     classification_loss,
+    lm_batches,
     mlp_batches,
     tiny_mlp,
 )
@@ -47,6 +50,50 @@ def test_same_seed_gives_identical_index_bytes(tmp_path) -> None:
     assert fa.keys() == fb.keys()
     assert [k for k in fa if fa[k] != fb[k]] == []
     assert a.id == b.id and verify_id(a.manifest)
+
+
+def _build_elsewhere(out: Path, dtype: str, **env: str) -> None:
+    """build_script in a fresh process (its own allocations, so its own memory alignment)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    args = [sys.executable, "-m", "tests.attribution.build_script", str(out), "0", dtype]
+    subprocess.run(args, cwd=ROOT, env=env, check=True, timeout=300)
+
+
+def test_another_process_gives_the_same_bytes_and_another_cpu_the_same_rows(tmp_path) -> None:
+    """What the README promises. A float64 model's rows are float32 roundings of float64
+    gradients: another process with the same thread count writes the same bytes. A float32
+    model's products round by the CPU's kernels, the BLAS's choices and the thread count: built
+    again without vector kernels (ATEN_CPU_CAPABILITY=default, MKL held to SSE4.2) on one
+    thread, its rows equal this process's to float32 precision, and only that is promised."""
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    here = build(str(tmp_path / "here"))
+    _build_elsewhere(tmp_path / "there", "float64", **threads)
+    assert index_files(tmp_path / "there") == index_files(here.root)
+
+    here = build(str(tmp_path / "here32"), dtype="float32")
+    other_cpu = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+                 "OMP_NUM_THREADS": "1"}  # fmt: skip
+    _build_elsewhere(tmp_path / "there32", "float32", **other_cpu)
+    there = GradientIndex.open(tmp_path / "there32")
+    rows = {
+        k: np.concatenate([a for _, a in v.blocks()]) for k, v in (("here", here), ("there", there))
+    }
+    tokens = max(int(b.mask.sum(1).max()) for b in lm_batches(n=23, batch_size=2))
+    assert_rows_close(rows["there"], rows["here"], here, tokens)
+    # The comparison catches one projection row 1e-3 off: P_in's first row of the first layer
+    # scales its block's first column (blocks are k_out × k_in, row-major).
+    first = here.projectors()[0]
+    a, b = here.build["layers"][0]["start"], here.build["layers"][0]["stop"]
+    block = (
+        rows["there"][:, a:b]
+        .astype(np.float64)
+        .reshape(len(rows["there"]), first.p_out.shape[0], -1)
+    )
+    block[:, :, 0] *= 1 + 1e-3
+    off = rows["there"].astype(np.float64)
+    off[:, a:b] = block.reshape(len(off), -1)
+    with pytest.raises(AssertionError, match="rows"):
+        assert_rows_close(off, rows["here"], here, tokens)
 
 
 def test_other_seed_gives_other_projections(tmp_path) -> None:
