@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
-from sqlalchemy import Float, insert, select, update
+from sqlalchemy import Float, any_, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from ledger import models as m
@@ -82,6 +82,19 @@ class QueryResult:
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _member_of(session: Session, column: Any, values: Sequence[Any]) -> Iterator[Any]:
+    """WHERE clauses `column IN values`, a chunk each: one array parameter per 20,000 values on
+    PostgreSQL (``= ANY(...)``), 5,000 bound values per chunk on SQLite."""
+    if session.connection().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        for chunk in _chunks(values, 20_000):
+            yield column == any_(bindparam(None, list(chunk), type_=ARRAY(column.type)))
+    else:
+        for chunk in _chunks(values, 5_000):
+            yield column.in_(chunk)
 
 
 def to_utc_naive(moment: datetime) -> datetime:
@@ -176,12 +189,12 @@ def list_runs(session: Session) -> list[m.AttributionRun]:
 def already_recorded(session: Session, run_id: str, external_ids: list[str]) -> set[str]:
     """Which of these queries already have a result recorded for this run."""
     found: set[str] = set()
-    for chunk in _chunks(list(dict.fromkeys(external_ids))):
+    for member in _member_of(session, m.Query.external_id, list(dict.fromkeys(external_ids))):
         found.update(
             session.scalars(
                 select(m.Query.external_id)
                 .join(m.QueryResult, m.QueryResult.query_id == m.Query.id)
-                .where(m.QueryResult.run_id == run_id, m.Query.external_id.in_(chunk))
+                .where(m.QueryResult.run_id == run_id, member)
             )
         )
     return found
@@ -222,7 +235,9 @@ def _validate(result: QueryResult) -> None:
         raise LedgerError(f"query {ext!r}: top examples repeat a rank")
 
 
-def _bulk_insert(session: Session, table: Any, columns: list[str], rows: list[tuple]) -> None:
+def _bulk_insert(
+    session: Session, table: Any, columns: list[str], rows: list[tuple], or_ignore: bool = False
+) -> None:
     """Insert many rows in one statement execution.
 
     On SQLite the driver's executemany is used directly: it is several times faster than
@@ -255,7 +270,8 @@ def _bulk_insert(session: Session, table: Any, columns: list[str], rows: list[tu
                 converted.append(tuple(values))
             rows = converted
         placeholders = ", ".join("?" for _ in columns)
-        sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders})"
+        verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+        sql = f"{verb} INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders})"
         connection.exec_driver_sql(sql, rows)
     elif dialect.name == "postgresql" and dialect.driver == "psycopg":
         # Datetimes, booleans, ints, floats and text adapt to COPY's text format directly.
@@ -282,14 +298,23 @@ def _insert_queries(session: Session, rows: list[tuple]) -> None:
     """Insert new queries; one that another writer inserted meanwhile is left as it is."""
     table = m.Query.__table__
     columns = ["external_id", "served_at", "weight_micros", "text_sha256", "created_at"]
-    dialect = session.connection().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        # One statement per 20,000 rows: each column as an array, unnested.
+        for chunk in _chunks(rows, 20_000):
+            connection.exec_driver_sql(
+                f"INSERT INTO queries ({', '.join(columns)}) SELECT * FROM unnest("
+                "%s::varchar[], %s::timestamp[], %s::bigint[], %s::varchar[], %s::timestamp[]) "
+                "ON CONFLICT (external_id) DO NOTHING",
+                tuple(list(col) for col in zip(*chunk, strict=True)),
+            )
+    elif connection.dialect.name == "sqlite":
+        _bulk_insert(session, table, columns, rows, or_ignore=True)
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    stmt = dialect_insert(table).on_conflict_do_nothing(index_elements=["external_id"])
-    for chunk in _chunks(rows, 5000):
-        session.execute(stmt, [dict(zip(columns, row, strict=True)) for row in chunk])
+
+        stmt = dialect_insert(table).on_conflict_do_nothing(index_elements=["external_id"])
+        session.execute(stmt, [dict(zip(columns, row, strict=True)) for row in rows])
 
 
 def closed_period_outputs(
@@ -316,7 +341,7 @@ def closed_period_outputs(
 def _query_ids(session: Session, external_ids: Iterable[str]) -> dict[str, tuple[Any, ...]]:
     table = m.Query.__table__
     rows: dict[str, tuple[Any, ...]] = {}
-    for chunk in _chunks(list(external_ids)):
+    for member in _member_of(session, table.c.external_id, list(external_ids)):
         for row in session.execute(
             select(
                 table.c.external_id,
@@ -324,7 +349,7 @@ def _query_ids(session: Session, external_ids: Iterable[str]) -> dict[str, tuple
                 table.c.served_at,
                 table.c.weight_micros,
                 table.c.text_sha256,
-            ).where(table.c.external_id.in_(chunk))
+            ).where(member)
         ):
             rows[row[0]] = tuple(row[1:])
     return rows
@@ -398,10 +423,9 @@ def record_results(
     if session.connection().dialect.name == "postgresql":
         # Writers of the same outputs take turns, so the second sees the first's result and
         # supersedes it: one current result per output (the database's unique index holds it).
-        ids = sorted(query_id.values())
-        for chunk in _chunks(ids):
+        for member in _member_of(session, m.Query.id, sorted(query_id.values())):
             session.execute(
-                select(m.Query.id).where(m.Query.id.in_(chunk)).order_by(m.Query.id).with_for_update()
+                select(m.Query.id).where(member).order_by(m.Query.id).with_for_update()
             ).all()
     done = already_recorded(session, run_id, list(wanted))
     todo = [(query_id[ext], r) for ext, r in by_id.items() if ext not in done]
@@ -409,7 +433,9 @@ def record_results(
         return 0
     if run.status == "finished":
         raise LedgerError(f"run {run_id} is finished; it accepts no new results")
-    closed = closed_period_outputs(session, [(ext, known[ext][1]) for ext in by_id if ext not in done])
+    closed = closed_period_outputs(
+        session, [(ext, known[ext][1]) for ext in by_id if ext not in done]
+    )
     if closed:
         ext, label = closed[0]
         raise ClosedPeriodError(
@@ -425,10 +451,8 @@ def record_results(
     provider_id = _provider_ids(session, names, create_providers)
 
     qr = m.QueryResult.__table__
-    for chunk in _chunks([qid for qid, _ in todo]):
-        session.execute(
-            update(qr).where(qr.c.query_id.in_(chunk), qr.c.is_current).values(is_current=False)
-        )
+    for member in _member_of(session, qr.c.query_id, [qid for qid, _ in todo]):
+        session.execute(update(qr).where(member, qr.c.is_current).values(is_current=False))
     now = utcnow()
     _bulk_insert(
         session,

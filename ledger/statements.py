@@ -31,7 +31,20 @@ from fractions import Fraction
 from typing import Any
 
 import polars as pl
-from sqlalchemy import and_, case, delete, func, insert, or_, select
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session
 
 from ledger import guards
@@ -82,42 +95,56 @@ class PeriodSnapshot:
 
 
 def period_snapshot(session: Session, period: Period) -> PeriodSnapshot:
-    """The period's current results and credits, read in one statement so that the run list and
-    the amounts can never come from different moments."""
-    c, r, q = m.Credit.__table__, m.QueryResult.__table__, m.Query.__table__
-    stmt = (
-        select(r.c.run_id, r.c.query_id, r.c.unattributed, c.c.provider_id, c.c.credit)
-        .select_from(
-            q.join(r, r.c.query_id == q.c.id).outerjoin(
-                c, and_(c.c.run_id == r.c.run_id, c.c.query_id == r.c.query_id)
-            )
-        )
-        .where(
-            r.c.is_current,
-            q.c.served_at >= to_utc_naive(period.start),
-            q.c.served_at < to_utc_naive(period.end),
-        )
+    """The period's current results and credits, read in one SQL statement (one snapshot), so
+    that the run list and the amounts can never come from different moments.
+
+    The statement returns the credit rows (provider id, credit) followed by one row per run
+    (run id, results, unattributed results), told apart by a NULL provider id.
+    """
+    start, end = to_utc_naive(period.start), to_utc_naive(period.end)
+    r, q, c = m.QueryResult.__table__, m.Query.__table__, m.Credit.__table__
+    current = (
+        select(r.c.run_id, r.c.query_id, r.c.unattributed)
+        .select_from(r.join(q, q.c.id == r.c.query_id))
+        .where(r.c.is_current, q.c.served_at >= start, q.c.served_at < end)
+        .cte("current_results")
     )
-    result = session.execute(stmt)
+    credit_rows = select(
+        c.c.provider_id,
+        c.c.credit,
+        literal(None, String).label("run_id"),
+        literal(None, Integer).label("results"),
+        literal(None, Integer).label("unattributed"),
+    ).select_from(
+        c.join(current, and_(c.c.run_id == current.c.run_id, c.c.query_id == current.c.query_id))
+    )
+    run_rows = select(
+        literal(None, Integer).label("provider_id"),
+        literal(None, Float).label("credit"),
+        current.c.run_id,
+        func.count().label("results"),
+        func.sum(case((current.c.unattributed, 1), else_=0)).label("unattributed"),
+    ).group_by(current.c.run_id)
+    result = session.execute(union_all(credit_rows, run_rows))
     # Read the driver's rows directly: building SQLAlchemy Row objects would take longer than
     # the query itself at a million rows.
     rows = result.cursor.fetchall() if result.cursor is not None else []
     result.close()
-    schema = {
-        "run_id": pl.String,
-        "query_id": pl.Int64,
-        "unattributed": pl.Boolean,
-        "provider_id": pl.Int64,
-        "credit": pl.Float64,
-    }
-    frame = pl.DataFrame(rows, schema=schema, orient="row")
-    queries = frame.unique("query_id", keep="first")
-    credits = frame.filter(pl.col("provider_id").is_not_null()).select("provider_id", "credit")
+    runs: dict[str, tuple[int, int]] = {}
+    credit_part = []
+    for row in rows:
+        if row[0] is None:
+            runs[row[2]] = (int(row[3]), int(row[4] or 0))
+        else:
+            credit_part.append(row[:2])
+    credits = pl.DataFrame(
+        credit_part, schema={"provider_id": pl.Int64, "credit": pl.Float64}, orient="row"
+    )
     return PeriodSnapshot(
         credits=credits,
-        runs=sorted(frame["run_id"].unique().to_list()),
-        query_count=queries.height,
-        unattributed_count=int(queries["unattributed"].sum() or 0),
+        runs=sorted(runs),
+        query_count=sum(n for n, _ in runs.values()),
+        unattributed_count=sum(u for _, u in runs.values()),
     )
 
 

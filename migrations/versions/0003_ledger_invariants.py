@@ -62,8 +62,9 @@ GUARDED_TABLES = (
 CHILD_TABLES = ("statement_lines", "statement_runs", "adjustments")
 
 # An output served inside the period of a final statement (SQL over NEW.query_id).
-_IN_FINAL_PERIOD = """EXISTS (SELECT 1 FROM statements s JOIN queries q ON q.id = {query}
-    WHERE s.status = 'final' AND q.served_at >= s.period_start AND q.served_at < s.period_end)"""
+_IN_FINAL_PERIOD = """(EXISTS (SELECT 1 FROM statements WHERE status = 'final')
+    AND EXISTS (SELECT 1 FROM statements s JOIN queries q ON q.id = {query}
+    WHERE s.status = 'final' AND q.served_at >= s.period_start AND q.served_at < s.period_end))"""
 
 _PAYABLE_UNBALANCED = """EXISTS (SELECT 1 FROM transfers t WHERE t.statement_id = {sid}
     GROUP BY t.provider_id
@@ -475,13 +476,17 @@ _PG_FUNCTIONS = {
             RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP;
         END
     """,
-    "ledger_closed_period_guard": f"""
+    # Once per INSERT statement (COPY included), over all its rows: a per-row check would cost
+    # a query per credit row.
+    "ledger_closed_period_guard": """
         BEGIN
-            IF {_IN_FINAL_PERIOD.format(query="NEW.query_id")} THEN
-                RAISE EXCEPTION 'output % was served in a period whose statement is final',
-                    NEW.query_id;
+            IF EXISTS (SELECT 1 FROM statements WHERE status = 'final') AND EXISTS (
+                SELECT 1 FROM new_rows n JOIN queries q ON q.id = n.query_id
+                JOIN statements s ON s.status = 'final'
+                    AND q.served_at >= s.period_start AND q.served_at < s.period_end) THEN
+                RAISE EXCEPTION 'an output was served in a period whose statement is final';
             END IF;
-            RETURN NEW;
+            RETURN NULL;
         END
     """,
     "ledger_query_results_guard": f"""
@@ -543,11 +548,11 @@ _PG_TRIGGERS = [
     ],
     ("transfers_guard", "transfers", "BEFORE INSERT OR UPDATE OR DELETE", "ledger_transfers_guard"),
     ("credits_append_only", "credits", "BEFORE UPDATE OR DELETE", "ledger_append_only"),
-    ("credits_closed_period", "credits", "BEFORE INSERT", "ledger_closed_period_guard"),
+
     ("top_examples_append_only", "top_examples", "BEFORE UPDATE OR DELETE", "ledger_append_only"),
     ("queries_append_only", "queries", "BEFORE UPDATE OR DELETE", "ledger_append_only"),
     ("query_results_no_delete", "query_results", "BEFORE DELETE", "ledger_append_only"),
-    ("query_results_closed_period", "query_results", "BEFORE INSERT", "ledger_closed_period_guard"),
+
     ("query_results_supersede", "query_results", "BEFORE UPDATE", "ledger_query_results_guard"),
     ("attribution_runs_no_delete", "attribution_runs", "BEFORE DELETE", "ledger_append_only"),
     ("attribution_runs_fixed", "attribution_runs", "BEFORE UPDATE", "ledger_runs_guard"),
@@ -566,6 +571,12 @@ def _postgresql_objects() -> list[str]:
     for name, table, events, function in _PG_TRIGGERS:
         sql.append(
             f"CREATE TRIGGER {name} {events} ON {table} FOR EACH ROW EXECUTE FUNCTION {function}()"
+        )
+    for table in ("credits", "query_results"):
+        sql.append(
+            f"CREATE TRIGGER {table}_closed_period AFTER INSERT ON {table} "
+            "REFERENCING NEW TABLE AS new_rows "
+            "FOR EACH STATEMENT EXECUTE FUNCTION ledger_closed_period_guard()"
         )
     # Row triggers do not fire on TRUNCATE: statement-level triggers refuse it.
     for table in GUARDED_TABLES:
@@ -663,6 +674,8 @@ def downgrade() -> None:
             op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
         for name, table, _, _ in _PG_TRIGGERS:
             op.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+        for table in ("credits", "query_results"):
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_closed_period ON {table}")
         for name in _PG_FUNCTIONS:
             op.execute(f"DROP FUNCTION IF EXISTS {name}()")
         op.execute(
