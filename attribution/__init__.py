@@ -16,6 +16,12 @@ _EXPORTS = {
     "IndexConfig": "attribution.config",
     "ProjectionConfig": "attribution.config",
     "ScoreConfig": "attribution.config",
+    "LANGUAGE_MODEL_INDEX": "attribution.config",
+    "default_index_config": "attribution.index",
+    "batch_from_token_ids": "attribution.lm",
+    "token_batches": "attribution.lm",
+    "lm_loss": "attribution.lm",
+    "lm_fisher_loss": "attribution.lm",
     "GradientIndex": "attribution.store",
     "IndexMismatchError": "attribution.types",
     "build_index": "attribution.index",
@@ -36,14 +42,16 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from attribution.config import IndexConfig, ProjectionConfig, ScoreConfig
-    from attribution.index import build_index
+    from attribution.config import LANGUAGE_MODEL_INDEX, IndexConfig, ProjectionConfig, ScoreConfig
+    from attribution.index import build_index, default_index_config
     from attribution.language import attribute_queries, index_language_model
+    from attribution.lm import batch_from_token_ids, lm_fisher_loss, lm_loss, token_batches
     from attribution.scoring import ScoreResult, query_gradients, score, score_queries, top_examples
     from attribution.store import GradientIndex
     from attribution.types import Batch, IndexMismatchError, InputError, LossFn
 
 __all__ = [
+    "LANGUAGE_MODEL_INDEX",
     "Batch",
     "GradientIndex",
     "IndexConfig",
@@ -54,10 +62,15 @@ __all__ = [
     "ScoreConfig",
     "ScoreResult",
     "attribute_queries",
+    "batch_from_token_ids",
     "build_index",
+    "default_index_config",
     "index_language_model",
+    "lm_fisher_loss",
+    "lm_loss",
     "query_gradients",
     "score",
     "score_queries",
+    "token_batches",
     "top_examples",
 ]

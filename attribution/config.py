@@ -12,6 +12,7 @@ StorageDType = Literal["float32", "float16"]
 CurvatureKind = Literal["ekfac", "full"]
 FisherLabels = Literal["sampled", "data"]
 HeadProjection = Literal["random", "pca"]
+QueryLoss = Literal["sum", "mean"]
 
 # Defaults chosen from the counterfactual accuracy measurements (benchmarks/results/accuracy.md).
 DEFAULT_K = 32
@@ -53,7 +54,9 @@ class ProjectionConfig:
     with `tied_head`)."""
     tied_head: bool = True
     """Without module patterns, also track an output head whose weight is tied to the input
-    embedding (GPT-2): its part of the shared weight's gradient, as a layer of its own."""
+    embedding (GPT-2): its part of the shared weight's gradient, as a layer of its own. With
+    module patterns, the head is tracked only when a pattern matches its name (`lm_head`);
+    building an index says so in a one-line warning when this is set and none does."""
     head_projection: HeadProjection = DEFAULT_HEAD_PROJECTION
     """How `pca` projects the output head's vocabulary side (P_out of the layer that gives the
     logits, `model.get_output_embeddings()`): `random` (seeded random rows; PCA would keep only
@@ -178,7 +181,25 @@ class ScoreConfig:
     memory_budget_mb: int = 256
     """Upper bound on the score block held in memory (queries × rows × 4 bytes)."""
     dense: bool = False
-    """Also return the full (queries × training rows) score matrix; only for small cases."""
+    """Also return every score, for small cases: `ScoreResult.dense` (queries × training rows),
+    the scores as ranked and summed per provider (RelatIF-scaled influence, influence /
+    sqrt(self-influence), when `relatif` is true, the default; raw influence otherwise), and
+    `ScoreResult.influence`, the raw influence Σ_l q_lᵀ (F_l + λ_l I)⁻¹ g_{i,l} either way."""
+    query_loss: QueryLoss = "sum"
+    """The query's loss (its negative utility) whose gradient is scored: `sum`, the loss
+    function's value as it is (for a language model the completion's summed negative
+    log-likelihood); `mean`, that divided by the query's number of scored tokens (the mean per
+    completion token: the labels other than -100 after the first position when the batch's
+    inputs hold `labels`, else `Batch.token_counts`). Under `sum` a long output has a larger
+    gradient, and so larger scores, than a short one; under `mean` outputs of any length
+    weigh alike. One query's scores are all scaled by the same factor, so its provider shares
+    and the order of its top examples are the same under both; its raw scores (`signed`,
+    `positive`, `top_scores`, `dense`) are not. Recorded in an attribution run's manifest
+    (`score.query_loss`)."""
+
+    def __post_init__(self) -> None:
+        if self.query_loss not in ("sum", "mean"):
+            raise ValueError(f"unknown query_loss '{self.query_loss}' (sum or mean)")
 
 
 LANGUAGE_MODEL_INDEX = IndexConfig(

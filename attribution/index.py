@@ -25,8 +25,9 @@ import polars as pl
 import torch
 from torch import nn
 
-from attribution.config import IndexConfig, ProjectionConfig
+from attribution.config import LANGUAGE_MODEL_INDEX, IndexConfig, ProjectionConfig
 from attribution.curvature import check_damping_factor, fit_curvature, kfac_bases, shrink_to_kfac
+from attribution.fingerprint import FingerprintedData, weights_sha256
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
 from attribution.projection import (
@@ -41,11 +42,13 @@ from attribution.projection import (
     kfac_factors,
     layer_specs,
     members_eval_mode,
+    output_head,
     output_head_name,
     pca_projectors,
     random_projectors,
     split_members,
     tracked_gradients,
+    untracked_tied_head,
 )
 from attribution.store import (
     BUILD_FILE,
@@ -123,6 +126,14 @@ def make_projectors(
     factors are accumulated already projected.
     """
     layers = find_layers(model, config.projection)
+    head = untracked_tied_head(model, config.projection)
+    if head is not None:
+        log.warning(
+            "the output head '%s' (tied to the input embedding) matches none of the module "
+            "patterns %s and is not tracked although tied_head is set; add '%s' to the "
+            "patterns to track it, or set tied_head=False to leave it out without this warning",
+            head, list(config.projection.modules), head,
+        )  # fmt: skip
     kind = config.projection.kind  # a valid one: `ProjectionConfig` refuses any other
     first_pass_loss = _first_pass_loss(loss_fn, fisher_loss, config)
     specs = layer_specs(layers, output_head_name(model, layers))
@@ -304,11 +315,23 @@ def build_index(
 ) -> GradientIndex:
     """Build (or resume, or reopen) the gradient index of `data` in `out_dir`.
 
-    `data` yields `Batch`es in a fixed order and must be re-iterable. `fisher_loss` is the
-    loss with labels drawn from the model (see `attribution.fisher`), used by the first pass
-    when `config.fisher_labels` is "sampled" (the default). `model_info` and
-    `data_info` (hashes of weights, tokenizer, shards, the loss definition) go into the
-    manifest and guard resumption: a directory started with other settings is refused.
+    `data` yields `Batch`es in a fixed order and must be re-iterable; every example needs its
+    own id (a repeated id is refused, naming it and both positions). `config` None: the
+    defaults of the model's kind (`default_index_config`: `LANGUAGE_MODEL_INDEX`, what
+    `ledger index` uses, for a model with an output head such as a Hugging Face causal LM;
+    `IndexConfig()` for any other). `fisher_loss` is the loss with labels drawn from the model
+    (see `attribution.fisher`), used by the first pass when `config.fisher_labels` is
+    "sampled" (the default).
+
+    What is indexed is fingerprinted by the library as it streams (`attribution.fingerprint`):
+    the sha256 of each model's parameters and buffers, and a running sha256 of the examples'
+    ids, providers and content. Both go into the manifest (`contents`) with the settings and
+    `model_info` / `data_info` (optional further descriptions, such as the hashes of weight,
+    tokenizer and shard files, also recorded). A directory that already holds an index,
+    complete or not, is reused (reopened, or resumed) only when all of them are the same; any
+    difference raises `IndexMismatchError` naming what differs, and nothing is changed: build
+    into a new directory. Checking a complete index costs a pass over the data, without the
+    model.
 
     `checkpoints`: further models of the same architecture, usually earlier checkpoints of the
     run that trained `model`. Each row then holds every model's projected gradient one after
@@ -317,26 +340,37 @@ def build_index(
     the positive part, RelatIF and top examples are taken of that sum. Queries are then scored
     with the same models (`query_gradients(..., checkpoints=...)`).
     """
-    config = config or IndexConfig()
+    config = config if config is not None else default_index_config(model)
     _check_config(fisher_loss, config)
     root = Path(out_dir)
-    data = _reiterable(data)
+    data = FingerprintedData(_reiterable(data))
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     model_info, data_info = model_info or {}, data_info or {}
-    fingerprint = {"config": config.to_dict(), "model": model_info, "data": data_info}
-    if checkpoints:
-        fingerprint["checkpoints"] = len(checkpoints)
     models = [model, *checkpoints]
+    contents = {"weights_sha256": [weights_sha256(m) for m in models]}
+
+    def fingerprint_of(contents: dict) -> dict:
+        fingerprint = {
+            "config": config.to_dict(),
+            "model": model_info,
+            "data": data_info,
+            "contents": contents,
+        }
+        if checkpoints:
+            fingerprint["checkpoints"] = len(checkpoints)
+        return json.loads(json.dumps(fingerprint))
 
     build_path = root / BUILD_FILE
     if build_path.exists():
         build = json.loads(build_path.read_text())
-        if build["fingerprint"] != json.loads(json.dumps(fingerprint)):
-            raise IndexMismatchError(
-                f"{root}: this index directory was started with other settings, another model "
-                "or other data; use a new directory"
-            )
+        recorded = build["fingerprint"]
+        if "contents" in recorded:  # indexes built before the library hashed what it indexes
+            contents.update(data.fingerprint())
+        fingerprint = fingerprint_of(contents)
+        if "contents" not in recorded:
+            fingerprint.pop("contents")
+        _check_same_build(root, recorded, fingerprint)
         if (root / MANIFEST_FILE).exists():
             return GradientIndex.open(root)
         named = load_projectors(root / PROJECTIONS_FILE, [b["name"] for b in build["layers"]])
@@ -356,6 +390,8 @@ def build_index(
             if created and not any(root.iterdir()):
                 root.rmdir()  # a first pass that fails leaves nothing behind
             raise
+        contents.update(data.fingerprint())  # hashed during the first pass
+        fingerprint = fingerprint_of(contents)
         named = [p for m in members for p in m.named()]
         save_projectors(root / PROJECTIONS_FILE, named)
         save_factors(root / FACTORS_FILE, factors)
@@ -376,6 +412,51 @@ def build_index(
             members, fisher_loss, data, config, total, show_progress, used
         )
     return _finalise(root, build, config, fingerprint, sampled, used)
+
+
+def default_index_config(model: nn.Module) -> IndexConfig:
+    """The settings `build_index` uses when given none: `LANGUAGE_MODEL_INDEX` (what
+    `ledger index` uses: the curvature's eigenvalues fitted on sampled-label gradients, shrunk
+    toward KFAC) for a language model, a model whose `get_output_embeddings()` gives its
+    output head (Hugging Face `...ForCausalLM` / `...LMHeadModel` objects); `IndexConfig()`
+    for any other."""
+    head, _ = output_head(model)
+    return LANGUAGE_MODEL_INDEX if head is not None else IndexConfig()
+
+
+_FINGERPRINT_PARTS = {
+    "config": "the settings",
+    "model": "model_info",
+    "data": "data_info",
+    "checkpoints": "the number of checkpoints",
+}
+
+
+def _check_same_build(root: Path, recorded: dict, found: dict) -> None:
+    """Refuse a directory whose index was started from other settings, models or data."""
+    if recorded == found:
+        return
+    differs = []
+    for key in sorted(recorded.keys() | found.keys()):
+        if key == "contents":
+            was, now = recorded.get(key, {}), found.get(key, {})
+            if was.get("weights_sha256") != now.get("weights_sha256"):
+                differs.append("the model's weights (parameters' sha256)")
+            if (was.get("data_sha256"), was.get("examples")) != (
+                now.get("data_sha256"),
+                now.get("examples"),
+            ):
+                differs.append(
+                    f"the training data ({was.get('examples')} examples, sha256 "
+                    f"{str(was.get('data_sha256'))[:12]} recorded; {now.get('examples')} "
+                    f"examples, {str(now.get('data_sha256'))[:12]} given)"
+                )
+        elif recorded.get(key) != found.get(key):
+            differs.append(_FINGERPRINT_PARTS.get(key, key))
+    raise IndexMismatchError(
+        f"{root}: this index directory was started with other settings, another model or "
+        f"other data (differs in {', '.join(differs)}); build into a new directory"
+    )
 
 
 def _stored_rows(root: Path) -> int:
@@ -495,6 +576,7 @@ def _finalise(
             "config": fingerprint["config"],
             "model": fingerprint["model"],
             "data": fingerprint["data"],
+            **({"contents": fingerprint["contents"]} if "contents" in fingerprint else {}),
             **({"checkpoints": fingerprint["checkpoints"]} if "checkpoints" in fingerprint else {}),
             "layers": build["layers"],
             "rows": meta.height,

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +32,8 @@ from attribution.types import Batch, InputError, first_line
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+LM_INPUT_KEYS = ("input_ids", "attention_mask", "labels")
+"""The keys of a language-model batch's `inputs` (see `batch_from_token_ids`)."""
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -318,15 +320,90 @@ def _collate(
     )
 
 
-def batch_from_token_ids(sequences: list[list[int]], pad_id: int = 0) -> Batch:
-    """A training `Batch` of the given token sequences (ids `"0"`, `"1"`, ...; no providers)."""
+def batch_from_token_ids(
+    sequences: Sequence[Sequence[int]],
+    pad_id: int | None = 0,
+    *,
+    example_ids: Sequence[str] | None = None,
+    providers: Sequence[str] | None = None,
+    shards: Sequence[str] | None = None,
+    labels: Sequence[Sequence[int]] | None = None,
+    first_id: int = 0,
+) -> Batch:
+    """A `Batch` of pre-tokenised sequences, as `lm_loss` and `lm_fisher_loss` take it.
+
+    `inputs` is the dict `{"input_ids", "attention_mask", "labels"}` of (B, T) long tensors,
+    right-padded with `pad_id` (None: 0; padding is masked); `labels` are the sequences
+    themselves (the training loss: every token after the first is predicted), or the given
+    per-sequence `labels`, of the same lengths, with -100 (`IGNORE_INDEX`) on tokens that are
+    not scored (a query's prompt). Padding is always -100.
+
+    `example_ids`: one unique id per sequence (an index refuses a repeated id); without them
+    the ids are `str(first_id)`, `str(first_id + 1)`, ..., so batches of one corpus need
+    `first_id` set to the number of sequences before them. `providers` and `shards`: one per
+    sequence, stored with each row of an index (empty when not given). `token_counts` are the
+    sequences' lengths.
+    """
+    sequences = [list(ids) for ids in sequences]
+    n = len(sequences)
+    if labels is None:
+        label_rows = sequences
+    else:
+        label_rows = [list(row) for row in labels]
+        if len(label_rows) != n:
+            raise ValueError(f"{len(label_rows)} label rows for {n} sequences")
+        for i, (ids, labs) in enumerate(zip(sequences, label_rows, strict=True)):
+            if len(labs) != len(ids):
+                raise ValueError(
+                    f"sequence {i} has {len(ids)} tokens but {len(labs)} labels (one per token, "
+                    f"{IGNORE_INDEX} where not scored)"
+                )
+    for name, values in (("example_ids", example_ids), ("providers", providers),
+                         ("shards", shards)):  # fmt: skip
+        if values is not None and len(values) != n:
+            raise ValueError(f"{len(values)} {name} for {n} sequences")
+    if any(len(ids) == 0 for ids in sequences):
+        raise ValueError("a sequence has no tokens")
+    ids = [str(i) for i in range(first_id, first_id + n)] if example_ids is None else example_ids
     return _collate(
-        [(ids, ids) for ids in sequences],
-        pad_id,
-        example_ids=[str(i) for i in range(len(sequences))],
-        providers=[],
-        shards=[],
+        list(zip(sequences, label_rows, strict=True)),
+        0 if pad_id is None else pad_id,
+        example_ids=[str(i) for i in ids],
+        providers=list(providers or []),
+        shards=list(shards or []),
     )
+
+
+def token_batches(
+    sequences: Sequence[Sequence[int]],
+    example_ids: Sequence[str],
+    providers: Sequence[str] | None = None,
+    *,
+    batch_size: int = 8,
+    pad_id: int | None = 0,
+    shards: Sequence[str] | None = None,
+) -> list[Batch]:
+    """Pre-tokenised training sequences with their ids (and providers, shards) as a list of
+    `batch_from_token_ids` batches of at most `batch_size`, in the given order: the
+    re-iterable data `build_index` takes. Long texts should be cut to the model's context first
+    (`chunk_token_ids`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n = len(sequences)
+    for name, values in (("example_ids", example_ids), ("providers", providers),
+                         ("shards", shards)):  # fmt: skip
+        if values is not None and len(values) != n:
+            raise ValueError(f"{len(values)} {name} for {n} sequences")
+    return [
+        batch_from_token_ids(
+            sequences[a : a + batch_size],
+            pad_id,
+            example_ids=example_ids[a : a + batch_size],
+            providers=None if providers is None else providers[a : a + batch_size],
+            shards=None if shards is None else shards[a : a + batch_size],
+        )
+        for a in range(0, n, batch_size)
+    ]
 
 
 def iter_train_examples(
@@ -430,6 +507,10 @@ def query_batches(
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Per-example summed token negative log-likelihood, shape (B,).
 
+    `batch.inputs` is a dict of (B, T) long tensors `input_ids`, `attention_mask` and `labels`
+    (the input ids with -100 where a token is not scored: padding, a query's prompt), as
+    `batch_from_token_ids` builds it; anything else is refused naming these keys.
+
     `logits[:, :-1]` predict `labels[:, 1:]`; positions labelled -100 (padding, prompts) do
     not count. Computed in the model's dtype when it is float32 or float64, else in float32.
     """
@@ -446,6 +527,19 @@ def _token_nll(model: nn.Module, batch: Batch, sample: bool) -> torch.Tensor:
     from attribution.fisher import sample_targets
 
     inputs = batch.inputs
+    missing = [k for k in LM_INPUT_KEYS if k not in inputs] if isinstance(inputs, Mapping) else None
+    if missing is None or missing:
+        found = (
+            f"a {type(inputs).__name__}"
+            if missing is None
+            else f"a mapping without {', '.join(repr(k) for k in missing)}"
+        )
+        raise TypeError(
+            "lm_loss and lm_fisher_loss take batches whose inputs are a dict of (B, T) long "
+            "tensors 'input_ids', 'attention_mask' and 'labels' (input ids with -100 where not "
+            f"scored: padding, prompts); got {found}. Build them with "
+            "attribution.lm.batch_from_token_ids or token_batches"
+        )
     rows = embedding_rows(model)
     if rows is not None and inputs["input_ids"].numel() and int(inputs["input_ids"].max()) >= rows:
         raise InputError(

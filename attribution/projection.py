@@ -74,7 +74,9 @@ def find_layers(model: nn.Module, config: ProjectionConfig) -> dict[str, nn.Modu
 
     Without module patterns, an output head whose weight is tied to the input embedding is
     tracked only with `config.tied_head`: hooks see the head's use of the shared weight, not
-    the embedding lookup's, so the head is then a layer of its own.
+    the embedding lookup's, so the head is then a layer of its own. With module patterns, the
+    head is tracked when a pattern matches its name, whatever `tied_head` says (building an
+    index warns when `tied_head` is set and none does: `untracked_tied_head`).
     """
     head, tied = output_head(model)
     skip = id(head) if tied and not config.tied_head else None
@@ -91,6 +93,18 @@ def find_layers(model: nn.Module, config: ProjectionConfig) -> dict[str, nn.Modu
             f"{list(config.modules) or '(all)'}"
         )
     return layers
+
+
+def untracked_tied_head(model: nn.Module, config: ProjectionConfig) -> str | None:
+    """The name of an output head tied to the input embedding that module patterns leave out
+    although `config.tied_head` asks for it (None when there is none, or it is tracked)."""
+    if not config.modules or not config.tied_head:
+        return None
+    head, tied = output_head(model)
+    if not tied:
+        return None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return name if name is not None and not config.tracks(name) else None
 
 
 def layer_specs(layers: dict[str, nn.Module], head: str | None = None) -> list[LayerSpec]:

@@ -11,7 +11,7 @@ files ahead while the current one is scored.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,12 +19,41 @@ import polars as pl
 import torch
 from torch import nn
 
-from attribution.config import ScoreConfig
+from attribution.config import QueryLoss, ScoreConfig
 from attribution.projection import members_eval_mode, split_members, tracked_gradients
 from attribution.store import GradientIndex
 from attribution.types import Batch, LossFn
 
 MAX_QUERIES_PER_PASS = 1024
+
+
+def scored_tokens(batch: Batch) -> torch.Tensor:
+    """Each query's number of scored tokens, (B,): under the language-model convention
+    (`inputs` holding `labels`, -100 where not scored, position t predicting labels[t + 1])
+    the labels other than -100 after the first position; else `batch.token_counts`."""
+    inputs = batch.inputs
+    if isinstance(inputs, Mapping) and isinstance(inputs.get("labels"), torch.Tensor):
+        return (inputs["labels"][:, 1:] != -100).sum(dim=1)
+    if len(batch.token_counts) == len(batch):
+        return torch.as_tensor([int(n) for n in batch.token_counts])
+    raise ValueError(
+        "query_loss='mean' needs each query's number of scored tokens: inputs with 'labels' "
+        "(-100 where not scored) or Batch.token_counts"
+    )
+
+
+def mean_query_loss(loss_fn: LossFn) -> LossFn:
+    """`loss_fn` divided by each query's number of scored tokens (`scored_tokens`)."""
+
+    def mean_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        counts = scored_tokens(batch)
+        if (counts < 1).any():
+            bad = batch.example_ids[int((counts < 1).nonzero()[0])]
+            raise ValueError(f"query '{bad}' has no scored token: query_loss='mean' cannot use it")
+        losses = loss_fn(model, batch)
+        return losses / counts.to(device=losses.device, dtype=losses.dtype)
+
+    return mean_loss
 
 
 def query_gradients(
@@ -33,14 +62,20 @@ def query_gradients(
     batches: Iterable[Batch],
     index: GradientIndex,
     checkpoints: Sequence[nn.Module] = (),
+    query_loss: QueryLoss = "sum",
 ) -> tuple[list[str], np.ndarray]:
     """Projected gradients of the queries' losses with the index's projectors: (ids, (n, D)).
 
     The query loss is the negative utility (for language models the completion's summed
-    negative log-likelihood), so a positive score means the training example made the output
-    more likely. An index built over further checkpoints needs the same ones, in the same
-    order (`checkpoints`).
+    negative log-likelihood; with `query_loss="mean"` divided by its number of scored tokens,
+    see `ScoreConfig.query_loss`), so a positive score means the training example made the
+    output more likely. An index built over further checkpoints needs the same ones, in the
+    same order (`checkpoints`).
     """
+    if query_loss not in ("sum", "mean"):
+        raise ValueError(f"unknown query_loss '{query_loss}' (sum or mean)")
+    if query_loss == "mean":
+        loss_fn = mean_query_loss(loss_fn)
     if len(checkpoints) != index.checkpoints:
         raise ValueError(
             f"the index {index.root} was built over {index.checkpoints} further checkpoint(s) "
@@ -89,7 +124,11 @@ class ScoreResult:
     top_scores: np.ndarray
     """(n_queries, k): those scores."""
     dense: np.ndarray | None = None
-    """(n_queries, n_rows) every score, when asked for."""
+    """(n_queries, n_rows) every score as ranked and summed (RelatIF-scaled influence under
+    `ScoreConfig(relatif=True)`, the default), with `ScoreConfig(dense=True)`; else None."""
+    influence: np.ndarray | None = None
+    """(n_queries, n_rows) the raw influence of every training row on every query (not
+    divided by sqrt(self-influence)), with `ScoreConfig(dense=True)`; else None."""
 
     def shares(self) -> np.ndarray:
         """Per-query provider shares of the positive part; rows of zeros when unattributed."""
@@ -211,6 +250,7 @@ def score(
         top_rows=np.concatenate([p[2] for p in parts]),
         top_scores=np.concatenate([p[3] for p in parts]),
         dense=np.concatenate([p[4] for p in parts], axis=0) if config.dense else None,
+        influence=np.concatenate([p[5] for p in parts], axis=0) if config.dense else None,
     )
 
 
@@ -254,7 +294,7 @@ def _score_pass(
     codes: np.ndarray,
     inv_sqrt: np.ndarray,
     n_providers: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     n_q, k = query_grads.shape[0], config.top_k
     q = torch.from_numpy(np.ascontiguousarray(precondition(index, query_grads), np.float32))
     positive = np.zeros((n_q, n_providers))
@@ -262,6 +302,7 @@ def _score_pass(
     top_scores = torch.full((n_q, k), -torch.inf, dtype=torch.float32)
     top_rows = torch.full((n_q, k), -1, dtype=torch.int64)
     dense = np.empty((n_q, index.rows), np.float32) if config.dense else None
+    influence = np.empty((n_q, index.rows), np.float32) if config.dense else None
     chunk = min(rows_per_chunk(n_q, index.dim, config.memory_budget_mb), max(index.rows, 1))
     # Scores are computed transposed, (rows, queries): block @ qᵀ writes each block's scores
     # into contiguous rows of one reused buffer, and per-provider sums become sums of row runs.
@@ -282,6 +323,8 @@ def _score_pass(
             r += n
         del parts, part  # drop the mappings before the next chunk is mapped
         st = scores[:r]  # (r, n_q)
+        if influence is not None:
+            influence[:, start : start + r] = st.T.numpy()
         st *= torch.from_numpy(inv_sqrt[start : start + r].astype(np.float32))[:, None]
         _add_provider_sums(
             st.numpy(), codes[start : start + r], signed, positive, positive_part[:r]
@@ -296,7 +339,7 @@ def _score_pass(
         top_scores = torch.gather(merged_s, 1, order)
         top_rows = torch.gather(merged_r, 1, order)
     top_rows[torch.isinf(top_scores)] = -1
-    return positive, signed, top_rows.numpy(), top_scores.double().numpy(), dense
+    return positive, signed, top_rows.numpy(), top_scores.double().numpy(), dense, influence
 
 
 def top_examples(index: GradientIndex, result: ScoreResult, query: int) -> pl.DataFrame:
@@ -323,6 +366,10 @@ def score_queries(
     checkpoints: Sequence[nn.Module] = (),
 ) -> ScoreResult:
     """Query gradients, then one streaming pass over the index: provider sums and top-k
-    (`checkpoints`: those the index was built over, see `build_index`)."""
-    ids, grads = query_gradients(model, loss_fn, batches, index, checkpoints)
+    (`checkpoints`: those the index was built over, see `build_index`). `loss_fn` is the
+    query's per-example loss (for a language model `attribution.lm.lm_loss`, on batches whose
+    labels are -100 on the prompt); `config.query_loss` says whether it is summed over the
+    completion's tokens (the default) or averaged."""
+    config = config or ScoreConfig()
+    ids, grads = query_gradients(model, loss_fn, batches, index, checkpoints, config.query_loss)
     return score(index, grads, config, ids)

@@ -518,6 +518,14 @@ def index_cmd(
     help="Outputs scored per pass over the index and written per transaction.",
 )
 @click.option(
+    "--query-loss",
+    type=click.Choice(["sum", "mean"]),
+    default="sum",
+    show_default=True,
+    help="An output's loss: its completion's summed negative log-likelihood, or the mean per "
+    "token (recorded in the run's manifest).",
+)
+@click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @pass_ctx
@@ -530,6 +538,7 @@ def attribute(
     checkpoint_dirs: tuple[str, ...],
     top_k: int,
     batch_size: int,
+    query_loss: str,
     fmt: str,
 ) -> None:
     """Attribute served outputs to providers and record the credits.
@@ -547,7 +556,7 @@ def attribute(
         index_ref=index_ref,
         model_dir=model_dir,
         checkpoint_dirs=checkpoint_dirs,
-        config=ScoreConfig(top_k=top_k),
+        config=ScoreConfig(top_k=top_k, query_loss=query_loss),
         batch_size=batch_size,
         show_progress=not ctx.quiet,
     )
