@@ -60,6 +60,23 @@ GUARDED_TABLES = (
     "shards",
 )
 CHILD_TABLES = ("statement_lines", "statement_runs", "adjustments")
+SET_CHECKED_TABLES = ("credits", "top_examples")
+SET_CHECKED_FOREIGN_KEYS = {
+    table: [
+        (
+            f"fk_{table}_run_id_query_results",
+            "FOREIGN KEY (run_id, query_id) REFERENCES query_results (run_id, query_id)",
+        ),
+        (
+            f"fk_{table}_provider_id_providers",
+            "FOREIGN KEY (provider_id) REFERENCES providers (id)",
+        ),
+    ]
+    for table in SET_CHECKED_TABLES
+}
+"""On PostgreSQL these foreign keys are checked once per INSERT over all its rows by
+`ledger_result_rows_guard` instead of row by row (the models keep them; SQLite enforces them
+as declared)."""
 
 # An output served inside the period of a final statement (SQL over NEW.query_id).
 _IN_FINAL_PERIOD = """(EXISTS (SELECT 1 FROM statements WHERE status = 'final')
@@ -91,6 +108,7 @@ def _schema() -> None:
         sqlite_where=sa.text("is_current"),
         postgresql_where=sa.text("is_current"),
     )
+    op.drop_index("ix_credits_provider_id", table_name="credits")
     op.add_column("statements", sa.Column("finalized_by", sa.String(200), nullable=True))
     op.add_column("statements", sa.Column("final_seq", sa.Integer(), nullable=True))
     op.add_column("statements", sa.Column("content", sa.Text(), nullable=True))
@@ -476,8 +494,32 @@ _PG_FUNCTIONS = {
             RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP;
         END
     """,
-    # Once per INSERT statement (COPY included), over all its rows: a per-row check would cost
-    # a query per credit row.
+    # Credits and top examples, once per INSERT statement (COPY included) over all its rows:
+    # each row's result and provider exist (their foreign keys, checked as a set: a per-row
+    # foreign-key check costs more than the rest of the insert), and no output of a closed
+    # period gets one. Referenced rows are never deleted or re-keyed (append-only triggers).
+    "ledger_result_rows_guard": """
+        BEGIN
+            IF EXISTS (SELECT 1 FROM new_rows n WHERE NOT EXISTS (
+                    SELECT 1 FROM query_results r
+                    WHERE r.run_id = n.run_id AND r.query_id = n.query_id))
+               OR EXISTS (SELECT 1 FROM new_rows n WHERE NOT EXISTS (
+                    SELECT 1 FROM providers p WHERE p.id = n.provider_id)) THEN
+                RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation',
+                    MESSAGE = format('%s refers to a result or provider the ledger does not '
+                                     'hold', TG_TABLE_NAME);
+            END IF;
+            IF TG_TABLE_NAME = 'credits' AND EXISTS (SELECT 1 FROM statements
+                                                     WHERE status = 'final') AND EXISTS (
+                SELECT 1 FROM new_rows n JOIN queries q ON q.id = n.query_id
+                JOIN statements s ON s.status = 'final'
+                    AND q.served_at >= s.period_start AND q.served_at < s.period_end) THEN
+                RAISE EXCEPTION 'an output was served in a period whose statement is final';
+            END IF;
+            RETURN NULL;
+        END
+    """,
+    # Results, once per INSERT statement: no output of a closed period gets one.
     "ledger_closed_period_guard": """
         BEGIN
             IF EXISTS (SELECT 1 FROM statements WHERE status = 'final') AND EXISTS (
@@ -548,11 +590,9 @@ _PG_TRIGGERS = [
     ],
     ("transfers_guard", "transfers", "BEFORE INSERT OR UPDATE OR DELETE", "ledger_transfers_guard"),
     ("credits_append_only", "credits", "BEFORE UPDATE OR DELETE", "ledger_append_only"),
-
     ("top_examples_append_only", "top_examples", "BEFORE UPDATE OR DELETE", "ledger_append_only"),
     ("queries_append_only", "queries", "BEFORE UPDATE OR DELETE", "ledger_append_only"),
     ("query_results_no_delete", "query_results", "BEFORE DELETE", "ledger_append_only"),
-
     ("query_results_supersede", "query_results", "BEFORE UPDATE", "ledger_query_results_guard"),
     ("attribution_runs_no_delete", "attribution_runs", "BEFORE DELETE", "ledger_append_only"),
     ("attribution_runs_fixed", "attribution_runs", "BEFORE UPDATE", "ledger_runs_guard"),
@@ -572,11 +612,18 @@ def _postgresql_objects() -> list[str]:
         sql.append(
             f"CREATE TRIGGER {name} {events} ON {table} FOR EACH ROW EXECUTE FUNCTION {function}()"
         )
-    for table in ("credits", "query_results"):
+    sql.append(
+        "CREATE TRIGGER query_results_closed_period AFTER INSERT ON query_results "
+        "REFERENCING NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION ledger_closed_period_guard()"
+    )
+    for table in SET_CHECKED_TABLES:
+        for name, _ in SET_CHECKED_FOREIGN_KEYS[table]:
+            sql.append(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
         sql.append(
-            f"CREATE TRIGGER {table}_closed_period AFTER INSERT ON {table} "
+            f"CREATE TRIGGER {table}_rows_guard AFTER INSERT ON {table} "
             "REFERENCING NEW TABLE AS new_rows "
-            "FOR EACH STATEMENT EXECUTE FUNCTION ledger_closed_period_guard()"
+            "FOR EACH STATEMENT EXECUTE FUNCTION ledger_result_rows_guard()"
         )
     # Row triggers do not fire on TRUNCATE: statement-level triggers refuse it.
     for table in GUARDED_TABLES:
@@ -674,8 +721,11 @@ def downgrade() -> None:
             op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
         for name, table, _, _ in _PG_TRIGGERS:
             op.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
-        for table in ("credits", "query_results"):
-            op.execute(f"DROP TRIGGER IF EXISTS {table}_closed_period ON {table}")
+        op.execute("DROP TRIGGER IF EXISTS query_results_closed_period ON query_results")
+        for table in SET_CHECKED_TABLES:
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_rows_guard ON {table}")
+            for name, definition in SET_CHECKED_FOREIGN_KEYS[table]:
+                op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}")
         for name in _PG_FUNCTIONS:
             op.execute(f"DROP FUNCTION IF EXISTS {name}()")
         op.execute(
@@ -700,6 +750,7 @@ def downgrade() -> None:
     op.drop_table("transfers")
     op.drop_index("uq_statements_final_seq", table_name="statements")
     op.drop_index("uq_query_results_current", table_name="query_results")
+    op.create_index("ix_credits_provider_id", "credits", ["provider_id"])
     # Plain DROP COLUMN (SQLite 3.35+): a batch copy of the table would break the views.
     for table, column in (
         ("adjustments", "created_by"),
