@@ -940,7 +940,12 @@ def runs_show(ctx: Context, run_id: str) -> None:
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", required=False)
+@click.option(
+    "--statement",
+    "statement_ref",
+    help="Check a final statement (id or period) against what it sealed instead of a run.",
+)
 @click.option(
     "--outputs",
     type=click.Path(dir_okay=False),
@@ -967,7 +972,8 @@ def runs_show(ctx: Context, run_id: str) -> None:
 @user_errors
 def verify(
     ctx: Context,
-    run_id: str,
+    run_id: str | None,
+    statement_ref: str | None,
     outputs: str | None,
     sample: int,
     every: bool,
@@ -978,8 +984,18 @@ def verify(
 ) -> None:
     """Re-check a run from its manifest: hashes of index, model and queries, every output's
     stored credits against its weight, and a random sample of outputs (or --all) re-computed
-    and compared with the run's stored results. Exit status 1 on any disagreement."""
+    and compared with the run's stored results. Exit status 1 on any disagreement.
+
+    With --statement ID: a final statement's hash and chain link, its content rebuilt from its
+    lines, adjustments, runs and provider names, its values re-summed from the credits, and
+    its journal."""
     from ledger.jobs import STORED_CHECK, verify_run
+
+    if (run_id is None) == (statement_ref is None):
+        raise click.UsageError("give a RUN_ID or --statement ID (one of them)")
+    if statement_ref is not None:
+        _verify_statement(ctx, statement_ref, fmt)
+        return
 
     v = verify_run(
         ctx.engine(), run_id, outputs, model_dir=model_dir, sample=None if every else sample,

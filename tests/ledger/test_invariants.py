@@ -7,6 +7,8 @@ races between processes are in test_races.py, random sequences in test_ledger_st
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime
 from decimal import Decimal
 
@@ -446,3 +448,33 @@ def test_roles_writer_records_approver_finalises_reader_sees_views(make_database
         assert conn.execute(text("SHOW statement_timeout")).scalar() == "1min"
     for engine in (owner, writer, approver, reader):
         engine.dispose()
+
+
+def _ledger(url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from ledger.cli import main; main()", "--db", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_audit_and_verify_statement_on_the_command_line(db_url: str) -> None:
+    engine = make_engine(db_url)
+    from ledger.db import upgrade
+
+    upgrade(engine)
+    q3, _ = closed_ledger(engine)
+    for args in (("audit",), ("verify", "--statement", "2024-Q3"), ("statements", "verify", "2")):
+        done = _ledger(db_url, *args)
+        assert done.returncode == 0, done.stderr
+        assert "FAIL" not in done.stdout
+    _without_guards(engine, "UPDATE statement_lines SET payable_minor = payable_minor + 1")
+    audit = _ledger(db_url, "audit", "--format", "json")
+    assert audit.returncode == 1
+    failed = [c["name"] for c in json.loads(audit.stdout)["checks"] if not c["ok"]]
+    assert failed and all("content equals" in name for name in failed)
+    verify = _ledger(db_url, "verify", "--statement", str(q3))
+    assert verify.returncode == 1 and "FAIL content equals" in verify.stdout
+    assert _ledger(db_url, "verify").returncode == 2  # neither a run nor a statement
+    engine.dispose()
