@@ -708,7 +708,11 @@ def _statement_text(s: dict, lines: list[dict]) -> str:
         )
     runs = ", ".join(
         f"{r['run_id'][:16]} (index {r['index_id'][:16]}"
-        + (", unfinished: interrupted or still running" if r["status"] != "finished" else "")
+        + (
+            ", unfinished: interrupted or still running"
+            if r.get("status", "finished") != "finished"
+            else ""
+        )
         + ")"
         for r in s["runs"]
     )

@@ -323,11 +323,13 @@ def _insert_queries(session: Session, rows: list[tuple]) -> None:
     if connection.dialect.name == "postgresql":
         # Usually every one is new: COPY them, under a savepoint. If another writer inserted
         # some meanwhile, undo that and insert what is missing, skipping the others' rows.
+        import psycopg
+
         try:
             with session.begin_nested():
                 _bulk_insert(session, table, columns, rows)
             return
-        except IntegrityError:
+        except (IntegrityError, psycopg.IntegrityError):  # COPY raises the driver's own error
             pass
         for chunk in _chunks(rows, 20_000):
             connection.exec_driver_sql(

@@ -584,7 +584,9 @@ def statement_content(session: Session, statement: m.Statement) -> dict[str, Any
             }
             for adj in summary["adjustments"]
         ],
-        "runs": summary["runs"],
+        # What the statement rests on, not the runs' status, which moves on (a run closed
+        # with --allow-unfinished finishes later).
+        "runs": [{"run_id": r["run_id"], "index_id": r["index_id"]} for r in summary["runs"]],
         "previous_sha256": statement.previous_sha256,
     }
 

@@ -26,8 +26,7 @@ After every step:
 - a final statement's rows, summary, content and hash never change;
 - adjustments are in the currency of the statement that carries them (drafts included).
 
-and `ledger.audit.audit_ledger` finds nothing wrong, except one known false alarm (see
-`LedgerMachine._known_audit_false_alarm` and the strict xfail test at the end of this file).
+and `ledger.audit.audit_ledger` finds nothing wrong.
 
 Each example runs on a fresh database, copied from one migrated at the start of the test (a file
 copy on SQLite, CREATE DATABASE ... TEMPLATE on PostgreSQL), so a failing example replays and
@@ -152,7 +151,6 @@ class LedgerMachine(RuleBasedStateMachine):
         self.pending: list[str] = []  # runs started and not finished
         self.final_views: dict[int, tuple[Any, ...]] = {}
         self.known: list[dict[str, Any]] = []  # the statements, read after every step
-        self.sealed_while_running: set[int] = set()
         with session_scope(self.engine) as s:
             self.index_id = setup_index(s, self.providers)
 
@@ -403,8 +401,6 @@ class LedgerMachine(RuleBasedStateMachine):
             event(f"finalize: refused, {str(exc).split(' is ', 1)[-1][:40]}")
             return
         event("finalize: final")
-        if self.pending:
-            self.sealed_while_running.add(draft["id"])
         assert allow_unfinished or not self.pending, "finalised while a run was unfinished"
         assert not overlaps_final, "finalised a pool that overlaps a final one"
         with session_scope(self.engine) as s:
@@ -668,24 +664,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert not mixed, f"adjustments in another currency than their statement: {mixed}"
 
     def _audit(self, s: Any) -> None:
-        breaches = [
-            (c.name, c.detail)
-            for c in audit_ledger(s).checks
-            if not c.ok and not self._known_audit_false_alarm(c.name, c.detail)
-        ]
+        breaches = [(c.name, c.detail) for c in audit_ledger(s).checks if not c.ok]
         assert not breaches, breaches
-
-    def _known_audit_false_alarm(self, name: str, detail: str) -> bool:
-        """The audit's report on a statement finalised while a run it rests on was unfinished,
-        once that run is finished: the run's status is sealed in the content, so the audit
-        sees "its runs changed" (test_finishing_a_run_after_finalising_keeps_the_audit_clean).
-        """
-        statement = name.split(":", 1)[0]
-        return (
-            statement.startswith("statement ")
-            and int(statement.split()[1]) in self.sealed_while_running
-            and detail.endswith("its runs changed after it was finalised")
-        )
 
     def teardown(self) -> None:
         try:
@@ -706,11 +686,6 @@ def test_random_ledger_operations_keep_the_invariants(db_url: str) -> None:
     run_state_machine_as_test(machine, settings=SETTINGS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a final statement seals its runs' status; finishing a run it rests on afterwards "
-    "makes `ledger audit` and `ledger statements verify` report the statement as changed",
-)
 def test_finishing_a_run_after_finalising_keeps_the_audit_clean(engine: Engine) -> None:
     """Finalising with allow_unfinished, then finishing the run: the audit must stay clean."""
     with session_scope(engine) as s:
