@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -92,12 +92,41 @@ def verify_statement(session: Session, statement_id: int) -> AuditReport:
     return report
 
 
+def _sealed(statement: m.Statement) -> dict[str, Any] | None:
+    """A final statement's sealed content, or None when it is missing or not the JSON document
+    the ledger writes (which the hash check reports)."""
+    try:
+        content = json.loads(statement.content or "")
+    except ValueError:
+        return None
+    if not isinstance(content, dict):
+        return None
+    try:
+        for line in content["lines"]:
+            for key in (
+                "provider",
+                "value",
+                "amount_minor",
+                "carried_in_minor",
+                "carried_forward_minor",
+                "adjustments_minor",
+                "payable_minor",
+            ):
+                line[key]  # noqa: B018 - presence check
+        content["runs"], content["statement"]["queries"]  # noqa: B018
+    except (KeyError, TypeError):
+        return None
+    return content
+
+
 def _hash_problems(statement: m.Statement, label: str) -> list[str]:
     if statement.content is None or statement.content_sha256 is None:
         return [f"{label} has no sealed content"]
     if content_hash(statement.content) != statement.content_sha256:
         return [f"{label}: its content does not match its sha256 (changed after finalisation)"]
-    sealed = json.loads(statement.content)
+    sealed = _sealed(statement)
+    if sealed is None:
+        return [f"{label}: its sealed content is not a statement the ledger wrote"]
     if sealed.get("previous_sha256") != statement.previous_sha256:
         return [f"{label}: the previous hash it sealed differs from the one stored"]
     return []
@@ -126,27 +155,33 @@ def _chain_problems(session: Session, statement: m.Statement) -> list[str]:
 
 
 def _content_problems(session: Session, statement: m.Statement, label: str) -> list[str]:
-    if statement.content is None:
-        return [f"{label} has no sealed content"]
+    sealed = _sealed(statement)
+    if sealed is None:
+        return [f"{label} has no readable sealed content"]
     with session.no_autoflush:
-        rebuilt = canonical_json(statement_content(session, statement))
-    if rebuilt == statement.content:
+        now = statement_content(session, statement)
+    if "legacy" in sealed:  # sealed by the migration, with a note of when
+        now["legacy"] = sealed["legacy"]
+    if canonical_json(now) == statement.content:
         return []
-    sealed, now = json.loads(statement.content), json.loads(rebuilt)
+    now = json.loads(canonical_json(now))
     changed = sorted(key for key in sealed if sealed.get(key) != now.get(key))
     return [f"{label}: its {', '.join(changed)} changed after it was finalised"]
 
 
 def _value_problems(session: Session, statement: m.Statement, label: str) -> list[str]:
-    if statement.content is None:
-        return []
-    sealed = json.loads(statement.content)
+    sealed = _sealed(statement)
+    if sealed is None:
+        return [f"{label} has no readable sealed content"]
     period = Period(
         statement.period_label,
         statement.period_start.replace(tzinfo=UTC),
         statement.period_end.replace(tzinfo=UTC),
     )
-    snapshot = period_snapshot(session, period)
+    # Statements sealed by the migration are checked against the results current when they
+    # were finalised: before the journal, results could still be recorded into a closed period.
+    as_of = statement.finalized_at if "legacy" in sealed else None
+    snapshot = period_snapshot(session, period, as_of=as_of)
     values = {v.provider: v.value for v in provider_values(session, snapshot.credits)}
     problems = []
     for line in sealed["lines"]:
@@ -180,8 +215,10 @@ def _journal_problems(session: Session, statement: m.Statement, label: str) -> l
         booked[(kind, pid)] = booked.get((kind, pid), 0) + sign * minor
     names = dict(session.execute(select(m.Provider.name, m.Provider.id)).all())
     expected: dict[tuple[str, int], int] = {}
-    sealed = json.loads(statement.content or "{}")
-    for line in sealed.get("lines", []):
+    sealed = _sealed(statement)
+    if sealed is None:
+        return [f"{label} has no readable sealed content"]
+    for line in sealed["lines"]:
         pid = names.get(line["provider"])
         if pid is None:
             return [f"{label}: provider {line['provider']!r} is no longer in the ledger"]
@@ -262,7 +299,7 @@ def audit_ledger(session: Session) -> AuditReport:
     carried: dict[tuple[int, str], int] = {}
     names = dict(session.execute(select(m.Provider.name, m.Provider.id)).all())
     for statement in finals:
-        for line in json.loads(statement.content or '{"lines": []}')["lines"]:
+        for line in (_sealed(statement) or {"lines": []})["lines"]:
             key = (names.get(line["provider"], -1), statement.currency)
             carried[key] = (
                 carried.get(key, 0) + line["carried_forward_minor"] - line["carried_in_minor"]
@@ -312,13 +349,17 @@ def audit_ledger(session: Session) -> AuditReport:
 
     problems = []
     for statement in finals:
+        sealed = _sealed(statement) or {}
+        since = statement.finalized_at
+        if "legacy" in sealed:
+            since = max(since, datetime.fromisoformat(sealed["legacy"]["sealed_at"]))
         late = session.scalar(
             select(func.count())
             .select_from(r.join(q, q.c.id == r.c.query_id))
             .where(
                 q.c.served_at >= statement.period_start,
                 q.c.served_at < statement.period_end,
-                r.c.recorded_at > statement.finalized_at,
+                r.c.recorded_at > since,
             )
         )
         if late:

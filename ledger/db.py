@@ -97,6 +97,13 @@ def _run_alembic(url_or_engine: str | Engine, action: Any) -> None:
     engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "sqlite":
+                # The driver opens transactions only before INSERT, UPDATE and DELETE, so DDL
+                # would commit statement by statement: a migration that fails half-way would
+                # leave the schema half-changed. Open the transaction explicitly.
+                raw = connection.connection.dbapi_connection
+                if raw is not None and not raw.in_transaction:
+                    raw.execute("BEGIN")
             config = alembic_config()
             config.attributes["connection"] = connection
             action(config)

@@ -94,7 +94,9 @@ class PeriodSnapshot:
     unattributed_count: int
 
 
-def period_snapshot(session: Session, period: Period) -> PeriodSnapshot:
+def period_snapshot(
+    session: Session, period: Period, as_of: datetime | None = None
+) -> PeriodSnapshot:
     """The period's current results and credits, read in one SQL statement (one snapshot), so
     that the run list and the amounts can never come from different moments.
 
@@ -103,10 +105,26 @@ def period_snapshot(session: Session, period: Period) -> PeriodSnapshot:
     """
     start, end = to_utc_naive(period.start), to_utc_naive(period.end)
     r, q, c = m.QueryResult.__table__, m.Query.__table__, m.Credit.__table__
+    if as_of is None:
+        is_current = r.c.is_current
+    else:
+        # The result that was current at `as_of`: the latest recorded by then (results are
+        # append-only, so this can be read back at any later time).
+        later = r.alias("later")
+        is_current = and_(
+            r.c.recorded_at <= as_of,
+            ~select(later.c.query_id)
+            .where(
+                later.c.query_id == r.c.query_id,
+                later.c.recorded_at > r.c.recorded_at,
+                later.c.recorded_at <= as_of,
+            )
+            .exists(),
+        )
     current = (
         select(r.c.run_id, r.c.query_id, r.c.unattributed)
         .select_from(r.join(q, q.c.id == r.c.query_id))
-        .where(r.c.is_current, q.c.served_at >= start, q.c.served_at < end)
+        .where(is_current, q.c.served_at >= start, q.c.served_at < end)
         .cte("current_results")
     )
     credit_rows = select(
@@ -606,19 +624,34 @@ def _chain_head(session: Session) -> m.Statement | None:
     )
 
 
-def _seal(session: Session, statement: m.Statement, user: str, now: datetime) -> None:
+def _seal(
+    session: Session,
+    statement: m.Statement,
+    user: str,
+    now: datetime,
+    legacy: dict[str, Any] | None = None,
+) -> None:
     with session.no_autoflush:
-        _seal_unflushed(session, statement, user, now)
+        _seal_unflushed(session, statement, user, now, legacy)
 
 
-def _seal_unflushed(session: Session, statement: m.Statement, user: str, now: datetime) -> None:
+def _seal_unflushed(
+    session: Session,
+    statement: m.Statement,
+    user: str,
+    now: datetime,
+    legacy: dict[str, Any] | None,
+) -> None:
     head = _chain_head(session)
     statement.final_seq = (head.final_seq if head is not None else 0) + 1
     statement.previous_sha256 = head.content_sha256 if head is not None else None
     statement.finalized_at = now
     statement.finalized_by = user
     statement.status = "final"
-    text = canonical_json(statement_content(session, statement))
+    content = statement_content(session, statement)
+    if legacy is not None:
+        content["legacy"] = legacy
+    text = canonical_json(content)
     statement.content = text
     statement.content_sha256 = content_hash(text)
 
@@ -633,12 +666,16 @@ def seal_legacy_final_statements(session: Session) -> int:
             .order_by(m.Statement.finalized_at, m.Statement.id)
         )
     )
+    # Before the journal, results could still be recorded into a closed period; the audit
+    # checks these statements against the results current when they were finalised, and
+    # nothing recorded after this moment.
+    marker = {"sealed_at": m.utcnow().isoformat(), "by": "migration 0003"}
     for statement in legacy:
         user = statement.finalized_by or "before-journal"
         now = statement.finalized_at or m.utcnow()
         if statement.pool_minor is not None:
             _book_transfers(session, statement, user, now)
-        _seal(session, statement, user, now)
+        _seal(session, statement, user, now, legacy=marker)
         session.flush()
     return len(legacy)
 
@@ -715,13 +752,28 @@ def add_adjustment(
     return adjustment
 
 
+def _sealed_content(statement: m.Statement) -> dict[str, Any]:
+    """What a final statement sealed; `LedgerError` if it is not what the ledger wrote."""
+    try:
+        content = json.loads(statement.content or "")
+        if not isinstance(content, dict):
+            raise ValueError
+        content["lines"], content["adjustments"], content["runs"], content["statement"]  # noqa: B018
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LedgerError(
+            f"statement {statement.id} ({statement.period_label}): its sealed content is "
+            "damaged; `ledger audit` reports what changed"
+        ) from exc
+    return content
+
+
 def statement_adjustments(session: Session, statement_id: int) -> list[dict[str, Any]]:
     """Adjustments carried by a statement, each with the statement and line it corrects."""
     statement = get_statement(session, statement_id)
     if statement.status == "final" and statement.content is not None:
         return [
             {**adj, "created_at": datetime.fromisoformat(adj["created_at"])}
-            for adj in json.loads(statement.content)["adjustments"]
+            for adj in _sealed_content(statement)["adjustments"]
         ]
     return _live_adjustments(session, statement_id)
 
@@ -825,7 +877,7 @@ def statement_rows(session: Session, statement_id: int) -> pl.DataFrame:
     """
     statement = get_statement(session, statement_id)
     if statement.status == "final" and statement.content is not None:
-        rows = json.loads(statement.content)["lines"]
+        rows = _sealed_content(statement)["lines"]
     else:
         rows = _live_rows(session, statement)
     return pl.DataFrame(rows, schema=ROW_SCHEMA)
@@ -892,7 +944,7 @@ def statement_summary(session: Session, statement_id: int) -> dict[str, Any]:
     finalised it and its content hash."""
     s = get_statement(session, statement_id)
     if s.status == "final" and s.content is not None:
-        content = json.loads(s.content)
+        content = _sealed_content(s)
         head = content["statement"]
         summary = {
             **head,

@@ -120,10 +120,6 @@ def _schema() -> None:
         sa.Column("currency", sa.String(3), nullable=False, server_default="XXX"),
     )
     op.add_column("adjustments", sa.Column("created_by", sa.String(200), nullable=True))
-    op.execute(
-        "UPDATE adjustments SET currency = "
-        "(SELECT s.currency FROM statements s WHERE s.id = adjustments.statement_id)"
-    )
     if bind.dialect.name == "postgresql":
         op.alter_column("adjustments", "currency", server_default=None)
     op.create_table(
@@ -687,9 +683,10 @@ def _book_existing_final_statements() -> None:
     """Give final statements made before this revision their journal, content and chain."""
     from sqlalchemy.orm import Session
 
+    from ledger.guards import LEGACY_SEALING
     from ledger.statements import seal_legacy_final_statements
 
-    session = Session(bind=op.get_bind())
+    session = Session(bind=op.get_bind(), info={LEGACY_SEALING: True})
     seal_legacy_final_statements(session)
     session.flush()
 
@@ -697,7 +694,11 @@ def _book_existing_final_statements() -> None:
 def upgrade() -> None:
     dialect = op.get_bind().dialect.name
     _schema()
-    _drop_0002_triggers()
+    _drop_0002_triggers()  # they refuse the changes below to final statements' rows
+    op.execute(
+        "UPDATE adjustments SET currency = "
+        "(SELECT s.currency FROM statements s WHERE s.id = adjustments.statement_id)"
+    )
     _book_existing_final_statements()
     if dialect == "postgresql":
         for sql in _postgresql_objects():

@@ -478,3 +478,15 @@ def test_audit_and_verify_statement_on_the_command_line(db_url: str) -> None:
     assert verify.returncode == 1 and "FAIL content equals" in verify.stdout
     assert _ledger(db_url, "verify").returncode == 2  # neither a run nor a statement
     engine.dispose()
+
+
+@pytest.mark.parametrize("content", ["garbage", "{}", '{"lines": [{"provider": "zz"}]}'])
+def test_damaged_sealed_content_is_reported_not_a_traceback(engine: Engine, content: str) -> None:
+    q3, _ = closed_ledger(engine)
+    _without_guards(engine, f"UPDATE statements SET content = '{content}' WHERE id = {q3}")
+    with session_scope(engine) as s:
+        report = verify_statement(s, q3)
+        assert not report.ok
+        assert not audit_ledger(s).ok
+        with pytest.raises(LedgerError, match="sealed content is damaged"):
+            statement_rows(s, q3)
