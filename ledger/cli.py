@@ -640,12 +640,19 @@ def report(
         if statement is None or statement.status != "final":
             statement = build_statement(session, p, pool_amount, currency, minimum)
         elif pool_amount is not None and (
-            statement.currency != currency.upper()
-            or statement.pool_minor != _minor(pool_amount, currency)
+            statement.currency != currency.strip().upper()
+            or statement.pool_minor != _minor(pool_amount, currency.strip())
         ):
             raise LedgerError(
                 f"statement {statement.id} for {p.label} is final with another "
                 "pool; it cannot change"
+            )
+        elif minimum is not None and statement.min_payout_minor != _minor(
+            minimum, statement.currency
+        ):
+            raise LedgerError(
+                f"statement {statement.id} for {p.label} is final with another minimum "
+                "payout; it cannot change"
             )
         if finalize and statement.status != "final":
             finalize_statement(session, statement.id, allow_unfinished=allow_unfinished)

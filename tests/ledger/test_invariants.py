@@ -490,3 +490,17 @@ def test_damaged_sealed_content_is_reported_not_a_traceback(engine: Engine, cont
         assert not audit_ledger(s).ok
         with pytest.raises(LedgerError, match="sealed content is damaged"):
             statement_rows(s, q3)
+
+
+def test_a_final_statement_shown_with_other_settings_is_refused(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = make_engine(url)
+    from ledger.db import upgrade
+
+    upgrade(engine)
+    closed_ledger(engine)
+    engine.dispose()
+    same = _ledger(url, "report", "--period", "2024-Q3", "--pool", "1000", "--currency", " usd")
+    assert same.returncode == 0, same.stderr
+    other = _ledger(url, "report", "--period", "2024-Q3", "--pool", "1000", "--min-payout", "5")
+    assert other.returncode == 1 and "another minimum payout" in other.stderr
