@@ -54,7 +54,9 @@ def test_same_seed_gives_identical_index_bytes(tmp_path) -> None:
 
 def _build_elsewhere(out: Path, dtype: str, **env: str) -> None:
     """build_script in a fresh process (its own allocations, so its own memory alignment)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    # Keep the caller's PYTHONPATH (CI runs these tests against an older transformers from one).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, **env}
     args = [sys.executable, "-m", "tests.attribution.build_script", str(out), "0", dtype]
     subprocess.run(args, cwd=ROOT, env=env, check=True, timeout=300)
 
