@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, make_url, text
 
 from ledger.cli import cli
-from ledger.db import make_engine, read_only_query
+from ledger.db import make_engine, read_only_query, upgrade
 from ledger.errors import LedgerError
 
 COUNTER = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c) SELECT n FROM c"
@@ -30,9 +30,22 @@ def refused(engine: Engine, query: str, timeout: float = 30.0) -> str:
     return message
 
 
-def postgres_only(engine: Engine) -> None:
-    if engine.dialect.name != "postgresql":
-        pytest.skip("PostgreSQL roles and server functions")
+@pytest.fixture
+def pg_engine(make_database_url) -> Iterator[Engine]:
+    """A migrated PostgreSQL ledger (roles and server functions exist only there)."""
+    engine = make_engine(make_database_url("postgresql"))
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(make_database_url) -> Iterator[Engine]:
+    """A migrated SQLite ledger (its own functions and pragmas)."""
+    engine = make_engine(make_database_url("sqlite"))
+    upgrade(engine)
+    yield engine
+    engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -50,13 +63,15 @@ def postgres_only(engine: Engine) -> None:
         'SELECT U&"pg\\005fsleep"(0)',
     ],
 )
-def test_server_functions_are_refused_on_postgresql(engine: Engine, query: str) -> None:
-    postgres_only(engine)
+@pytest.mark.postgres
+def test_server_functions_are_refused_on_postgresql(pg_engine: Engine, query: str) -> None:
+    engine = pg_engine
     assert refused(engine, query).startswith("ledger sql does not run ")
 
 
-def test_the_reader_role_itself_refuses_tables_and_superuser_functions(engine: Engine) -> None:
-    postgres_only(engine)
+@pytest.mark.postgres
+def test_the_reader_role_itself_refuses_tables_and_superuser_functions(pg_engine: Engine) -> None:
+    engine = pg_engine
     with engine.connect() as conn:  # the engine's user is a superuser, and may do all this
         assert conn.execute(text("SELECT COUNT(*) FROM credits")).scalar_one() == 0
     # Not in the list of refused names: the role is what stops them.
@@ -67,10 +82,11 @@ def test_the_reader_role_itself_refuses_tables_and_superuser_functions(engine: E
     assert list(read_only_query(engine, "SELECT COUNT(*) AS n FROM query_credits")) == [{"n": 0}]
 
 
+@pytest.mark.postgres
 def test_a_user_who_may_not_be_the_reader_is_told_what_to_do(
-    engine: Engine, postgres_server
+    pg_engine: Engine, postgres_server
 ) -> None:
-    postgres_only(engine)
+    engine = pg_engine
     role = f"analyst_{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
         conn.execute(text(f"CREATE ROLE {role} LOGIN"))
@@ -95,9 +111,8 @@ def test_a_user_who_may_not_be_the_reader_is_told_what_to_do(
         "PRAGMA query_only = OFF",
     ],
 )
-def test_harmful_sqlite_statements_are_refused(engine: Engine, query: str) -> None:
-    if engine.dialect.name != "sqlite":
-        pytest.skip("SQLite functions")
+def test_harmful_sqlite_statements_are_refused(sqlite_engine: Engine, query: str) -> None:
+    engine = sqlite_engine
     message = refused(engine, query)
     assert message.startswith(("ledger sql does not run ", "SQL error: ")), message
     assert list(read_only_query(engine, "PRAGMA query_only")) == [{"query_only": 1}]
