@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ledger import models as m
+from ledger.errors import LedgerError
 from ledger.periods import Period
 from ledger.registry import canonical_json
 from ledger.statements import (
@@ -34,6 +35,7 @@ from ledger.statements import (
     get_statement,
     period_snapshot,
     provider_values,
+    sealed_content,
     statement_content,
 )
 
@@ -93,30 +95,12 @@ def verify_statement(session: Session, statement_id: int) -> AuditReport:
 
 
 def _sealed(statement: m.Statement) -> dict[str, Any] | None:
-    """A final statement's sealed content, or None when it is missing or not the JSON document
-    the ledger writes (which the hash check reports)."""
+    """A final statement's sealed content, or None when it is missing or not the document the
+    ledger writes (which the hash check reports)."""
     try:
-        content = json.loads(statement.content or "")
-    except ValueError:
+        return sealed_content(statement)
+    except LedgerError:
         return None
-    if not isinstance(content, dict):
-        return None
-    try:
-        for line in content["lines"]:
-            for key in (
-                "provider",
-                "value",
-                "amount_minor",
-                "carried_in_minor",
-                "carried_forward_minor",
-                "adjustments_minor",
-                "payable_minor",
-            ):
-                line[key]  # noqa: B018 - presence check
-        content["runs"], content["statement"]["queries"]  # noqa: B018
-    except (KeyError, TypeError):
-        return None
-    return content
 
 
 def _hash_problems(statement: m.Statement, label: str) -> list[str]:

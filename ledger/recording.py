@@ -338,13 +338,8 @@ def _insert_queries(session: Session, rows: list[tuple]) -> None:
                 "ON CONFLICT (external_id) DO NOTHING",
                 tuple(list(col) for col in zip(*chunk, strict=True)),
             )
-    elif connection.dialect.name == "sqlite":
+    else:  # SQLite: the ledger's other database
         _bulk_insert(session, table, columns, rows, or_ignore=True)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-
-        stmt = dialect_insert(table).on_conflict_do_nothing(index_elements=["external_id"])
-        session.execute(stmt, [dict(zip(columns, row, strict=True)) for row in rows])
 
 
 def closed_period_outputs(

@@ -166,11 +166,6 @@ def period_snapshot(
     )
 
 
-def period_credits(session: Session, period: Period) -> pl.DataFrame:
-    """Current credits of the queries served in `period`: columns provider_id, credit."""
-    return period_snapshot(session, period).credits
-
-
 def provider_values(session: Session, credits: pl.DataFrame) -> list[ProviderValue]:
     """Per-provider values and shares from a frame of credits, sorted by provider name.
 
@@ -752,13 +747,28 @@ def add_adjustment(
     return adjustment
 
 
-def _sealed_content(statement: m.Statement) -> dict[str, Any]:
-    """What a final statement sealed; `LedgerError` if it is not what the ledger wrote."""
+SEALED_LINE_KEYS = (
+    "provider",
+    "value",
+    "amount_minor",
+    "carried_in_minor",
+    "carried_forward_minor",
+    "adjustments_minor",
+    "payable_minor",
+)
+
+
+def sealed_content(statement: m.Statement) -> dict[str, Any]:
+    """What a final statement sealed; `LedgerError` if it is not the document the ledger wrote
+    (not JSON, or without the statement, lines, adjustments and runs it prints)."""
     try:
         content = json.loads(statement.content or "")
         if not isinstance(content, dict):
             raise ValueError
-        content["lines"], content["adjustments"], content["runs"], content["statement"]  # noqa: B018
+        content["adjustments"], content["runs"], content["statement"]["queries"]  # noqa: B018
+        for line in content["lines"]:
+            for key in SEALED_LINE_KEYS:
+                line[key]  # noqa: B018 - presence check
     except (ValueError, KeyError, TypeError) as exc:
         raise LedgerError(
             f"statement {statement.id} ({statement.period_label}): its sealed content is "
@@ -773,7 +783,7 @@ def statement_adjustments(session: Session, statement_id: int) -> list[dict[str,
     if statement.status == "final" and statement.content is not None:
         return [
             {**adj, "created_at": datetime.fromisoformat(adj["created_at"])}
-            for adj in _sealed_content(statement)["adjustments"]
+            for adj in sealed_content(statement)["adjustments"]
         ]
     return _live_adjustments(session, statement_id)
 
@@ -877,7 +887,7 @@ def statement_rows(session: Session, statement_id: int) -> pl.DataFrame:
     """
     statement = get_statement(session, statement_id)
     if statement.status == "final" and statement.content is not None:
-        rows = _sealed_content(statement)["lines"]
+        rows = sealed_content(statement)["lines"]
     else:
         rows = _live_rows(session, statement)
     return pl.DataFrame(rows, schema=ROW_SCHEMA)
@@ -944,7 +954,7 @@ def statement_summary(session: Session, statement_id: int) -> dict[str, Any]:
     finalised it and its content hash."""
     s = get_statement(session, statement_id)
     if s.status == "final" and s.content is not None:
-        content = _sealed_content(s)
+        content = sealed_content(s)
         head = content["statement"]
         summary = {
             **head,

@@ -30,22 +30,23 @@ def refused(engine: Engine, query: str, timeout: float = 30.0) -> str:
     return message
 
 
-@pytest.fixture
-def pg_engine(make_database_url) -> Iterator[Engine]:
-    """A migrated PostgreSQL ledger (roles and server functions exist only there)."""
-    engine = make_engine(make_database_url("postgresql"))
+def _migrated(make_database_url, kind: str) -> Iterator[Engine]:
+    engine = make_engine(make_database_url(kind))
     upgrade(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def pg_engine(make_database_url) -> Iterator[Engine]:
+    """A migrated PostgreSQL ledger (roles and server functions exist only there)."""
+    yield from _migrated(make_database_url, "postgresql")
 
 
 @pytest.fixture
 def sqlite_engine(make_database_url) -> Iterator[Engine]:
     """A migrated SQLite ledger (its own functions and pragmas)."""
-    engine = make_engine(make_database_url("sqlite"))
-    upgrade(engine)
-    yield engine
-    engine.dispose()
+    yield from _migrated(make_database_url, "sqlite")
 
 
 @pytest.mark.parametrize(
