@@ -35,6 +35,7 @@ from attribution.projection import (
     LayerProjector,
     LayerSpec,
     Tracked,
+    check_tracked_share,
     checkpoint_prefix,
     eval_mode,
     find_layers,
@@ -126,6 +127,7 @@ def make_projectors(
     factors are accumulated already projected.
     """
     layers = find_layers(model, config.projection)
+    check_tracked_share(model, layers, config.projection)
     head = untracked_tied_head(model, config.projection)
     if head is not None:
         log.warning(

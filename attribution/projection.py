@@ -8,6 +8,7 @@ matrix formed from projected activations, without ever building the n_out × n_i
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -82,7 +83,7 @@ def find_layers(model: nn.Module, config: ProjectionConfig) -> dict[str, nn.Modu
     skip = id(head) if tied and not config.tied_head else None
     layers = {}
     for name, module in model.named_modules():
-        if layer_widths(module) is None or not config.tracks(name):
+        if layer_widths(module) is None or not config.tracks(name) or routed_expert(name):
             continue
         if not config.modules and id(module) == skip:
             continue
@@ -93,6 +94,61 @@ def find_layers(model: nn.Module, config: ProjectionConfig) -> dict[str, nn.Modu
             f"{list(config.modules) or '(all)'}"
         )
     return layers
+
+
+def routed_expert(name: str) -> bool:
+    """A layer of a mixture's routed experts (`...mlp.experts.3.w1`, Hugging Face's naming):
+    it sees only the tokens routed to it, gathered from the whole batch, so its per-example
+    gradients cannot be taken from its inputs and output gradients; never tracked."""
+    return "experts" in name.split(".")
+
+
+MIN_TRACKED_SHARE = 0.5
+"""Below this share of the model's parameters (embeddings aside) in tracked layers, an index
+is refused without module patterns (a warning with them): scores would rest on a small part of
+the model (the routed experts of a mixture, or layers other than Linear / Conv1D)."""
+
+
+def tracked_share(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[float, int, str]:
+    """(share, parameters, where): the share of the model's parameters held by the tracked
+    layers' weights, of all its parameters but those of input embeddings not tracked as a
+    tied head; `where` names the kinds of module holding most of the untracked ones."""
+    tracked = {id(m.weight) for m in layers.values()}
+    counted: dict[int, int] = {}
+    untracked_by_kind: dict[str, int] = {}
+    for _, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in counted:
+                continue
+            if isinstance(module, nn.Embedding) and id(p) not in tracked:
+                counted[id(p)] = 0
+                continue
+            counted[id(p)] = p.numel()
+            if id(p) not in tracked:
+                kind = type(module).__name__
+                untracked_by_kind[kind] = untracked_by_kind.get(kind, 0) + p.numel()
+    total = sum(counted.values())
+    share = sum(counted[i] for i in tracked if i in counted) / total if total else 1.0
+    kinds = sorted(untracked_by_kind.items(), key=lambda kv: -kv[1])[:2]
+    where = ", ".join(f"{k} {n / total:.0%}" for k, n in kinds) if total else ""
+    return share, total, where
+
+
+def check_tracked_share(model: nn.Module, layers: dict[str, nn.Module], config: ProjectionConfig):
+    """Refuse (without module patterns) or warn (with them) when the tracked layers hold less
+    than `MIN_TRACKED_SHARE` of the model's parameters (`tracked_share`), in one line."""
+    share, total, where = tracked_share(model, layers)
+    if share >= MIN_TRACKED_SHARE:
+        return
+    message = (
+        f"the tracked layers hold {share:.0%} of the model's {total:,} parameters outside its "
+        f"embeddings (untracked: {where}); only Linear and Conv1D layers that see every token "
+        "are tracked, not a mixture's routed experts, so scores would rest on a small part of "
+        "the model"
+    )
+    if not config.modules:
+        raise ValueError(message)
+    logging.getLogger(__name__).warning("%s (module patterns %s)", message, list(config.modules))
 
 
 def untracked_tied_head(model: nn.Module, config: ProjectionConfig) -> str | None:
