@@ -49,23 +49,29 @@ from ledger.recording import (  # noqa: E402
     start_run,
 )
 from ledger.registry import add_shard, register_index  # noqa: E402
-from ledger.statements import build_statement, statement_rows  # noqa: E402
+from ledger.statements import (  # noqa: E402
+    build_statement,
+    finalize_statement,
+    statement_rows,
+)
 
 
 def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def make_results(n_queries: int, providers: list[str], seed: int) -> list[QueryResult]:
+def make_results(
+    n_queries: int, providers: list[str], seed: int, start: datetime = datetime(2024, 7, 1),
+    prefix: str = "q",
+) -> list[QueryResult]:
     rng = random.Random(seed)
-    start = datetime(2024, 7, 1)
     out = []
     for i in range(n_queries):
         pos = [rng.random() + 1e-6 for _ in providers]
         total = sum(pos)
         credits = [ProviderCredit(p, s, s / total) for p, s in zip(providers, pos, strict=True)]
         served = start + timedelta(seconds=rng.randrange(90 * 86400))
-        record = QueryRecord(f"q{i:08d}", served, Decimal(1), sha(str(i)))
+        record = QueryRecord(f"{prefix}{i:08d}", served, Decimal(1), sha(prefix + str(i)))
         out.append(QueryResult(record, credits, [], unattributed=False))
     return out
 
@@ -112,6 +118,13 @@ def main() -> None:
         register_index(s, index_id, "/tmp/index", {"bench": True})
         start_run(s, run_id, index_id, {"bench": True})
 
+    # As in production, the previous quarter is closed: the guards that refuse credits for a
+    # closed period then check every batch against a final statement.
+    with session_scope(engine) as s:
+        record_results(s, run_id, make_results(1000, providers, 1, datetime(2024, 4, 1), "p"))
+        previous = build_statement(s, parse_period("2024-Q2"), Decimal("1000"), "USD")
+        finalize_statement(s, previous.id, allow_unfinished=True)
+
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(results), args.batch):
         with session_scope(engine) as s:
@@ -134,7 +147,7 @@ def main() -> None:
         "database": "sqlite (file)" if engine_name == "sqlite" else _server(engine),
         "insert_path": "ledger.recording.record_results ("
         + ("executemany" if engine_name == "sqlite" else "COPY FROM STDIN")
-        + f"), {args.batch} queries per transaction, top-k 0",
+        + f"), {args.batch} queries per transaction, top-k 0, previous quarter final",
         "command": "python benchmarks/ledger_statement.py"
         + ("" if engine_name == "sqlite" else " --db postgresql://..."),
         "queries": args.queries,

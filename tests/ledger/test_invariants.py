@@ -504,3 +504,76 @@ def test_a_final_statement_shown_with_other_settings_is_refused(tmp_path) -> Non
     assert same.returncode == 0, same.stderr
     other = _ledger(url, "report", "--period", "2024-Q3", "--pool", "1000", "--min-payout", "5")
     assert other.returncode == 1 and "another minimum payout" in other.stderr
+
+
+# Multi-row INSERTs whose rows are all valid but one: the set-based guards (PostgreSQL) and the
+# row-level foreign keys and triggers (SQLite) refuse the whole statement.
+BAD_CREDIT_ROWS = {
+    "unknown provider": "(:r, :q, 999999, 1.0, 1.0)",
+    "unknown result": "(:r, 999999, :p, 1.0, 1.0)",
+    "unknown run": "('0' || :r, :q, :p, 1.0, 1.0)",
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_CREDIT_ROWS))
+def test_a_credit_row_without_its_result_or_provider_is_refused_among_good_rows(
+    engine: Engine, bad: str
+) -> None:
+    run_id = populate(
+        engine, [result(f"o{i}", datetime(2024, 7, 2 + i), {"alpha": 1.0}) for i in range(3)]
+    )
+    with engine.connect() as conn:
+        qids = conn.execute(text("SELECT id FROM queries ORDER BY id")).scalars().all()
+        beta = conn.execute(text("SELECT id FROM providers WHERE name = 'beta'")).scalar()
+    good = [f"(:r, {q}, :p, 1.0, 1.0)" for q in qids]
+    rows = ", ".join(good[:2] + [BAD_CREDIT_ROWS[bad]] + good[2:])
+    with pytest.raises(DatabaseError), engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO credits (run_id, query_id, provider_id, positive_sum, credit) "
+                f"VALUES {rows}"
+            ),
+            {"r": run_id, "q": qids[0], "p": beta},
+        )
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM credits")).scalar() == 3
+    with engine.begin() as conn:  # the same rows without the bad one are accepted
+        conn.execute(
+            text(
+                "INSERT INTO credits (run_id, query_id, provider_id, positive_sum, credit) "
+                f"VALUES {', '.join(good)}"
+            ),
+            {"r": run_id, "p": beta},
+        )
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM credits")).scalar() == 6
+
+
+def test_a_credit_added_to_a_result_of_a_closed_period_is_refused_or_found(engine: Engine) -> None:
+    run_id = populate(
+        engine,
+        [
+            result("open", datetime(2024, 10, 2), {"alpha": 1.0}),
+            result("closed", datetime(2024, 7, 2), {"alpha": 1.0}),
+        ],
+    )
+    with session_scope(engine) as s:
+        finalize_statement(s, build_statement(s, Q3, Decimal("100"), "USD").id)
+    with engine.connect() as conn:
+        ids = dict(conn.execute(text("SELECT external_id, id FROM queries")).all())
+        beta = conn.execute(text("SELECT id FROM providers WHERE name = 'beta'")).scalar()
+    insert = text(
+        "INSERT INTO credits (run_id, query_id, provider_id, positive_sum, credit) "
+        "VALUES (:r, :open, :p, 1.0, 1.0), (:r, :closed, :p, 1.0, 1.0)"
+    )
+    values = {"r": run_id, "open": ids["open"], "closed": ids["closed"], "p": beta}
+    if engine.dialect.name == "postgresql":
+        with pytest.raises(DatabaseError, match="final"), engine.begin() as conn:
+            conn.execute(insert, values)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM credits")).scalar() == 2
+    else:  # SQLite has no per-row trigger for it (docs/invariants.md): the audit finds it
+        with engine.begin() as conn:
+            conn.execute(insert, values)
+        with session_scope(engine) as s:
+            assert not audit_ledger(s).ok
