@@ -34,6 +34,7 @@ from ledger.statements import (
     content_hash,
     get_statement,
     period_snapshot,
+    period_values,
     provider_values,
     sealed_content,
     statement_content,
@@ -166,7 +167,11 @@ def _value_problems(session: Session, statement: m.Statement, label: str) -> lis
     # were finalised: before the journal, results could still be recorded into a closed period.
     as_of = statement.finalized_at if "legacy" in sealed else None
     snapshot = period_snapshot(session, period, as_of=as_of)
-    values = {v.provider: v.value for v in provider_values(session, snapshot.credits)}
+    # A period attributed from a sample is re-estimated from its design (ledger.samples).
+    estimated = period_values(session, period, snapshot)[0] if as_of is None else None
+    if estimated is None:
+        estimated = provider_values(session, snapshot.credits)
+    values = {v.provider: v.value for v in estimated}
     problems = []
     for line in sealed["lines"]:
         now = values.pop(line["provider"], 0.0)

@@ -362,3 +362,86 @@ class Transfer(Base):
             name="kind_known",
         ),
     )
+
+
+class SampleDesign(Base):
+    """The probability sample of a queries file that one attribution run attributed
+    (`ledger.sampling`); `id` is the sha256 of `document`, its canonical description.
+
+    Append-only: the design, its strata and its sampled outputs never change, so a statement
+    resting on the run can always be re-estimated and the sample re-drawn from the seed.
+    """
+
+    __tablename__ = "sample_designs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("attribution_runs.id"), unique=True)
+    queries_sha256: Mapped[str] = mapped_column(String(64))
+    """sha256 of the whole queries file: the population."""
+    method: Mapped[str] = mapped_column(String(32))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    size_field: Mapped[str | None] = mapped_column(String(200))
+    """Field whose value is each output's size (PPS); NULL for a uniform design."""
+    strata_field: Mapped[str | None] = mapped_column(String(200))
+    population_count: Mapped[int] = mapped_column(BigInteger)
+    sample_count: Mapped[int] = mapped_column(Integer)
+    document: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint("sample_count > 0", name="sample_not_empty"),
+        CheckConstraint("sample_count <= population_count", name="sample_within_population"),
+    )
+
+
+class SampleStratum(Base):
+    """One stratum of a design: its population (count and total size) and its allocation."""
+
+    __tablename__ = "sample_strata"
+
+    design_id: Mapped[str] = mapped_column(ForeignKey("sample_designs.id"), primary_key=True)
+    stratum: Mapped[str] = mapped_column(String(200), primary_key=True)
+    population_count: Mapped[int] = mapped_column(BigInteger)
+    size_total: Mapped[str] = mapped_column(String(64))
+    """Σ of the outputs' sizes, as an exact decimal string (the count for a uniform design)."""
+    weight_micros_total: Mapped[int] = mapped_column(BigInteger)
+    """Σ of the outputs' credit weights in millionths: the stratum's whole weight."""
+    sample_count: Mapped[int] = mapped_column(Integer)
+    certainty_count: Mapped[int] = mapped_column(Integer)
+
+
+class SampleUnit(Base):
+    """One sampled output: its stratum and inclusion probability (whether attributed yet or
+    not; its result joins through `queries.external_id`)."""
+
+    __tablename__ = "sample_units"
+
+    design_id: Mapped[str] = mapped_column(ForeignKey("sample_designs.id"), primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    line: Mapped[int] = mapped_column(Integer)
+    served_at: Mapped[datetime] = mapped_column(DateTime)
+    stratum: Mapped[str] = mapped_column(String(200))
+    inclusion_probability: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (
+        CheckConstraint(
+            "inclusion_probability > 0 AND inclusion_probability <= 1",
+            name="probability_in_range",
+        ),
+        ForeignKeyConstraint(
+            ["design_id", "stratum"],
+            ["sample_strata.design_id", "sample_strata.stratum"],
+            name="fk_sample_units_design_id_sample_strata",
+        ),
+    )
+
+
+class StatementEstimate(Base):
+    """The 95% interval of a provider's share on a statement estimated from a sample: the
+    share is the line's, ± `share_half_width`. Final with its statement."""
+
+    __tablename__ = "statement_estimates"
+
+    statement_id: Mapped[int] = mapped_column(ForeignKey("statements.id"), primary_key=True)
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"), primary_key=True)
+    share_half_width: Mapped[float] = mapped_column(Float)

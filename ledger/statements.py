@@ -58,6 +58,7 @@ from ledger.errors import (
     NotFoundError,
     StatementFinalError,
 )
+from ledger.guards import LEGACY_SEALING
 from ledger.money import (
     MAX_MINOR,
     allocate,
@@ -69,6 +70,7 @@ from ledger.money import (
 from ledger.periods import Period
 from ledger.recording import to_utc_naive
 from ledger.registry import canonical_json, get_provider
+from ledger.samples import PeriodEstimate, estimate_period, half_widths, statement_sample
 
 guards.install()
 
@@ -88,7 +90,7 @@ class PeriodSnapshot:
     """Everything a statement reads about its period, from one SQL statement (one snapshot)."""
 
     credits: pl.DataFrame
-    """provider_id, credit of the current credits of the period's outputs."""
+    """query_id, provider_id, credit of the current credits of the period's outputs."""
     runs: list[str]
     query_count: int
     unattributed_count: int
@@ -130,6 +132,7 @@ def period_snapshot(
     credit_rows = select(
         c.c.provider_id,
         c.c.credit,
+        c.c.query_id,
         literal(None, String).label("run_id"),
         literal(None, Integer).label("results"),
         literal(None, Integer).label("unattributed"),
@@ -139,6 +142,7 @@ def period_snapshot(
     run_rows = select(
         literal(None, Integer).label("provider_id"),
         literal(None, Float).label("credit"),
+        literal(None, Integer).label("query_id"),
         current.c.run_id,
         func.count().label("results"),
         func.sum(case((current.c.unattributed, 1), else_=0)).label("unattributed"),
@@ -152,11 +156,13 @@ def period_snapshot(
     credit_part = []
     for row in rows:
         if row[0] is None:
-            runs[row[2]] = (int(row[3]), int(row[4] or 0))
+            runs[row[3]] = (int(row[4]), int(row[5] or 0))
         else:
-            credit_part.append(row[:2])
+            credit_part.append(row[:3])
     credits = pl.DataFrame(
-        credit_part, schema={"provider_id": pl.Int64, "credit": pl.Float64}, orient="row"
+        credit_part,
+        schema={"provider_id": pl.Int64, "credit": pl.Float64, "query_id": pl.Int64},
+        orient="row",
     )
     return PeriodSnapshot(
         credits=credits,
@@ -220,12 +226,33 @@ def carried_balances(session: Session, currency: str) -> dict[int, int]:
     }
 
 
+def period_values(
+    session: Session, period: Period, snapshot: PeriodSnapshot
+) -> tuple[list[ProviderValue], PeriodEstimate | None]:
+    """The period's provider values: sums of the credits, or for a period attributed from a
+    sample, Horvitz-Thompson estimates with their 95% intervals (`ledger.samples`)."""
+    estimate = estimate_period(session, period, snapshot.credits, snapshot.runs)
+    if estimate is None:
+        return provider_values(session, snapshot.credits), None
+    names: dict[int, str] = dict(
+        session.execute(
+            select(m.Provider.id, m.Provider.name).where(m.Provider.id.in_(estimate.values))
+        ).all()
+    )
+    values = [
+        ProviderValue(pid, names[pid], estimate.values[pid], estimate.shares[pid])
+        for pid in estimate.values
+    ]
+    return sorted(values, key=lambda v: v.provider), estimate
+
+
 @dataclass(frozen=True)
 class _Computed:
     snapshot: PeriodSnapshot
     values: list[ProviderValue]
     lines: list[dict[str, Any]]
     total_value: float
+    estimate: PeriodEstimate | None = None
 
 
 def _compute(
@@ -237,7 +264,7 @@ def _compute(
 ) -> _Computed:
     """The lines of `period`'s statement from the current credits and carried balances."""
     snapshot = period_snapshot(session, period)
-    values = provider_values(session, snapshot.credits)
+    values, estimate = period_values(session, period, snapshot)
     if not values:
         raise EmptyStatementError(
             f"no query served in {period.label} has any credit; nothing to put on a statement"
@@ -273,8 +300,8 @@ def _compute(
                 "carried_forward_minor": payout.carried_forward if payout else 0,
             }
         )
-    total = math.fsum(snapshot.credits["credit"].to_list())
-    return _Computed(snapshot, values, lines, total)
+    total = math.fsum(snapshot.credits["credit"].to_list()) if estimate is None else estimate.total
+    return _Computed(snapshot, values, lines, total, estimate)
 
 
 def find_statement(session: Session, period: Period) -> m.Statement | None:
@@ -389,6 +416,11 @@ def build_statement(
         session.execute(
             delete(m.statement_runs).where(m.statement_runs.c.statement_id == statement.id)
         )
+        session.execute(
+            delete(m.StatementEstimate.__table__).where(
+                m.StatementEstimate.__table__.c.statement_id == statement.id
+            )
+        )
         session.expire(statement, ["lines", "runs"])
     statement.period_label = period.label
     statement.currency = currency
@@ -410,6 +442,14 @@ def build_statement(
         session.execute(
             insert(m.statement_runs),
             [{"statement_id": statement.id, "run_id": r} for r in computed.snapshot.runs],
+        )
+    if computed.estimate is not None:
+        session.execute(
+            insert(m.StatementEstimate.__table__),
+            [
+                {"statement_id": statement.id, "provider_id": pid, "share_half_width": half}
+                for pid, half in sorted(computed.estimate.half_widths.items())
+            ],
         )
     session.flush()
     session.expire(statement, ["lines", "runs"])
@@ -848,6 +888,7 @@ ROW_SCHEMA = {
     "adjustments_minor": pl.Int64,
     "payable_minor": pl.Int64,
     "payable": pl.String,
+    "share_half_width": pl.Float64,
 }
 
 
@@ -901,6 +942,8 @@ def _live_rows(session: Session, statement: m.Statement) -> list[dict[str, Any]]
     adjustments: dict[str, int] = {}
     for adj in _live_adjustments(session, statement_id):
         adjustments[adj["provider"]] = adjustments.get(adj["provider"], 0) + adj["amount_minor"]
+    # No sample before revision 0006, whose tables migration 0003 cannot read.
+    estimated = {} if session.info.get(LEGACY_SEALING) else half_widths(session, statement_id)
     rows: list[dict[str, Any]] = []
     for line in statement.lines:
         name = line.provider.name
@@ -922,6 +965,8 @@ def _live_rows(session: Session, statement: m.Statement) -> list[dict[str, Any]]
                 "payable": None if payable is None else format_minor(payable, cur),
             }
         )
+        if estimated:  # only on statements estimated from a sample: others seal as before
+            rows[-1]["share_half_width"] = estimated.get(line.provider_id, 0.0)
     for name, adj in sorted(adjustments.items()):
         rows.append(
             {
@@ -974,7 +1019,7 @@ def statement_summary(session: Session, statement_id: int) -> dict[str, Any]:
 
 def _live_summary(session: Session, s: m.Statement) -> dict[str, Any]:
     cur = s.currency
-    return {
+    summary = {
         "id": s.id,
         "period": s.period_label,
         "period_start": s.period_start,
@@ -996,3 +1041,7 @@ def _live_summary(session: Session, s: m.Statement) -> dict[str, Any]:
         ],
         "adjustments": _live_adjustments(session, s.id),
     }
+    sample = None if session.info.get(LEGACY_SEALING) else statement_sample(session, s)
+    if sample is not None:  # only on statements estimated from a sample: others seal as before
+        summary["sample"] = sample
+    return summary
