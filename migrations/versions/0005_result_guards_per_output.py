@@ -7,6 +7,12 @@ row: 100,000 credit rows of 10,000 outputs made 100,000 index probes of `query_r
 (run, output) pairs, providers and outputs of the statement: the same conditions, checked
 on about a tenth of the lookups (see benchmarks/ledger_statement.py).
 
+The foreign keys of `query_results` (its output and its run) are checked the same way, once per
+INSERT over the distinct outputs and runs, by `ledger_closed_period_guard`, instead of by two
+row-level foreign-key triggers per result. What they also guarded, the referenced rows'
+deletion or change of key, the append-only triggers of `queries` and `attribution_runs`
+already refuse (as for the credits' foreign keys since 0003).
+
 SQLite is unchanged (its foreign keys and triggers are row by row).
 
 Revision ID: 0005
@@ -52,9 +58,18 @@ FUNCTIONS = {
             RETURN NULL;
         END
     """,
-    # Results, once per INSERT statement: no output of a closed period gets one.
+    # Results, once per INSERT statement: each refers to an output and a run the ledger holds
+    # (the foreign keys, checked as a set), and no output of a closed period gets one.
     "ledger_closed_period_guard": f"""
         BEGIN
+            IF EXISTS (SELECT 1 FROM (SELECT DISTINCT query_id FROM new_rows) n
+                       WHERE NOT EXISTS (SELECT 1 FROM queries q WHERE q.id = n.query_id))
+               OR EXISTS (SELECT 1 FROM (SELECT DISTINCT run_id FROM new_rows) n
+                          WHERE NOT EXISTS (SELECT 1 FROM attribution_runs a
+                                            WHERE a.id = n.run_id)) THEN
+                RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation',
+                    MESSAGE = 'query_results refers to an output or run the ledger does not hold';
+            END IF;
             IF {_IN_FINAL_PERIOD} THEN
                 RAISE EXCEPTION 'an output was served in a period whose statement is final';
             END IF;
@@ -72,12 +87,29 @@ def _replace(functions: dict[str, str]) -> None:
         )
 
 
+# The foreign keys of query_results that `ledger_closed_period_guard` checks as a set.
+SET_CHECKED_FOREIGN_KEYS = [
+    (
+        "fk_query_results_query_id_queries",
+        "FOREIGN KEY (query_id) REFERENCES queries (id)",
+    ),
+    (
+        "fk_query_results_run_id_attribution_runs",
+        "FOREIGN KEY (run_id) REFERENCES attribution_runs (id)",
+    ),
+]
+
+
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         _replace(FUNCTIONS)
+        for name, _ in SET_CHECKED_FOREIGN_KEYS:
+            op.execute(f"ALTER TABLE query_results DROP CONSTRAINT {name}")
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
+        for name, definition in SET_CHECKED_FOREIGN_KEYS:
+            op.execute(f"ALTER TABLE query_results ADD CONSTRAINT {name} {definition}")
         previous = import_module("migrations.versions.0003_ledger_invariants")._PG_FUNCTIONS
         _replace({name: previous[name] for name in FUNCTIONS})

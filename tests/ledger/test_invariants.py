@@ -511,7 +511,7 @@ def test_a_final_statement_shown_with_other_settings_is_refused(tmp_path) -> Non
 BAD_CREDIT_ROWS = {
     "unknown provider": "(:r, :q, 999999, 1.0, 1.0)",
     "unknown result": "(:r, 999999, :p, 1.0, 1.0)",
-    "unknown run": "('0' || :r, :q, :p, 1.0, 1.0)",
+    "unknown run": "(:other, :q, :p, 1.0, 1.0)",
 }
 
 
@@ -533,7 +533,7 @@ def test_a_credit_row_without_its_result_or_provider_is_refused_among_good_rows(
                 "INSERT INTO credits (run_id, query_id, provider_id, positive_sum, credit) "
                 f"VALUES {rows}"
             ),
-            {"r": run_id, "q": qids[0], "p": beta},
+            {"r": run_id, "q": qids[0], "p": beta, "other": sha("no such run")},
         )
     with engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM credits")).scalar() == 3
@@ -547,6 +547,37 @@ def test_a_credit_row_without_its_result_or_provider_is_refused_among_good_rows(
         )
     with engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM credits")).scalar() == 6
+
+
+@pytest.mark.parametrize("bad", ["unknown output", "unknown run"])
+def test_a_result_row_without_its_output_or_run_is_refused_among_good_rows(
+    engine: Engine, bad: str
+) -> None:
+    populate(engine, [result("o", datetime(2024, 7, 2), {"alpha": 1.0})])
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO queries (external_id, served_at, weight_micros, text_sha256, "
+                "created_at) VALUES ('n1', '2024-07-03', 1, 'h', '2024-07-03'), "
+                "('n2', '2024-07-04', 1, 'h', '2024-07-04')"
+            )
+        )
+        new = conn.execute(text("SELECT id FROM queries WHERE external_id LIKE 'n%'")).all()
+        run_id = conn.execute(text("SELECT id FROM attribution_runs")).scalar()
+    rows = [f"(:r, {q}, false, 1.0, false, '2024-07-05')" for (q,) in new]
+    rows.insert(1, "(:r, 999999, false, 1.0, false, '2024-07-05')" if bad == "unknown output"
+                else f"(:other, {new[0][0]}, false, 1.0, false, '2024-07-05')")
+    insert = (
+        "INSERT INTO query_results (run_id, query_id, unattributed, positive_total, "
+        "is_current, recorded_at) VALUES "
+    )
+    with pytest.raises(DatabaseError), engine.begin() as conn:
+        conn.execute(text(insert + ", ".join(rows)), {"r": run_id, "other": sha("no such run")})
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM query_results")).scalar() == 1
+        del rows[1]
+        conn.execute(text(insert + ", ".join(rows)), {"r": run_id})
+        assert conn.execute(text("SELECT COUNT(*) FROM query_results")).scalar() == 3
 
 
 def test_a_credit_added_to_a_result_of_a_closed_period_is_refused_or_found(engine: Engine) -> None:

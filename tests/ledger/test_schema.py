@@ -16,6 +16,9 @@ from ledger.models import Base
 SET_CHECKED_FOREIGN_KEYS = importlib.import_module(
     "migrations.versions.0003_ledger_invariants"
 ).SET_CHECKED_FOREIGN_KEYS
+RESULT_FOREIGN_KEYS = importlib.import_module(
+    "migrations.versions.0005_result_guards_per_output"
+).SET_CHECKED_FOREIGN_KEYS
 
 VIEWS = {
     "query_credits",
@@ -31,8 +34,9 @@ def test_migrations_and_models_agree(engine: Engine) -> None:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         diff = compare_metadata(context, Base.metadata)
     if engine.dialect.name == "postgresql":
-        # These foreign keys are checked per INSERT by a set-based trigger there (0003).
+        # These foreign keys are checked per INSERT by set-based triggers there (0003, 0005).
         set_checked = {name for fks in SET_CHECKED_FOREIGN_KEYS.values() for name, _ in fks}
+        set_checked |= {name for name, _ in RESULT_FOREIGN_KEYS}
         moved = {d[1].name for d in diff if d[0] == "add_fk"}
         assert moved == set_checked
         diff = [d for d in diff if d[0] != "add_fk"]
@@ -47,10 +51,15 @@ def test_set_checked_foreign_keys_still_refuse_rows_without_a_result(make_databa
         for table, columns in (
             ("credits", "run_id, query_id, provider_id, positive_sum, credit"),
             ("top_examples", "run_id, query_id, rank, example_id, shard, row, provider_id, score"),
+            (
+                "query_results",
+                "run_id, query_id, unattributed, positive_total, is_current, recorded_at",
+            ),
         ):
             values = {
                 "credits": "('r', 1, 1, 1.0, 1.0)",
                 "top_examples": "('r', 1, 1, 'e', 's', 0, 1, 1.0)",
+                "query_results": "('r', 1, false, 1.0, true, '2024-07-01')",
             }[table]
             with pytest.raises(IntegrityError, match="does not hold"), engine.begin() as conn:
                 conn.execute(text(f"INSERT INTO {table} ({columns}) VALUES {values}"))
