@@ -29,12 +29,11 @@ from attribution.config import (
     DEFAULT_K,
     DEFAULT_LM_CURVATURE_LABELS,
     DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES,
+    DEFAULT_MAX_LENGTH,
     IndexConfig,
     ProjectionConfig,
     ScoreConfig,
 )
-from attribution.curvature import check_damping_factor
-from attribution.lm import DEFAULT_MAX_LENGTH
 from attribution.types import IndexDamagedError, IndexMismatchError, InputError, first_line
 from ledger import render
 from ledger.db import (
@@ -205,7 +204,7 @@ def shards_add(ctx: Context, paths: tuple[str, ...], provider: str) -> None:
     A shard whose content changes later is refused by `ledger index`.
     Example: `ledger shards add shards/a.jsonl shards/b.parquet --provider stellar-press`.
     """
-    from ledger.jobs import register_shards
+    from ledger.registry import register_shards
 
     added = register_shards(ctx.engine(), list(paths), provider)
     ctx.echo(
@@ -424,6 +423,7 @@ def index_cmd(
 
     Example: `ledger index --model model/ --kind pca --k-in 16 --k-out 16`.
     """
+    from attribution.curvature import check_damping_factor
     from ledger.jobs import build_ledger_index
 
     for name, value in (
@@ -526,6 +526,31 @@ def index_cmd(
     "token (recorded in the run's manifest).",
 )
 @click.option(
+    "--sample",
+    "sample_size",
+    type=click.IntRange(min=1),
+    help="Attribute a probability sample of this many of the file's outputs (docs/sampling.md).",
+)
+@click.option(
+    "--sample-rate",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Or a sample of this fraction of the file's outputs (rounded up).",
+)
+@click.option(
+    "--seed",
+    "sample_seed",
+    type=click.IntRange(0, 2**63 - 1),
+    help="The sample's seed (default: a fresh one, recorded with the run).",
+)
+@click.option(
+    "--weight-field",
+    help="Draw outputs with probability proportional to this field (e.g. revenue or weight).",
+)
+@click.option(
+    "--strata",
+    help="Stratify the sample by this field, or by served month, day or year (month, day, year).",
+)
+@click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @pass_ctx
@@ -539,6 +564,11 @@ def attribute(
     top_k: int,
     batch_size: int,
     query_loss: str,
+    sample_size: int | None,
+    sample_rate: float | None,
+    sample_seed: int | None,
+    weight_field: str | None,
+    strata: str | None,
     fmt: str,
 ) -> None:
     """Attribute served outputs to providers and record the credits.
@@ -550,6 +580,7 @@ def attribute(
 
     if top_k < 1 or batch_size < 1:
         raise click.BadParameter("--top-k and --batch-size must be positive")
+    plan = _sample_plan(sample_size, sample_rate, sample_seed, weight_field, strata)
     summary = attribute_outputs(
         ctx.engine(),
         outputs,
@@ -559,6 +590,7 @@ def attribute(
         config=ScoreConfig(top_k=top_k, query_loss=query_loss),
         batch_size=batch_size,
         show_progress=not ctx.quiet,
+        sample=plan,
     )
     if fmt == "json":
         click.echo(render.to_json(summary.as_dict()))
@@ -567,6 +599,75 @@ def attribute(
         f"run {summary.run_id[:16]} over index {summary.index_id[:16]}: "
         f"{summary.queries} outputs, {summary.attributed} attributed, "
         f"{summary.skipped} skipped as already done, {summary.unattributed} unattributed"
+        + (f" (a sample drawn with seed {plan.seed})" if plan is not None else "")
+    )
+
+
+def _sample_plan(
+    size: int | None, rate: float | None, seed: int | None, field: str | None, strata: str | None
+) -> Any:
+    """The `--sample`/`--sample-rate` options as a plan (None: attribute every output)."""
+    import secrets
+
+    from ledger.samples import SamplePlan
+
+    if size is not None and rate is not None:
+        raise click.UsageError("give --sample N or --sample-rate R, not both")
+    if size is None and rate is None:
+        if seed is not None or field or strata:
+            raise click.UsageError(
+                "--seed, --weight-field and --strata need --sample or --sample-rate"
+            )
+        return None
+    seed = secrets.randbits(63) if seed is None else seed
+    return SamplePlan(seed, size, rate, field or None, strata or None)
+
+
+@cli.command("sample-size")
+@click.option("--period", required=True, help="The pilot's period, e.g. 2024-Q3.")
+@click.option(
+    "--precision",
+    type=click.FloatRange(0, 1, min_open=True),
+    required=True,
+    help="Half-width of the 95% interval wanted on the largest share, e.g. 0.005 (±0.5%).",
+)
+@click.option(
+    "--uniform",
+    is_flag=True,
+    help="Plan a sample drawn with equal probabilities (default: proportional to weight).",
+)
+@click.option(
+    "--throughput",
+    type=click.FloatRange(0, min_open=True),
+    help="Outputs attributed per second (default: measured on the pilot's runs).",
+)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@pass_ctx
+@user_errors
+def sample_size(
+    ctx: Context, period: str, precision: float, uniform: bool, throughput: float | None, fmt: str
+) -> None:
+    """How many outputs to attribute for a given precision, planned from a pilot's credits.
+
+    Example: `ledger sample-size --period 2024-Q3 --precision 0.005`.
+    """
+    from ledger.periods import parse_period
+    from ledger.samples import plan_sample_size
+
+    with session_scope(ctx.engine()) as session:
+        plan = plan_sample_size(session, parse_period(period), precision, not uniform, throughput)
+    if fmt == "json":
+        click.echo(render.to_json(plan.as_dict()))
+        return
+    timing = (
+        f"about {plan.seconds / 3600:.2f} h at {plan.outputs_per_second:.3g} outputs/s"
+        if plan.seconds is not None
+        else "no finished run to measure a throughput on (give --throughput)"
+    )
+    click.echo(
+        f"{plan.period}: attribute {plan.outputs} of about {plan.population:,.0f} outputs "
+        f"({plan.design}) for ±{100 * plan.precision:.2f}% at 95% on {plan.provider}'s share "
+        f"(now {100 * plan.share:.2f}%, from {plan.pilot_outputs} pilot outputs); {timing}"
     )
 
 
@@ -580,16 +681,21 @@ def attribute(
     help="2024-Q3, 2024-07, 2024-H1, 2024, or 2024-07-01..2024-10-01 (end exclusive).",
 )
 @click.option("--pool", help="Royalty pool to allocate, e.g. 250000 or 1999.50.")
-@click.option("--currency", default="USD", show_default=True)
+@click.option(
+    "--currency",
+    help="Currency of --pool [default: the saved draft's, else USD]; another currency than a "
+    "saved or final statement's is refused unless --pool rebuilds a draft in it.",
+)
 @click.option("--min-payout", help="Smaller amounts are carried forward to the next statement.")
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "csv", "json", "parquet"]),
+    type=click.Choice(["table", "csv", "json", "parquet", "xlsx"]),
     default="table",
     show_default=True,
 )
 @click.option("--out", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
+@click.option("--save", is_flag=True, help="Keep the statement as a draft (a preview otherwise).")
 @click.option("--finalize", is_flag=True, help="Close the statement: it can never change again.")
 @click.option(
     "--allow-unfinished",
@@ -602,61 +708,43 @@ def report(
     ctx: Context,
     period: str,
     pool: str | None,
-    currency: str,
+    currency: str | None,
     min_payout: str | None,
     fmt: str,
     out: str | None,
+    save: bool,
     finalize: bool,
     allow_unfinished: bool,
 ) -> None:
     """The value statement of a period: per provider value, share and royalty amount.
 
-    A draft is rebuilt from the current credits each time (keeping its pool unless --pool is
-    given); a final statement is shown as it was.
+    Shown as a preview: built from the current credits and not kept (a saved draft keeps its
+    pool unless --pool is given). --save keeps it as a draft; --finalize closes it; a final
+    statement is shown as it was. Every exported line carries the statement's id, period,
+    currency and status, and a last line holds the totals (payable included).
     Example: `ledger report --period 2024-Q3 --pool 250000 --currency USD`.
     """
-    from ledger.money import from_minor, parse_amount
     from ledger.periods import parse_period
-    from ledger.statements import build_statement, finalize_statement, find_statement
+    from ledger.reports import prepare_statement, preview_scope, statement_report
+    from ledger.statements import finalize_statement
 
     p = parse_period(period)
-    if fmt == "parquet" and out is None:
-        raise click.ClickException("--format parquet writes a file: give --out FILE")
+    if fmt in ("parquet", "xlsx") and out is None:
+        raise click.ClickException(f"--format {fmt} writes a file: give --out FILE")
     out_dir = Path(out).absolute().parent if out is not None else None
     if out_dir is not None and not out_dir.is_dir():
         # Checked before the statement is built, so a bad path leaves the ledger as it was.
         raise click.ClickException(f"--out {out}: directory {out_dir} does not exist")
-    pool_amount = parse_amount(pool, currency) if pool is not None else None
-    minimum = parse_amount(min_payout, currency) if min_payout is not None else None
-    with session_scope(ctx.engine()) as session:
-        statement = find_statement(session, p)
-        if statement is not None and statement.status != "final" and pool is None:
-            # Re-showing a draft keeps the pool it was built with.
-            if statement.pool_minor is not None:
-                currency = statement.currency
-                pool_amount = from_minor(statement.pool_minor, currency)
-                if statement.min_payout_minor is not None and minimum is None:
-                    minimum = from_minor(statement.min_payout_minor, currency)
-        if statement is None or statement.status != "final":
-            statement = build_statement(session, p, pool_amount, currency, minimum)
-        elif pool_amount is not None and (
-            statement.currency != currency.strip().upper()
-            or statement.pool_minor != _minor(pool_amount, currency.strip())
-        ):
-            raise LedgerError(
-                f"statement {statement.id} for {p.label} is final with another "
-                "pool; it cannot change"
-            )
-        elif minimum is not None and statement.min_payout_minor != _minor(
-            minimum, statement.currency
-        ):
-            raise LedgerError(
-                f"statement {statement.id} for {p.label} is final with another minimum "
-                "payout; it cannot change"
-            )
+    keep = save or finalize
+    with (session_scope if keep else preview_scope)(ctx.engine()) as session:
+        statement, built = prepare_statement(session, p, pool, currency, min_payout)
         if finalize and statement.status != "final":
             finalize_statement(session, statement.id, allow_unfinished=allow_unfinished)
-        _render_statement(session, statement.id, fmt, out)
+        # Built here and not kept: a preview (a saved draft shown as it was saved is not).
+        doc = statement_report(session, statement.id, preview=built and not keep)
+    _render_report(doc, fmt, out)
+    if save and statement.status != "final" and not ctx.quiet:
+        click.echo(f"saved draft statement {statement.id} for {p.label}", err=True)
 
 
 def _minor(amount: Any, currency: str) -> int:
@@ -665,44 +753,74 @@ def _minor(amount: Any, currency: str) -> int:
     return to_minor(amount, currency.upper())
 
 
-def _render_statement(session: Any, statement_id: int, fmt: str, out: str | None) -> None:
-    from ledger.statements import statement_rows, statement_summary
+def _render_report(doc: dict, fmt: str, out: str | None) -> None:
+    """A `ledger.reports.statement_report` in `fmt`, to `out` or stdout."""
+    from ledger.reports import report_frame, write_report
 
-    rows = statement_rows(session, statement_id)
-    summary = statement_summary(session, statement_id)
-    if fmt in ("csv", "parquet"):
-        text = render.write_frame(rows, fmt, out)
+    if fmt in ("parquet", "xlsx") or (fmt == "csv" and out):
+        write_report(doc, fmt, out)
+        return
+    if fmt == "csv":
+        text = report_frame(doc).write_csv()
     elif fmt == "json":
-        text = render.to_json({"statement": summary, "lines": rows.to_dicts()})
+        text = render.to_json(doc)
     else:
-        text = _statement_text(summary, rows.to_dicts())
-    if text is not None and out and fmt in ("json", "table"):
-        Path(out).write_text(text + "\n")
-    elif text is not None:
+        text = _statement_text(doc["statement"], doc["lines"])
+    if out:
+        Path(out).write_text(text if text.endswith("\n") else text + "\n")
+    else:
         click.echo(text, nl=not text.endswith("\n"))
 
 
+def _half_width(row: dict) -> dict:
+    """A share estimated from a sample, shown with its 95% interval's half-width."""
+    half = row.get("share_half_width")
+    return {} if half is None else {"share": f"{100 * row['share']:.2f}% ± {100 * half:.2f}%"}
+
+
+def _sample_line(sample: dict) -> str:
+    designs = ", ".join(d[:16] for d in sample["designs"])
+    return (
+        f"Estimated from a sample: {sample['sampled_outputs']} sampled outputs of about "
+        f"{sample['estimated_outputs']:,.0f} served; shares ± half-width of their 95% "
+        f"interval; amounts on the estimates (design {designs})"
+    )
+
+
 def _statement_text(s: dict, lines: list[dict]) -> str:
+    from ledger.money import format_minor
+
+    name = "preview" if s["id"] is None else str(s["id"])
+    status = (
+        "preview: not saved; --save keeps it as a draft"
+        if s["status"] == "preview"
+        else s["status"]
+    )
     head = [
-        f"Statement {s['id']} for {s['period']} [{s['status']}]  "
+        f"Statement {name} for {s['period']} [{status}]  "
         f"{s['period_start']:%Y-%m-%d} to {s['period_end']:%Y-%m-%d} (exclusive)"
     ]
     head.append(f"Queries: {s['queries']} credited, {s['unattributed_queries']} unattributed")
+    if s.get("sample"):
+        head.append(_sample_line(s["sample"]))
     if s["pool"] is not None:
         head.append(
             f"Pool: {s['pool']} {s['currency']}"
             + (f"  minimum payout {s['min_payout']}" if s["min_payout"] else "")
         )
     cols = ["provider", "value", "share"]
-    rows = [{**r, "value": f"{r['value']:.6f}", "share": f"{100 * r['share']:.2f}%"} for r in lines]
+    rows = [
+        {**r, "value": render.number(r["value"]), "share": f"{100 * r['share']:.2f}%"}
+        | _half_width(r)
+        for r in lines
+    ]
     if s["pool"] is not None:
         cols += ["amount", "payable"]
     body = render.table(rows, cols, right=("value", "share", "amount", "payable"))
     foot = []
+    totals = s["totals"]
     if s["pool"] is not None:
-        from ledger.money import format_minor
-
-        total = sum(r["amount_minor"] or 0 for r in lines)
+        total = totals["amount_minor"]
         foot.append(
             f"Total amount: {format_minor(total, s['currency'])} {s['currency']}"
             + (" (= pool)" if total == s["pool_minor"] else " (≠ pool!)")
@@ -712,6 +830,23 @@ def _statement_text(s: dict, lines: list[dict]) -> str:
             f"Adjustment {adj['id']}: {adj['provider']} {adj['amount']} — corrects "
             f"statement {adj['corrects_statement_id']} ({adj['corrects_period']}): "
             f"{adj['reason']}"
+        )
+    if s["pool"] is not None:
+        moved = [
+            (totals["carried_in_minor"], "carried in", "+"),
+            (totals["carried_forward_minor"], "carried forward", "-"),
+            (totals["adjustments_minor"], "adjustments", "+"),
+        ]
+        parts = [
+            f"{sign} {format_minor(abs(v), s['currency'])} {what}"
+            if v >= 0
+            else f"{'-' if sign == '+' else '+'} {format_minor(-v, s['currency'])} {what}"
+            for v, what, sign in moved
+            if v
+        ]
+        foot.append(
+            f"Total payable: {totals['payable']} {s['currency']}"
+            + (f" (amount {' '.join(parts)})" if parts else "")
         )
     runs = ", ".join(
         f"{r['run_id'][:16]} (index {r['index_id'][:16]}"
@@ -758,6 +893,9 @@ def statements_list(ctx: Context, fmt: str) -> None:
 
 @statements.command("finalize")
 @click.argument("statement")
+@click.option("--pool", help="Build the period's statement with this pool and close it.")
+@click.option("--currency", help="Currency of --pool [default: the saved draft's, else USD].")
+@click.option("--min-payout", help="With --pool: smaller amounts are carried forward.")
 @click.option(
     "--allow-unfinished",
     is_flag=True,
@@ -766,23 +904,66 @@ def statements_list(ctx: Context, fmt: str) -> None:
 )
 @pass_ctx
 @user_errors
-def statements_finalize(ctx: Context, statement: str, allow_unfinished: bool) -> None:
+def statements_finalize(
+    ctx: Context,
+    statement: str,
+    pool: str | None,
+    currency: str | None,
+    min_payout: str | None,
+    allow_unfinished: bool,
+) -> None:
     """Close a statement (by id or period label); it can never change afterwards.
 
-    The draft must be up to date with the ledger (rebuild it with `ledger report` otherwise);
-    its money is booked as balanced transfers and its content sealed with a sha256 chained to
-    the previous final statement's.
+    A saved draft must be up to date with the ledger (save it again with `ledger report
+    --save` otherwise). A period with no saved draft, or given with --pool, is built from the
+    current credits exactly as `ledger report` previews it and closed in the same
+    transaction. Its money is booked as balanced transfers and its content sealed with a
+    sha256 chained to the previous final statement's.
+    Example: `ledger statements finalize 2024-Q3 --pool 250000 --currency USD`.
     """
-    from ledger.statements import finalize_statement
+    from ledger.periods import parse_period
+    from ledger.reports import prepare_statement
+    from ledger.statements import finalize_statement, find_statement
 
     with session_scope(ctx.engine()) as session:
-        s = finalize_statement(
-            session, _statement_id(session, statement), allow_unfinished=allow_unfinished
+        ref = statement
+        build = not (ref.isascii() and ref.isdigit()) and (
+            pool is not None or find_statement(session, parse_period(ref)) is None
         )
+        if build:
+            target, _ = prepare_statement(session, parse_period(ref), pool, currency, min_payout)
+        else:
+            if pool is not None or currency is not None or min_payout is not None:
+                raise LedgerError("--pool, --currency and --min-payout need a period, not an id")
+            target = get_statement_ref(session, ref)
+        s = finalize_statement(session, target.id, allow_unfinished=allow_unfinished)
         ctx.echo(
             f"statement {s.id} for {s.period_label} is final (sha256 {s.content_sha256[:16]}, "
             f"finalised by {s.finalized_by})"
         )
+
+
+@statements.command("discard")
+@click.argument("statement")
+@pass_ctx
+@user_errors
+def statements_discard(ctx: Context, statement: str) -> None:
+    """Delete a saved draft statement (by id or period label). A final statement is never
+    discarded, nor a draft that carries adjustments.
+
+    Example: `ledger statements discard 2024-Q3`.
+    """
+    from ledger.reports import discard_draft
+
+    with session_scope(ctx.engine()) as session:
+        s = discard_draft(session, _statement_id(session, statement))
+        ctx.echo(f"discarded draft statement {s.id} for {s.period_label}")
+
+
+def get_statement_ref(session: Any, ref: str) -> Any:
+    from ledger.statements import get_statement
+
+    return get_statement(session, _statement_id(session, ref))
 
 
 @statements.command("verify")
@@ -935,11 +1116,10 @@ def runs_show(ctx: Context, run_id: str) -> None:
     """The manifest of a run (id or prefix) and of the index it used, as JSON."""
     import json
 
-    from ledger.jobs import _resolve_run_id
-    from ledger.recording import get_run
+    from ledger.recording import get_run, resolve_run_id
 
     with session_scope(ctx.engine()) as session:
-        run = get_run(session, _resolve_run_id(session, run_id))
+        run = get_run(session, resolve_run_id(session, run_id))
         doc = {
             "run": json.loads(run.manifest),
             "status": run.status,
@@ -1000,13 +1180,12 @@ def verify(
     With --statement ID: a final statement's hash and chain link, its content rebuilt from its
     lines, adjustments, runs and provider names, its values re-summed from the credits, and
     its journal."""
-    from ledger.jobs import STORED_CHECK, verify_run
-
     if (run_id is None) == (statement_ref is None):
         raise click.UsageError("give a RUN_ID or --statement ID (one of them)")
     if statement_ref is not None:
         _verify_statement(ctx, statement_ref, fmt)
         return
+    from ledger.jobs import STORED_CHECK, verify_run
 
     v = verify_run(
         ctx.engine(), run_id, outputs, model_dir=model_dir, sample=None if every else sample,
@@ -1130,6 +1309,42 @@ def _emit_table_rows(rows: Iterator[dict], limit: int) -> None:
             "every row)",
             err=True,
         )
+
+
+@cli.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; other machines can reach the view only if this is not a "
+    "loopback address.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8023,
+    show_default=True,
+    help="Port to listen on (0: any free port, printed at start).",
+)
+@pass_ctx
+@user_errors
+def serve(ctx: Context, host: str, port: int) -> None:
+    """A local, read-only web view of the ledger: statements with their charts, providers with
+    their trend, outputs with their credits and top examples, runs with their manifests.
+
+    Pages show what `ledger report` shows (a draft as last saved); only GET is answered, and
+    the database itself keeps the server's transactions read-only. Stop it with Ctrl-C.
+    Example: `ledger serve`, then open http://127.0.0.1:8023/.
+    """
+    from ledger.web import serve as serve_ledger
+
+    ctx.engine()  # an uninitialised ledger is one line here, not an error page
+    serve_ledger(
+        ctx.url,
+        host,
+        port,
+        lambda address: click.echo(f"Serving the ledger read-only at {address} (Ctrl-C stops)"),
+    )
 
 
 @cli.command()

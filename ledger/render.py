@@ -10,16 +10,37 @@ from collections.abc import Iterable, Iterator
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
+if TYPE_CHECKING:  # polars is imported by the callers that build frames, not for a table
+    import polars as pl
+
+
+def number(value: float, digits: int = 6) -> str:
+    """A float in plain decimal notation, never with an exponent: every digit before the
+    point, and decimals up to `digits` significant digits in all, trailing zeros dropped
+    (7994255852388.72 → "7994255852388", 3.95846e+11 → "395846000000", 0.000123456789 →
+    "0.000123457"). Beyond 1e21 or below 1e-15, where plain notation would run to dozens of
+    zeros, the exponent form of `digits` significant digits. Money is never a float here: it
+    is printed from minor units."""
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(value)))
+    if not -15 <= magnitude < 21:
+        return f"{value:.{digits}g}"
+    text = f"{value:.{max(0, digits - 1 - magnitude)}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return number(value)
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
     return str(value)

@@ -106,7 +106,7 @@ def test_pipeline_credits_planted_providers_is_idempotent_and_pays_the_pool(
         "--format",
         "json",
     ]
-    statement = json.loads(ledger(cwd, url, *report_args).stdout)
+    statement = json.loads(ledger(cwd, url, *report_args, "--save").stdout)
     amounts = [Decimal(line["amount"]) for line in statement["lines"]]
     assert sum(amounts) == Decimal("1000.00")
     assert sum(line["amount_minor"] for line in statement["lines"]) == 100000
@@ -142,10 +142,10 @@ def test_pipeline_credits_planted_providers_is_idempotent_and_pays_the_pool(
     assert "re-computed 3/3 outputs agree" in verified.stdout
 
     csv = ledger(cwd, url, "report", "--period", "2024-Q3", "--format", "csv").stdout
-    header, *rows = [line for line in csv.splitlines() if line]
+    header, *rows, total = [line for line in csv.splitlines() if line]
     assert header.startswith("provider,value,share,amount_minor")
-    # Shown again without --pool, the draft keeps its pool: amounts still sum to it.
-    assert sum(int(r.split(",")[3]) for r in rows) == 100000
+    # Shown again without --pool, the saved draft keeps its pool: amounts still sum to it.
+    assert sum(int(r.split(",")[3]) for r in rows) == 100000 == int(total.split(",")[3])
     ledger(cwd, url, "report", "--period", "2024-Q3", "--pool", "1000.00", "--finalize")
     ledger(cwd, url, "report", "--period", "2024-Q3", "--finalize")  # already final: shown
     refused = ledger(cwd, url, "report", "--period", "2024-Q3", "--pool", "999.00", check=False)
