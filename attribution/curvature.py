@@ -331,6 +331,17 @@ def _size(n_bytes: int) -> str:
 def _fit_ekfac(
     source: BlockSource, slices: list[LayerSlice], bases: Bases | None
 ) -> list[LayerCurvature]:
+    layers = ekfac_layers(slices, bases)
+    second = [np.zeros(s.dim) for s in slices]
+    n = 0
+    for block in source():
+        second = [a + b for a, b in zip(second, second_moments(layers, slices, block), strict=True)]
+        n += block.shape[0]
+    return with_second_moments(layers, second, n)
+
+
+def ekfac_layers(slices: list[LayerSlice], bases: Bases | None) -> list[LayerCurvature]:
+    """Each layer's EKFAC eigenbasis (Q_out, Q_in) from `bases`, its eigenvalues still 0."""
     layers = []
     for s in slices:
         if bases is None or s.name not in bases:
@@ -339,16 +350,27 @@ def _fit_ekfac(
         if s.shape is None or q_out.shape[0] * q_in.shape[0] != s.dim:
             raise ValueError(f"layer '{s.name}': eigenbasis does not match its {s.dim} dimensions")
         layers.append(LayerCurvature(np.zeros(s.dim), None, 0.0, q_out, q_in))
-    second = {s.name: np.zeros(s.dim) for s in slices}
-    n = 0
-    for block in source():
-        b = np.asarray(block, dtype=np.float64)
-        for s, c in zip(slices, layers, strict=True):
-            second[s.name] += (c.rotate(b[:, s.start : s.stop]) ** 2).sum(axis=0)
-        n += b.shape[0]
+    return layers
+
+
+def second_moments(
+    layers: list[LayerCurvature], slices: list[LayerSlice], block: np.ndarray
+) -> list[np.ndarray]:
+    """Per layer, Σ over the block's rows of (Vᵀ g)², each coordinate in the eigenbasis."""
+    b = np.asarray(block, dtype=np.float64)
+    return [
+        (c.rotate(b[:, s.start : s.stop]) ** 2).sum(axis=0)
+        for s, c in zip(slices, layers, strict=True)
+    ]
+
+
+def with_second_moments(
+    layers: list[LayerCurvature], second: list[np.ndarray], n: int
+) -> list[LayerCurvature]:
+    """The layers with eigenvalues Σ (Vᵀ g)² / n, the gradients' second moments (`n` rows)."""
     _require_rows(n)
-    for s, c in zip(slices, layers, strict=True):
-        c.eigvals = second[s.name] / n
+    for c, sums in zip(layers, second, strict=True):
+        c.eigvals = sums / n
     return layers
 
 
