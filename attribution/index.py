@@ -27,6 +27,7 @@ from torch import nn
 
 from attribution.config import LANGUAGE_MODEL_INDEX, IndexConfig, ProjectionConfig
 from attribution.curvature import check_damping_factor, fit_curvature, kfac_bases, shrink_to_kfac
+from attribution.device import DEFAULT_DEVICE, DeviceSpec, place_model, resolve_device
 from attribution.fingerprint import FingerprintedData, weights_sha256
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
@@ -56,7 +57,6 @@ from attribution.store import (
     CURVATURE_FILE,
     FACTORS_FILE,
     MANIFEST_FILE,
-    META_SCHEMA,
     METADATA_FILE,
     PROJECTIONS_FILE,
     GradientIndex,
@@ -67,9 +67,9 @@ from attribution.store import (
     load_projectors,
     save_factors,
     save_projectors,
-    write_block,
 )
 from attribution.types import Batch, IndexMismatchError, LossFn
+from attribution.writer import BlockWriter
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,9 @@ def make_projectors(
         ]
     elif kind == "identity":
         projectors = identity_projectors(specs)
+    # What is saved lives on the host; members take device copies (`Tracked.on_model_device`).
+    projectors = [LayerProjector(p.name, p.p_in.cpu(), p.p_out.cpu()) for p in projectors]
+    factors = [KfacFactors(f.name, f.a.cpu(), f.s.cpu(), f.examples) for f in factors]
     return layers, projectors, factors
 
 
@@ -314,6 +317,7 @@ def build_index(
     data_info: dict | None = None,
     show_progress: bool = True,
     checkpoints: Sequence[nn.Module] = (),
+    device: DeviceSpec = DEFAULT_DEVICE,
 ) -> GradientIndex:
     """Build (or resume, or reopen) the gradient index of `data` in `out_dir`.
 
@@ -341,9 +345,18 @@ def build_index(
     projection and curvature, so a score is the sum over the models of each one's influence;
     the positive part, RelatIF and top examples are taken of that sum. Queries are then scored
     with the same models (`query_gradients(..., checkpoints=...)`).
+
+    `device`: where the passes run (`auto`: the first GPU when torch sees one, else the CPU;
+    `cpu`; `cuda`; `cuda:N`; see `attribution.device.resolve_device`). The model and
+    checkpoints are moved there (`model.to(device)`) and stay; batches are moved batch by
+    batch. Their dtype is the model's own: a bfloat16 model runs its forward and backward in
+    bfloat16, while the projections, per-example products and factors are float32 or wider.
     """
     config = config if config is not None else default_index_config(model)
     _check_config(fisher_loss, config)
+    target = resolve_device(device)
+    for m in (model, *checkpoints):
+        place_model(m, target)
     root = Path(out_dir)
     data = FingerprintedData(_reiterable(data))
     created = not root.exists()
@@ -396,6 +409,7 @@ def build_index(
         fingerprint = fingerprint_of(contents)
         named = [p for m in members for p in m.named()]
         save_projectors(root / PROJECTIONS_FILE, named)
+        members = [m.on_model_device() for m in members]
         save_factors(root / FACTORS_FILE, factors)
         layout = _layout(named)
         build = {
@@ -477,58 +491,33 @@ def _log_gradients(
     config: IndexConfig,
     show_progress: bool,
 ) -> None:
-    next_block = len(completed_blocks(root))
+    """Every training example's projected gradients, in order, skipping the rows of complete
+    blocks; rows go to the disk from a `BlockWriter`'s thread (from pinned buffers on a GPU)
+    while the next batch runs."""
     rows_done = _stored_rows(root)
-    dtype = np.dtype(config.dtype)
-    grads: list[np.ndarray] = []
-    meta: list[dict] = []
-    buffered = 0
+    rpb = config.rows_per_block
     position = 0  # examples seen so far, including skipped ones
     bar = progress(data, desc="logging gradients", enabled=show_progress, unit="batch")
-    with members_eval_mode(members):
+    writer = BlockWriter(root, rpb, config.dtype)
+    with members_eval_mode(members), writer:
         for batch in bar:
-            n = len(batch)
+            start, n = position, len(batch)
             skip = min(max(rows_done - position, 0), n)
             position += n
             if skip == n:
                 continue
             g = tracked_gradients(members, loss_fn, batch)[skip:]
-            if not torch.isfinite(g).all():
-                bad = batch.example_ids[skip + int((~torch.isfinite(g)).any(1).nonzero()[0])]
-                raise ValueError(f"gradient of training example '{bad}' is not finite")
-            stored = g.detach().cpu().numpy().astype(dtype)
-            if not np.isfinite(stored).all():  # beyond the storage dtype's range (float16)
-                row = int((~np.isfinite(stored)).any(axis=1).nonzero()[0][0])
-                raise ValueError(
-                    f"gradient of training example '{batch.example_ids[skip + row]}' has a value "
-                    f"of {float(g[row].abs().max()):.3g}, beyond {config.dtype}'s largest "
-                    f"{float(np.finfo(dtype).max):.6g}; build the index with dtype float32"
-                )
-            grads.append(stored)
-            for j in range(skip, n):
-                meta.append(
-                    {
-                        "example_id": batch.example_ids[j],
-                        "shard": batch.shards[j] if batch.shards else "",
-                        "provider": batch.providers[j] if batch.providers else "",
-                        "token_count": int(batch.token_counts[j]) if batch.token_counts else 0,
-                    }
-                )
-            buffered += n - skip
-            while buffered >= config.rows_per_block:
-                next_block = _flush(root, next_block, grads, meta, config.rows_per_block)
-                buffered -= config.rows_per_block
-        if buffered:
-            _flush(root, next_block, grads, meta, buffered)
-
-
-def _flush(root: Path, number: int, grads: list[np.ndarray], meta: list[dict], rows: int) -> int:
-    """Write the first `rows` buffered rows as block `number`; keep the rest buffered."""
-    stacked = np.concatenate(grads)
-    write_block(root, number, stacked[:rows], pl.DataFrame(meta[:rows], schema=META_SCHEMA))
-    grads[:] = [stacked[rows:]] if stacked.shape[0] > rows else []
-    del meta[:rows]
-    return number + 1
+            meta = [
+                {
+                    "example_id": batch.example_ids[j],
+                    "shard": batch.shards[j] if batch.shards else "",
+                    "provider": batch.providers[j] if batch.providers else "",
+                    "token_count": int(batch.token_counts[j]) if batch.token_counts else 0,
+                }
+                for j in range(skip, n)
+            ]
+            blocks = [(start + j) // rpb for j in range(skip, n)]
+            writer.add(g, meta, batch.example_ids[skip:], blocks)
 
 
 def _finalise(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from attribution.config import ProjectionConfig
+from attribution.device import batch_on, compute_dtype, exact_float32, model_device
 from attribution.types import Batch, LossFn
 
 
@@ -185,12 +186,23 @@ class LayerProjector:
         return self.p_in.shape[0] * self.p_out.shape[0]
 
     def project_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., n_in) → (..., k_in)."""
-        return x @ self.p_in.to(x.dtype).T
+        """(..., n_in) → (..., k_in), in float32 at least (a bfloat16 model's activations are
+        projected in float32), on x's device."""
+        return _project(x, self.p_in)
 
     def project_output_grads(self, d: torch.Tensor) -> torch.Tensor:
-        """(..., n_out) → (..., k_out)."""
-        return d @ self.p_out.to(d.dtype).T
+        """(..., n_out) → (..., k_out), in float32 at least, on d's device."""
+        return _project(d, self.p_out)
+
+    def to(self, device: torch.device) -> LayerProjector:
+        """The same projector with P_in and P_out on `device`."""
+        return LayerProjector(self.name, self.p_in.to(device), self.p_out.to(device))
+
+
+def _project(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """t @ pᵀ in t's precision, at least float32; p moved to t's device if it is elsewhere."""
+    dtype = compute_dtype(t.dtype)
+    return t.to(dtype) @ p.to(device=t.device, dtype=dtype).T
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -393,22 +405,24 @@ def projected_gradients(
     Each layer's block is Σ_t (P_out δ_t)(P_in x_t)ᵀ flattened row-major (k_out, k_in).
     """
     by_name = {p.name: p for p in projectors}
+    batch = batch_on(batch, model_device(model))
     capture = Capture(
         layers,
         lambda n, x: by_name[n].project_inputs(x),
         lambda n, d: by_name[n].project_output_grads(d),
         batch,
     )
-    with frozen_parameters(model), capture, torch.enable_grad():
-        backward_per_example(model, loss_fn, batch)
-    blocks = []
-    for proj in projectors:
-        x, d = capture.pairs(proj.name)
-        mask = token_mask(batch, x)
-        if mask is not None:
-            x = x * mask
-        blocks.append(torch.einsum("bto,bti->boi", d, x).reshape(x.shape[0], -1))
-    return torch.cat(blocks, dim=1)
+    with exact_float32():
+        with frozen_parameters(model), capture, torch.enable_grad():
+            backward_per_example(model, loss_fn, batch)
+        blocks = []
+        for proj in projectors:
+            x, d = capture.pairs(proj.name)
+            mask = token_mask(batch, x)
+            if mask is not None:
+                x = x * mask
+            blocks.append(torch.einsum("bto,bti->boi", d, x).reshape(x.shape[0], -1))
+        return torch.cat(blocks, dim=1)
 
 
 @contextmanager
@@ -434,7 +448,8 @@ class KfacFactors:
     def projected(self, projector: LayerProjector, s_projected: bool = False) -> KfacFactors:
         """P_in A P_inᵀ and P_out S P_outᵀ of raw factors (S kept when `s_projected`: it was
         accumulated already projected by the same P_out)."""
-        p_in, p_out = projector.p_in.double(), projector.p_out.double()
+        p_in = projector.p_in.to(device=self.a.device, dtype=torch.float64)
+        p_out = projector.p_out.to(device=self.a.device, dtype=torch.float64)
         s = self.s if s_projected else p_out @ self.s @ p_out.T
         return KfacFactors(self.name, p_in @ self.a @ p_in.T, s, self.examples)
 
@@ -457,7 +472,8 @@ def kfac_factors(
     its S is k_out × k_out (the head's vocabulary side). Batch b runs under
     `seeded_sampling(seed + b)`, so a loss that samples its labels is reproducible. Each
     batch's product is taken in the activations' precision (at least float32) and summed in
-    float64.
+    float64, on the model's device (float32 products on a GPU, without TF32 unless the caller
+    enabled it).
     """
     specs = layer_specs(layers)
     by_name = {p.name: p for p in projectors} if projectors is not None else None
@@ -467,13 +483,21 @@ def kfac_factors(
     capture_out = (
         (lambda n, t: by_name[n].project_output_grads(t))
         if by_name
-        else (lambda n, t: t @ fixed[n].to(t.dtype).T if n in fixed else t)
+        else (lambda n, t: _project(t, fixed[n]) if n in fixed else t)
     )
     sums: dict[str, list[torch.Tensor | int]] = {s.name: [0, 0] for s in specs}
     count = 0
+    device = model_device(model)
     for number, batch in enumerate(progress(batches)):
+        batch = batch_on(batch, device)
         capture = Capture(layers, capture_in, capture_out, batch)
-        with frozen_parameters(model), capture, torch.enable_grad(), seeded_sampling(seed + number):
+        with (
+            frozen_parameters(model),
+            capture,
+            torch.enable_grad(),
+            seeded_sampling(seed + number),
+            exact_float32(),
+        ):
             backward_per_example(model, loss_fn, batch)
         for s in specs:
             x, d = capture.pairs(s.name)
@@ -548,6 +572,12 @@ class Tracked:
         """The projectors under their names in the index."""
         return [LayerProjector(self.prefix + p.name, p.p_in, p.p_out) for p in self.projectors]
 
+    def on_model_device(self) -> Tracked:
+        """The member with its projectors on its model's device (moved once, not per batch)."""
+        device = model_device(self.model)
+        return Tracked(self.model, self.layers, [p.to(device) for p in self.projectors],
+                       self.prefix)  # fmt: skip
+
 
 @contextmanager
 def members_eval_mode(members: list[Tracked]) -> Iterator[None]:
@@ -591,7 +621,7 @@ def split_members(
                 f"expected {expected[:3]}..., found {found[:3]}..."
             )
         projectors = [LayerProjector(p.name[len(prefix) :], p.p_in, p.p_out) for p in mine]
-        members.append(Tracked(model, layers, projectors, prefix))
+        members.append(Tracked(model, layers, projectors, prefix).on_model_device())
         start += len(layers)
     if start != len(named):
         raise ValueError(

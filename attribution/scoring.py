@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import polars as pl
@@ -20,6 +21,13 @@ import torch
 from torch import nn
 
 from attribution.config import QueryLoss, ScoreConfig
+from attribution.device import (
+    DEFAULT_DEVICE,
+    DeviceSpec,
+    exact_float32,
+    place_model,
+    resolve_device,
+)
 from attribution.projection import members_eval_mode, split_members, tracked_gradients
 from attribution.store import GradientIndex
 from attribution.types import Batch, LossFn
@@ -63,6 +71,7 @@ def query_gradients(
     index: GradientIndex,
     checkpoints: Sequence[nn.Module] = (),
     query_loss: QueryLoss = "sum",
+    device: DeviceSpec = DEFAULT_DEVICE,
 ) -> tuple[list[str], np.ndarray]:
     """Projected gradients of the queries' losses with the index's projectors: (ids, (n, D)).
 
@@ -70,8 +79,10 @@ def query_gradients(
     negative log-likelihood; with `query_loss="mean"` divided by its number of scored tokens,
     see `ScoreConfig.query_loss`), so a positive score means the training example made the
     output more likely. An index built over further checkpoints needs the same ones, in the
-    same order (`checkpoints`).
+    same order (`checkpoints`). `device`: where the model runs (see `build_index`; the model
+    and checkpoints are moved there).
     """
+    target = resolve_device(device)
     if query_loss not in ("sum", "mean"):
         raise ValueError(f"unknown query_loss '{query_loss}' (sum or mean)")
     if query_loss == "mean":
@@ -81,6 +92,8 @@ def query_gradients(
             f"the index {index.root} was built over {index.checkpoints} further checkpoint(s) "
             f"besides the model; {len(checkpoints)} given"
         )
+    for m in (model, *checkpoints):
+        place_model(m, target)
     members = split_members(
         [model, *checkpoints], index.config.projection, index.projectors(), str(index.root)
     )
@@ -206,9 +219,17 @@ def score(
     query_grads: np.ndarray,
     config: ScoreConfig | None = None,
     query_ids: list[str] | None = None,
+    device: DeviceSpec = DEFAULT_DEVICE,
 ) -> ScoreResult:
-    """Score raw (un-preconditioned) query gradients (n, D) against every row of `index`."""
+    """Score raw (un-preconditioned) query gradients (n, D) against every row of `index`.
+
+    `device`: where the rows are multiplied (`auto`: the first GPU when torch sees one). On a
+    GPU the blocks stream from disk through pinned host buffers, and the provider sums and
+    top-k are taken there too (`_score_pass_torch`); on the CPU the rows are multiplied
+    straight from the memory-mapped files."""
     config = config or ScoreConfig()
+    target = resolve_device(device)
+    score_pass = _score_pass if target.type == "cpu" else partial(_score_pass_torch, device=target)
     if not isinstance(config.top_k, int) or config.top_k < 0:
         raise ValueError(f"top_k must be 0 or a positive integer, got {config.top_k!r}")
     if not config.memory_budget_mb >= 0:  # 0: the smallest chunks (one row at a time)
@@ -223,7 +244,7 @@ def score(
     providers, codes = index.provider_codes()
     inv_sqrt = _inverse_sqrt(index.self_influence) if config.relatif else np.ones(index.rows)
     parts = [
-        _score_pass(
+        score_pass(
             index,
             query_grads[a : a + MAX_QUERIES_PER_PASS],
             config,
@@ -342,6 +363,86 @@ def _score_pass(
     return positive, signed, top_rows.numpy(), top_scores.double().numpy(), dense, influence
 
 
+def _score_pass_torch(
+    index: GradientIndex,
+    query_grads: np.ndarray,
+    config: ScoreConfig,
+    codes: np.ndarray,
+    inv_sqrt: np.ndarray,
+    n_providers: int,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """`_score_pass` with the products, provider sums and top-k on `device` (a GPU; the CPU
+    only in tests). Each chunk of rows is copied from the memory-mapped blocks into one of two
+    host staging buffers (pinned on a GPU) and sent to the device without blocking, so the
+    copy of chunk n + 1 overlaps the scoring of chunk n; a buffer is refilled only once its
+    last copy is complete. Provider sums are a one-hot (providers × rows) matrix times the
+    chunk's scores, in float32 per chunk and float64 across chunks: the same order of sums on
+    every run (no atomic scatter-add), so credits do not change from run to run."""
+    n_q, k = query_grads.shape[0], config.top_k
+    pre = np.ascontiguousarray(precondition(index, query_grads).T, np.float32)
+    qt = torch.from_numpy(pre).to(device)  # (D, n_q)
+    codes_t = torch.from_numpy(np.asarray(codes, dtype=np.int64)).to(device)
+    scale = torch.from_numpy(np.asarray(inv_sqrt, dtype=np.float32)).to(device)
+    providers = torch.arange(n_providers, device=device)[:, None]
+    positive = torch.zeros(n_providers, n_q, dtype=torch.float64, device=device)
+    signed = torch.zeros(n_providers, n_q, dtype=torch.float64, device=device)
+    top_scores = torch.full((n_q, k), -torch.inf, dtype=torch.float32, device=device)
+    top_rows = torch.full((n_q, k), -1, dtype=torch.int64, device=device)
+    dense = np.empty((n_q, index.rows), np.float32) if config.dense else None
+    influence = np.empty((n_q, index.rows), np.float32) if config.dense else None
+    # The one-hot provider matrix adds 4 bytes per row and provider to the chunk's footprint.
+    per_row_mb = n_providers / max(2 * n_q + 2 * index.dim, 1)
+    budget = max(int(config.memory_budget_mb / (1 + per_row_mb)), 0)
+    chunk = min(rows_per_chunk(n_q, index.dim, budget), max(index.rows, 1))
+    pinned = device.type == "cuda"
+    staging: list[torch.Tensor | None] = [None, None]
+    copied: list[torch.cuda.Event | None] = [None, None]
+    with exact_float32():
+        for number, (start, parts) in enumerate(_chunks(index, chunk)):
+            slot = number % 2
+            if copied[slot] is not None:
+                copied[slot].synchronize()
+            dtype = torch.from_numpy(parts[0][:0]).dtype
+            host = staging[slot]
+            if host is None or host.dtype != dtype:
+                host = torch.empty((chunk, index.dim), dtype=dtype, pin_memory=pinned)
+                staging[slot] = host
+            view, r = host.numpy(), 0
+            for part in parts:
+                np.copyto(view[r : r + part.shape[0]], part)
+                r += part.shape[0]
+            del parts, part, view  # drop the mappings before the next chunk is mapped
+            rows = host[:r].to(device, non_blocking=True)
+            if pinned:
+                copied[slot] = torch.cuda.Event()
+                copied[slot].record(torch.cuda.current_stream(device))
+            st = rows.float() @ qt  # (r, n_q)
+            if influence is not None:
+                influence[:, start : start + r] = st.T.cpu().numpy()
+            st *= scale[start : start + r, None]
+            onehot = (codes_t[None, start : start + r] == providers).float()  # (P, r)
+            signed += (onehot @ st).double()
+            positive += (onehot @ st.clamp(min=0)).double()
+            if dense is not None:
+                dense[:, start : start + r] = st.T.cpu().numpy()
+            bs, bi = torch.topk(st, min(k, r), dim=0)  # (kk, n_q)
+            merged_s = torch.cat([top_scores, bs.T], dim=1)
+            merged_r = torch.cat([top_rows, bi.T + start], dim=1)
+            order = torch.argsort(merged_s, dim=1, descending=True, stable=True)[:, :k]
+            top_scores = torch.gather(merged_s, 1, order)
+            top_rows = torch.gather(merged_r, 1, order)
+    top_rows[torch.isinf(top_scores)] = -1
+    return (
+        positive.T.cpu().numpy(),
+        signed.T.cpu().numpy(),
+        top_rows.cpu().numpy(),
+        top_scores.double().cpu().numpy(),
+        dense,
+        influence,
+    )
+
+
 def top_examples(index: GradientIndex, result: ScoreResult, query: int) -> pl.DataFrame:
     """The audit table of one query: rank, row, score, example id, shard, provider."""
     rows = result.top_rows[query]
@@ -364,12 +465,16 @@ def score_queries(
     index: GradientIndex,
     config: ScoreConfig | None = None,
     checkpoints: Sequence[nn.Module] = (),
+    device: DeviceSpec = DEFAULT_DEVICE,
 ) -> ScoreResult:
     """Query gradients, then one streaming pass over the index: provider sums and top-k
     (`checkpoints`: those the index was built over, see `build_index`). `loss_fn` is the
     query's per-example loss (for a language model `attribution.lm.lm_loss`, on batches whose
     labels are -100 on the prompt); `config.query_loss` says whether it is summed over the
-    completion's tokens (the default) or averaged."""
+    completion's tokens (the default) or averaged. `device`: where the model runs and the rows
+    are multiplied (see `score`)."""
     config = config or ScoreConfig()
-    ids, grads = query_gradients(model, loss_fn, batches, index, checkpoints, config.query_loss)
-    return score(index, grads, config, ids)
+    ids, grads = query_gradients(
+        model, loss_fn, batches, index, checkpoints, config.query_loss, device
+    )
+    return score(index, grads, config, ids, device)
