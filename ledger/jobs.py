@@ -69,6 +69,7 @@ from ledger.recording import (
     weight_to_micros,
 )
 from ledger.registry import add_shard, get_provider, list_shards, register_index
+from ledger.samples import SamplePlan, draw_from_file, record_design, redraw_problems
 
 log = logging.getLogger(__name__)
 
@@ -425,8 +426,11 @@ def attribute_outputs(
     batch_size: int = 256,
     show_progress: bool = True,
     checkpoint_dirs: tuple[str, ...] = (),
+    sample: SamplePlan | None = None,
 ) -> AttributeSummary:
-    """Attribute every served output in `outputs` (jsonl) and record credits in the ledger.
+    """Attribute every served output in `outputs` (jsonl) and record credits in the ledger;
+    with `sample`, only the outputs of that probability sample of the file, whose design is
+    recorded with the run (`ledger.samples`).
 
     One transaction per batch; (run, query) pairs already recorded are skipped, so a killed run
     resumes and a repeated run changes nothing.
@@ -436,6 +440,11 @@ def attribute_outputs(
     if not queries:
         raise InputError(outputs, None, None, "no queries in the file")
     check_storable(queries, outputs)
+    drawn = None
+    if sample is not None:
+        drawn = draw_from_file(outputs, queries, sample)
+        chosen = set(drawn.ids)
+        queries = [q for q in queries if q.id in chosen]
     with session_scope(engine) as session:
         index = open_ledger_index(session, index_ref)
         check_known_queries(session, queries, outputs)
@@ -449,11 +458,15 @@ def attribute_outputs(
     max_length = query_max_length(index, model)
     check_encodable(queries, tokenizer, max_length, outputs)
     manifest = run_manifest(index, outputs, config)
+    if drawn is not None:
+        manifest = seal({**manifest, "sample": {"id": drawn.id, **drawn.document}})
     with session_scope(engine) as session:
         done = already_recorded(session, manifest["id"], [q.id for q in queries])
         todo = [q for q in queries if q.id not in done]
         check_open_periods(session, todo, outputs)
         start_run(session, manifest["id"], index.id, manifest)
+        if drawn is not None:
+            record_design(session, manifest["id"], drawn)
     unattributed = 0
     if todo:
         starts = range(0, len(todo), batch_size)
@@ -500,6 +513,7 @@ class Verification:
 
 
 STORED_CHECK = "stored credits add up to each output's weight"
+REDRAW_CHECK = "sample re-drawn from its seed is the recorded one"
 
 
 def stored_credit_problems(session: Session, run_id: str, limit: int = 3) -> tuple[int, list[str]]:
@@ -619,6 +633,13 @@ def verify_run(
         == [b["sha256"] for b in index.manifest["blocks"]],
         "queries file sha256": queries_ok,
     }
+    sample_notes: list[str] = []
+    if queries_ok:  # a sampled run: its sample is drawn again from the file and its seed
+        with session_scope(engine) as session:
+            redrawn = redraw_problems(session, run_id, outputs, read_queries(outputs))
+        if redrawn is not None:
+            checks[REDRAW_CHECK] = not redrawn
+            sample_notes = redrawn
     model_dir = model_dir or index_model_dir(index)
     checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs)
     try:
@@ -652,7 +673,9 @@ def verify_run(
             diff, agrees = compare_result(stored, qr, tolerance)
             worst = max(worst, diff)
             agreeing += agrees
-    return verification(checks, [], len(fresh), agreeing, worst, ids=[q.id for q in group])
+    return verification(
+        checks, sample_notes, len(fresh), agreeing, worst, ids=[q.id for q in group]
+    )
 
 
 def compare_result(stored: dict, fresh: QueryResult, tolerance: float) -> tuple[float, bool]:

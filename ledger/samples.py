@@ -13,13 +13,13 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from attribution.manifest import canonical_json, package_versions
 from attribution.types import InputError
 from ledger import models as m
-from ledger.errors import ConflictError
+from ledger.errors import ConflictError, LedgerError
 from ledger.periods import Period
 from ledger.recording import to_utc_naive, weight_to_micros
 from ledger.sampling import Draw, draw_sample, estimate_shares
@@ -228,12 +228,15 @@ def plan_of(document: dict[str, Any]) -> SamplePlan:
     )
 
 
-def redraw_problems(session: Session, run_id: str, path: str, queries: list[Query]) -> list[str]:
+def redraw_problems(
+    session: Session, run_id: str, path: str, queries: list[Query]
+) -> list[str] | None:
     """Re-draw a sampled run's sample from its file and seed; the problems found (none: the
-    same outputs, strata and inclusion probabilities as recorded). [] for an unsampled run."""
+    same outputs, strata and inclusion probabilities as recorded). None for a run that
+    attributed every output of its file."""
     design = session.scalar(select(m.SampleDesign).where(m.SampleDesign.run_id == run_id))
     if design is None:
-        return []
+        return None
     recorded_doc = json.loads(design.document)
     problems = []
     if design_id(recorded_doc) != design.id:
@@ -397,3 +400,106 @@ def half_widths(session: Session, statement_id: int) -> dict[int, float]:
             select(t.c.provider_id, t.c.share_half_width).where(t.c.statement_id == statement_id)
         ).all()
     )
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """What `ledger sample-size` answers: outputs to attribute, and how long that takes."""
+
+    period: str
+    provider: str
+    share: float
+    precision: float
+    design: str
+    outputs: int
+    population: float
+    pilot_outputs: int
+    outputs_per_second: float | None
+    seconds: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def plan_sample_size(
+    session: Session,
+    period: Period,
+    precision: float,
+    weighted: bool = True,
+    throughput: float | None = None,
+) -> SizePlan:
+    """From the period's recorded credits (a pilot, attributed in full or from a sample), the
+    sample size for a 95% half-width `precision` on the largest share (`ledger.sampling.
+    required_sample_size`), and its time at `throughput` outputs/s (default: the pilot runs'
+    own, results recorded over the time from their start to their finish)."""
+    from ledger.sampling import required_sample_size
+    from ledger.statements import period_snapshot
+
+    snapshot = period_snapshot(session, period)
+    start, end = to_utc_naive(period.start), to_utc_naive(period.end)
+    r, q = m.QueryResult.__table__, m.Query.__table__
+    rows = session.execute(
+        select(q.c.id, q.c.weight_micros, r.c.run_id)
+        .select_from(r.join(q, q.c.id == r.c.query_id))
+        .where(r.c.is_current, q.c.served_at >= start, q.c.served_at < end)
+        .order_by(q.c.id)
+    ).all()
+    if not rows or snapshot.credits.height == 0:
+        raise LedgerError(f"no credited output in {period.label}: attribute a pilot sample first")
+    estimate_period(session, period, snapshot.credits, snapshot.runs)  # refuses mixed pilots
+    designs = dict(
+        session.execute(
+            select(m.SampleDesign.run_id, m.SampleDesign.id).where(
+                m.SampleDesign.run_id.in_(snapshot.runs)
+            )
+        ).all()
+    )
+    probability = {}
+    if designs:
+        u = m.SampleUnit.__table__
+        probability = dict(
+            session.execute(
+                select(q.c.id, u.c.inclusion_probability)
+                .select_from(u.join(q, q.c.external_id == u.c.external_id))
+                .where(u.c.design_id.in_(list(designs.values())))
+            ).all()
+        )
+    index = {qid: i for i, (qid, _, _) in enumerate(rows)}
+    providers = sorted(set(snapshot.credits["provider_id"].to_list()))
+    column = {pid: j for j, pid in enumerate(providers)}
+    y = np.zeros((len(rows), len(providers)))
+    for qid, pid, credit in snapshot.credits.select(
+        "query_id", "provider_id", "credit"
+    ).iter_rows():
+        y[index[qid], column[pid]] += credit
+    pi = np.array([probability.get(qid, 1.0) for qid, _, _ in rows])
+    sizes = np.array([w / 1e6 if weighted else 1.0 for _, w, _ in rows])
+    population = math.fsum((1.0 / pi).tolist())
+    n, p = required_sample_size(y, sizes, pi, precision, population)
+    share = float(estimate_shares(y, pi, np.zeros(len(rows), dtype=np.int64)).share[p])
+    name = session.scalar(select(m.Provider.name).where(m.Provider.id == providers[p]))
+    if throughput is None:
+        throughput = _measured_throughput(session, snapshot.runs)
+    return SizePlan(
+        period.label, str(name), share, precision, "pps on weight" if weighted else "uniform",
+        min(n, math.ceil(population)), population, len(rows), throughput,
+        None if not throughput else n / throughput,
+    )  # fmt: skip
+
+
+def _measured_throughput(session: Session, runs: list[str]) -> float | None:
+    """Outputs recorded per second by finished runs: Σ results / Σ (finished − started)."""
+    r = m.QueryResult.__table__
+    counts = dict(
+        session.execute(
+            select(r.c.run_id, func.count()).where(r.c.run_id.in_(runs)).group_by(r.c.run_id)
+        ).all()
+    )
+    seconds, outputs = 0.0, 0
+    for run in session.scalars(select(m.AttributionRun).where(m.AttributionRun.id.in_(runs))):
+        if run.finished_at is not None and run.finished_at > run.started_at:
+            seconds += (run.finished_at - run.started_at).total_seconds()
+            outputs += counts.get(run.id, 0)
+    return outputs / seconds if seconds > 0 and outputs else None
