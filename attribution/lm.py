@@ -46,14 +46,28 @@ TOKENIZER_FILES = (
 )
 
 
-def load_causal_lm(
-    model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32, tokenizer: bool = True
-) -> tuple[nn.Module, object]:
-    """Load a causal LM and its tokenizer from a local directory, in eval mode.
+ATTENTION = "sdpa"
+"""The attention the models are loaded with: PyTorch's fused scaled-dot-product attention.
+The per-example gradients come from hooks on the Linear layers, which see the same inputs and
+output gradients whatever computes the attention between them (tests/attribution/
+test_architectures.py compares the rows of eager and SDPA attention). Only the `torch.func`
+reference computations of the tests need eager attention (SDPA does not support `vmap` of
+its backward); they build their models with it."""
 
-    Eager attention is forced (the `torch.func` reference computations need it); nothing is
-    downloaded. A tokenizer without a pad token gets its EOS token as pad. `tokenizer=False`
-    loads the model only (a checkpoint directory need not hold a tokenizer) and gives None.
+
+def load_causal_lm(
+    model_dir: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
+    device: torch.device | None = None,
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer from a local directory, in eval mode, with its
+    weights in `dtype` (the precision of its forward and backward passes) and on `device`
+    (None: the CPU).
+
+    Attention is `ATTENTION` (SDPA); nothing is downloaded. A tokenizer without a pad token
+    gets its EOS token as pad. `tokenizer=False` loads the model only (a checkpoint directory
+    need not hold a tokenizer) and gives None.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -71,7 +85,7 @@ def load_causal_lm(
     hf_logging.set_verbosity_error()  # a failure is reported below, in one line
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, attn_implementation="eager", dtype=dtype, local_files_only=True
+            model_dir, attn_implementation=ATTENTION, dtype=dtype, local_files_only=True
         )
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True) if tokenizer else None
     except Exception as exc:  # noqa: BLE001 - every loader failure is a problem of the directory
@@ -93,6 +107,8 @@ def load_causal_lm(
         eos = tok.eos_token_id
         tok.pad_token = tok.eos_token if eos is not None and eos < rows else None
     model.eval()
+    if device is not None:
+        model.to(device)
     return model, tok
 
 

@@ -11,6 +11,7 @@ import torch
 
 from attribution import IndexConfig, ProjectionConfig, ScoreConfig, build_index, score
 from attribution.index import make_projectors
+from attribution.projection import find_layers, layer_specs, projected_gradients, random_projectors
 from attribution.scoring import query_gradients
 from tests.attribution.architectures import ARCHITECTURES, MIXTURES, tiny_causal_lm
 from tests.attribution.reference import damped_fisher_scores, full_gradients, project
@@ -92,3 +93,25 @@ def test_mixtures_of_experts_are_refused_naming_the_untracked_share(arch: str) -
         make_projectors(model, lm_loss, lm_batches(), config, fisher_loss=lm_fisher_loss,
                         show_progress=False)  # fmt: skip
     assert "\n" not in str(err.value) and "experts" in str(err.value)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_sdpa_attention_gives_the_rows_of_eager_attention(arch: str) -> None:
+    """`load_causal_lm` loads models with SDPA: the hooks see the same Linear inputs and
+    output gradients as under eager attention, to float rounding."""
+    eager = tiny_causal_lm(arch, tied=False, attention="eager")
+    sdpa = tiny_causal_lm(arch, tied=False, attention="sdpa")
+    batches = lm_batches(n=6)
+    config = ProjectionConfig(kind="random", k_in=3, k_out=2, head_k_out=None, seed=3)
+    rows = []
+    for model in (eager, sdpa):
+        layers = find_layers(model, config)
+        projectors = random_projectors(layer_specs(layers), config)
+        rows.append(torch.cat(
+            [projected_gradients(model, lm_loss, b, layers, projectors) for b in batches]
+        ).numpy())  # fmt: skip
+    start, spans = 0, []
+    for p in projectors:
+        spans.append({"start": start, "stop": start + p.dim})
+        start += p.dim
+    assert_rows_match(rows[1], rows[0], batches, projectors, spans, "SDPA rows")

@@ -211,13 +211,16 @@ def test_saved_workspace_model_round_trips_with_identical_logits(tmp_path, token
     write_workspace_model(model, tokenizer, tmp_path / "m")
     loaded, loaded_tok = load_causal_lm(tmp_path / "m")
     assert not loaded.training
-    assert loaded.config._attn_implementation == "eager"
+    assert loaded.config._attn_implementation == "sdpa"  # attribution.lm.ATTENTION
     text = "the star shines bright . a comet"
     assert ids_of(loaded_tok, text) == ids_of(tokenizer, text)
     assert loaded_tok.pad_token_id == tokenizer.pad_token_id
     ids = torch.tensor([ids_of(tokenizer, text)])
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+        expected, logits = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    # The same weights through SDPA instead of eager attention: float32 rounding of sums over
+    # the tokens and the width, at the logits' magnitude (a wrong weight is far off).
+    assert_close_f32(logits, expected, ids.shape[1] * model.config.n_embd, what="logits")
 
     loaded64, _ = load_causal_lm(tmp_path / "m", dtype=torch.float64)
     assert next(loaded64.parameters()).dtype == torch.float64
