@@ -690,11 +690,19 @@ def sample_size(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "csv", "json", "parquet", "xlsx"]),
+    type=click.Choice(["table", "csv", "json", "parquet", "xlsx", "html"]),
     default="table",
     show_default=True,
+    help="html: one self-contained page with charts (no network needed to view it).",
 )
 @click.option("--out", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
+@click.option(
+    "--provider",
+    "provider_name",
+    metavar="NAME",
+    help="With --format html: that provider's own statement (its line, trend and top outputs; "
+    "of the others only the pool total).",
+)
 @click.option("--save", is_flag=True, help="Keep the statement as a draft (a preview otherwise).")
 @click.option("--finalize", is_flag=True, help="Close the statement: it can never change again.")
 @click.option(
@@ -712,6 +720,7 @@ def report(
     min_payout: str | None,
     fmt: str,
     out: str | None,
+    provider_name: str | None,
     save: bool,
     finalize: bool,
     allow_unfinished: bool,
@@ -729,6 +738,8 @@ def report(
     from ledger.statements import finalize_statement
 
     p = parse_period(period)
+    if provider_name is not None and fmt != "html":
+        raise click.UsageError("--provider writes one provider's statement: use --format html")
     if fmt in ("parquet", "xlsx") and out is None:
         raise click.ClickException(f"--format {fmt} writes a file: give --out FILE")
     out_dir = Path(out).absolute().parent if out is not None else None
@@ -742,9 +753,23 @@ def report(
             finalize_statement(session, statement.id, allow_unfinished=allow_unfinished)
         # Built here and not kept: a preview (a saved draft shown as it was saved is not).
         doc = statement_report(session, statement.id, preview=built and not keep)
-    _render_report(doc, fmt, out)
+        if fmt == "html":
+            from ledger.html_report import statement_html
+
+            page = statement_html(session, statement.id, provider_name, built and not keep)
+    if fmt == "html":
+        _write_text(page, out)
+    else:
+        _render_report(doc, fmt, out)
     if save and statement.status != "final" and not ctx.quiet:
         click.echo(f"saved draft statement {statement.id} for {p.label}", err=True)
+
+
+def _write_text(text: str, out: str | None) -> None:
+    if out:
+        Path(out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
 
 
 def _minor(amount: Any, currency: str) -> int:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from ledger import models as m
 from ledger.errors import NotFoundError
 from ledger.recording import micros_to_weight
+from ledger.registry import get_provider
 from ledger.statements import get_statement, list_statements, statement_rows, statement_summary
 
 PREVIEW = "preview"
@@ -89,6 +90,7 @@ def statement_view(
     total_amount = _sum_minor(lines, "amount_minor")
     total_payable = _sum_minor(lines, "payable_minor")
     if provider is not None:
+        get_provider(session, provider)  # an unknown name is told apart from one without a line
         lines = [line for line in lines if line["provider"] == provider]
         if not lines:
             raise NotFoundError(

@@ -8,22 +8,16 @@ Without Chromium or Playwright the browser tests are skipped with the reason, ex
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from ledger.db import make_engine, upgrade
 from tests.web.ledger_data import build_ledger
+from tests.web.pages import serving
 
-LEDGER = [sys.executable, "-c", "from ledger.cli import main; main()"]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -62,73 +56,6 @@ def browser() -> Iterator[Any]:
     finally:
         chromium.close()
         playwright.stop()
-
-
-@dataclass
-class Visit:
-    """A page opened in a fresh browser context, with what went wrong while it loaded."""
-
-    page: Any
-    errors: list[str] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
-
-
-@contextmanager
-def visit(browser: Any, url: str) -> Iterator[Visit]:
-    """Open `url`; console errors, page errors and every request are recorded."""
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    page = context.new_page()
-    seen = Visit(page)
-    page.on("console", lambda m: seen.errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda exc: seen.errors.append(str(exc)))
-    page.on("requestfailed", lambda r: seen.errors.append(f"request failed: {r.url}"))
-    page.on("request", lambda r: seen.requests.append(r.url))
-    try:
-        response = page.goto(url, wait_until="load")
-        assert response is None or response.ok, f"{url}: HTTP {response.status}"
-        yield seen
-    finally:
-        context.close()
-
-
-def ledger_cli(url: str, *args: str) -> str:
-    """The output of `ledger --db URL ARGS` (in this process); fails the test on an error."""
-    from click.testing import CliRunner
-
-    from ledger.cli import cli
-
-    result = CliRunner().invoke(cli, ["--db", url, *args], env={"LEDGER_QUIET": "1"})
-    assert result.exit_code == 0, f"ledger {' '.join(args)} failed: {result.output}"
-    return result.stdout
-
-
-@contextmanager
-def serving(url: str, timeout: float = 60.0) -> Iterator[str]:
-    """`ledger --db URL serve --port 0` in a subprocess; yields the address it announces."""
-    proc = subprocess.Popen(
-        [*LEDGER, "--db", url, "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    first: list[str] = []
-    reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    try:
-        line = first[0] if first else ""
-        address = re.search(r"http://\S+/", line)
-        if address is None:
-            proc.kill()
-            raise AssertionError(f"ledger serve did not start: {line!r} {proc.stderr.read()}")
-        yield address.group(0)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

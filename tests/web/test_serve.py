@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -17,79 +16,16 @@ from sqlalchemy.exc import DBAPIError
 
 from ledger.db import make_engine, upgrade
 from ledger.web import read_only_engine
-from tests.web.conftest import ledger_cli, serving, visit
 from tests.web.ledger_data import HOSTILE, HOSTILE_OUTPUT, PROVIDERS, build_ledger
-
-LINES_JS = """rows => rows.map(r => ({
-  provider: r.dataset.provider,
-  cells: Object.fromEntries([...r.querySelectorAll('td[data-field]')].map(
-    td => [td.dataset.field, {exact: td.dataset.exact, text: td.innerText.trim()}]))
-}))"""
-SUMMARY_JS = """dds => Object.fromEntries(dds.map(dd => [dd.dataset.key,
-  {exact: dd.dataset.exact, text: dd.innerText.trim()}]))"""
-
-
-def report_json(url: str, period: str) -> dict[str, Any]:
-    return json.loads(ledger_cli(url, "report", "--period", period, "--format", "json"))
-
-
-def grouped(amount: str) -> str:
-    """An exact amount as the page writes it: thousands separated, digits unchanged."""
-    whole, _, cents = amount.lstrip("-").partition(".")
-    groups = f"{int(whole):,}"
-    return ("-" if amount.startswith("-") else "") + groups + (f".{cents}" if cents else "")
-
-
-def minor_text(minor: int, places: int = 2) -> str:
-    return str(Decimal(minor).scaleb(-places).quantize(Decimal(1).scaleb(-places)))
-
-
-def assert_page_matches_report(page: Any, doc: dict[str, Any]) -> None:
-    """Every line's value, share and money on the page equals the JSON report's, exactly (the
-    data-exact attributes) and as shown (the cells' text, formatted here independently)."""
-    shown = page.eval_on_selector_all("#lines tbody tr", LINES_JS)
-    lines = doc["lines"]
-    assert [row["provider"] for row in shown] == [line["provider"] for line in lines]
-    for row, line in zip(shown, lines, strict=True):
-        cells = row["cells"]
-        assert float(cells["value"]["exact"]) == line["value"]
-        assert cells["value"]["text"] == f"{line['value']:,.6f}"
-        assert float(cells["share"]["exact"]) == line["share"]
-        assert cells["share"]["text"] == f"{100 * line['share']:.2f}%"
-        for field in ("amount", "payable"):
-            assert cells[field]["exact"] == line[field]
-            assert cells[field]["text"] == grouped(line[field])
-        for field in ("carried_in", "carried_forward", "adjustments"):
-            assert cells[field]["exact"] == minor_text(line[f"{field}_minor"])
-    summary = page.eval_on_selector_all("#summary dd[data-key]", SUMMARY_JS)
-    s = doc["statement"]
-    assert summary["pool"]["exact"] == s["pool"]
-    assert summary["pool"]["text"] == f"{grouped(s['pool'])} {s['currency']}"
-    assert int(summary["queries"]["exact"]) == s["queries"]
-    assert int(summary["unattributed_queries"]["exact"]) == s["unattributed_queries"]
-    total_payable = sum(line["payable_minor"] for line in lines)
-    assert summary["total_payable"]["exact"] == minor_text(total_payable)
-    total_amount = page.get_attribute("#lines tfoot [data-field=total_amount]", "data-exact")
-    assert total_amount == s["pool"] == minor_text(sum(line["amount_minor"] for line in lines))
-
-
-def assert_charts_drawn(page: Any, bars: int | None, points: int) -> None:
-    """Each chart is an SVG with a real size and one mark per bar or point."""
-    charts = ["#trend-chart svg"] + (["#share-chart svg"] if bars is not None else [])
-    for selector in charts:
-        box = page.locator(selector).bounding_box()
-        assert box is not None and box["width"] > 100 and box["height"] > 50, selector
-    if bars is not None:
-        assert page.locator("#share-chart g.mark-rect.role-mark path").count() == bars
-    assert page.locator("#trend-chart g.mark-symbol.role-mark path").count() == points
-
-
-def assert_loaded_cleanly(seen: Any, base: str) -> None:
-    assert seen.errors == []
-    assert all(url.startswith(base) for url in seen.requests), seen.requests
-    # Markup in names is text: no script element was created, none ran.
-    assert seen.page.evaluate("document.scripts.length") == 0
-    assert seen.page.title() != "pwned"
+from tests.web.pages import (
+    assert_charts_drawn,
+    assert_loaded_cleanly,
+    assert_page_matches_report,
+    ledger_cli,
+    report_json,
+    serving,
+    visit,
+)
 
 
 def test_statement_page_shows_the_reports_numbers_and_draws_its_charts(
