@@ -80,10 +80,9 @@ def process_group() -> Iterator[Ranks]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     dist.init_process_group(backend, timeout=collective_timeout())
-    try:
-        yield ranks()
-    finally:
-        dist.destroy_process_group()
+    yield ranks()
+    # Only after success: a failed rank exits at once, and torchrun stops the others.
+    dist.destroy_process_group()
 
 
 def barrier() -> None:

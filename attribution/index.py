@@ -26,8 +26,18 @@ import torch
 from torch import nn
 
 from attribution.config import LANGUAGE_MODEL_INDEX, IndexConfig, ProjectionConfig
-from attribution.curvature import check_damping_factor, fit_curvature, kfac_bases, shrink_to_kfac
+from attribution.curvature import (
+    Curvature,
+    check_damping_factor,
+    ekfac_layers,
+    fit_curvature,
+    kfac_bases,
+    second_moments,
+    shrink_to_kfac,
+    with_second_moments,
+)
 from attribution.device import DEFAULT_DEVICE, DeviceSpec, place_model, resolve_device
+from attribution.distributed import BlockPlan, barrier, blocks_of, gather_to_main, ranks
 from attribution.fingerprint import FingerprintedData, weights_sha256
 from attribution.manifest import code_version, package_versions, seal, write_json
 from attribution.progress import progress
@@ -118,13 +128,15 @@ def make_projectors(
     *,
     fisher_loss: LossFn | None = None,
     show_progress: bool = True,
-) -> tuple[dict[str, nn.Module], list[LayerProjector], list[KfacFactors]]:
+    plan: BlockPlan | None = None,
+) -> tuple[dict[str, nn.Module], list[LayerProjector] | None, list[KfacFactors] | None]:
     """The tracked layers, their projectors and their projected KFAC factors.
 
     One pass over `data` estimates the factors, with `fisher_loss` (labels drawn from the
     model) when `config.fisher_labels` is "sampled", else with `loss_fn`. PCA projectors are
     the factors' top eigenvectors; random and identity projectors need no data, and their
-    factors are accumulated already projected.
+    factors are accumulated already projected. With `plan`, a rank's share of a data-parallel
+    pass (`attribution.distributed`): projectors and factors on the main rank, None on others.
     """
     layers = find_layers(model, config.projection)
     check_tracked_share(model, layers, config.projection)
@@ -147,8 +159,10 @@ def make_projectors(
     with eval_mode(model):
         factors = kfac_factors(
             model, first_pass_loss, data, layers, projectors, bar, seed=config.projection.seed,
-            fixed_out=fixed_out,
+            fixed_out=fixed_out, plan=plan,
         )  # fmt: skip
+    if factors is None:  # another rank's: the main rank makes the projectors
+        return layers, None, None
     if kind == "pca":
         projectors = pca_projectors(factors, specs, config.projection, fixed_out)
         factors = [
@@ -218,6 +232,11 @@ def _check_config(fisher_loss: LossFn | None, config: IndexConfig) -> None:
         raise ValueError(f"unknown storage dtype '{config.dtype}' (float32 or float16)")
     if config.curvature not in ("ekfac", "full"):
         raise ValueError(f"unknown curvature kind '{config.curvature}' (ekfac or full)")
+    if config.curvature == "full" and ranks().world > 1:
+        raise ValueError(
+            "the 'full' curvature is fitted in one process: build it without torchrun, or use "
+            "the 'ekfac' curvature"
+        )
     if config.fisher_labels not in ("sampled", "data"):
         raise ValueError(f"unknown fisher_labels '{config.fisher_labels}' (sampled or data)")
     check_damping_factor(config.damping_factor)
@@ -281,13 +300,17 @@ def sampled_curvature_rows(
     total: int,
     show_progress: bool = False,
     used: dict | None = None,
-) -> Iterator[np.ndarray]:
+    plan: BlockPlan | None = None,
+) -> Iterator[tuple[int | None, np.ndarray]]:
     """Projected gradients of labels drawn from the models, batch by batch, for every draw:
     the rows the curvature is fitted on when `config.curvature_labels` is "sampled". Only the
     batches `CurvatureSample` picks (of `total` training examples, at most about
     `config.curvature_examples`) are used. Each (draw, batch) has its own seed, so every pass
     yields the same rows; each member's labels are drawn under that seed, as in an index of
-    that member alone. `used["examples"]`: examples of one draw, once a pass completes."""
+    that member alone. `used["examples"]`: examples of one draw, once a pass completes.
+
+    Yields (unit, rows): with `plan` (repeats = draws) only this rank's batches, each with its
+    unit (`BlockPlan.unit`); without, every batch, with unit None."""
     with members_eval_mode(members):
         for draw in range(config.curvature_draws):
             batches = progress(
@@ -295,12 +318,15 @@ def sampled_curvature_rows(
                 unit="batch",
             )  # fmt: skip
             sample = CurvatureSample(total, config.curvature_examples)
+            position = 0
             for number, batch in enumerate(batches):
-                if not sample.take(len(batch)):
+                unit = plan.unit(position, draw) if plan is not None else None
+                position += len(batch)
+                if not sample.take(len(batch)) or (plan is not None and unit is None):
                     continue
                 seed = _curvature_seed(config.projection.seed, draw, number)
                 g = tracked_gradients(members, fisher_loss, batch, seed=seed)
-                yield g.detach().cpu().numpy().astype(np.float64)
+                yield unit, g.detach().cpu().numpy().astype(np.float64)
             if used is not None:
                 used["examples"] = sample.taken
 
@@ -392,40 +418,57 @@ def build_index(
         members = split_members(models, config.projection, named, str(root))
         log.info("resuming index build in %s", root)
     else:
+        rank = ranks()
+        show_progress = show_progress and rank.main
+        # Ranks take shares of the index blocks, so they count the examples first.
+        blocks = (
+            blocks_of(data.fingerprint()["examples"], config.rows_per_block)
+            if rank.world > 1
+            else None
+        )
         members, factors = [], []
         try:
             for number, m in enumerate(models):
                 layers, projectors, fs = make_projectors(
-                    m, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress
-                )
+                    m, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress,
+                    plan=BlockPlan(config.rows_per_block, blocks),
+                )  # fmt: skip
                 prefix = checkpoint_prefix(number)
                 members.append(Tracked(m, layers, projectors, prefix))
-                factors += [KfacFactors(prefix + f.name, f.a, f.s, f.examples) for f in fs]
+                factors += [KfacFactors(prefix + f.name, f.a, f.s, f.examples) for f in fs or []]
         except BaseException:
-            if created and not any(root.iterdir()):
+            if rank.main and created and root.is_dir() and not any(root.iterdir()):
                 root.rmdir()  # a first pass that fails leaves nothing behind
             raise
         contents.update(data.fingerprint())  # hashed during the first pass
         fingerprint = fingerprint_of(contents)
-        named = [p for m in members for p in m.named()]
-        save_projectors(root / PROJECTIONS_FILE, named)
-        members = [m.on_model_device() for m in members]
-        save_factors(root / FACTORS_FILE, factors)
-        layout = _layout(named)
-        build = {
-            "fingerprint": fingerprint,
-            "layers": layout,
-            "dim": layout[-1]["stop"],
-            "config": config.to_dict(),
-        }
-        write_json(build_path, build)
+        if rank.main:  # the projections from the sums of all ranks, written once
+            named = [p for m in members for p in m.named()]
+            save_projectors(root / PROJECTIONS_FILE, named)
+            members = [m.on_model_device() for m in members]
+            save_factors(root / FACTORS_FILE, factors)
+            layout = _layout(named)
+            build = {
+                "fingerprint": fingerprint,
+                "layers": layout,
+                "dim": layout[-1]["stop"],
+                "config": config.to_dict(),
+            }
+            write_json(build_path, build)
+        barrier()
+        if not rank.main:
+            build = json.loads(build_path.read_text())
+            named = load_projectors(root / PROJECTIONS_FILE, [b["name"] for b in build["layers"]])
+            members = split_members(models, config.projection, named, str(root))
 
-    _log_gradients(members, loss_fn, data, root, config, show_progress)
+    show_progress = show_progress and ranks().main
+    total = data.fingerprint()["examples"]
+    _log_gradients(members, loss_fn, data, root, config, show_progress, total)
+    barrier()  # every rank's blocks are written
     sampled, used = None, {}
     if config.curvature_labels == "sampled":
-        total = _stored_rows(root)
-        sampled = lambda: sampled_curvature_rows(  # noqa: E731
-            members, fisher_loss, data, config, total, show_progress, used
+        sampled = lambda plan: sampled_curvature_rows(  # noqa: E731
+            members, fisher_loss, data, config, total, show_progress, used, plan
         )
     return _finalise(root, build, config, fingerprint, sampled, used)
 
@@ -475,14 +518,6 @@ def _check_same_build(root: Path, recorded: dict, found: dict) -> None:
     )
 
 
-def _stored_rows(root: Path) -> int:
-    """Rows in the index's complete blocks."""
-    return sum(
-        pl.scan_parquet(block_paths(root, i)[1]).select(pl.len()).collect().item()
-        for i in completed_blocks(root)
-    )
-
-
 def _log_gradients(
     members: list[Tracked],
     loss_fn: LossFn,
@@ -490,23 +525,35 @@ def _log_gradients(
     root: Path,
     config: IndexConfig,
     show_progress: bool,
+    total: int | None = None,
 ) -> None:
-    """Every training example's projected gradients, in order, skipping the rows of complete
-    blocks; rows go to the disk from a `BlockWriter`'s thread (from pinned buffers on a GPU)
-    while the next batch runs."""
-    rows_done = _stored_rows(root)
+    """Projected gradients of this rank's share of the index blocks (every block in one
+    process), written by a `BlockWriter` (from pinned host buffers on a GPU, overlapping the
+    next batch's compute); complete blocks are skipped. A batch is run when one of its
+    examples lies in a block still to write. `total`: examples in `data` (counted if None)."""
+    if total is None:
+        total = sum(len(b) for b in data)
     rpb = config.rows_per_block
+    share = ranks().share(blocks_of(total, rpb))
+    todo = {b for b in share if not block_paths(root, b)[1].exists()}
+    if not todo:
+        return
+    first, last = min(todo) * rpb, min((max(todo) + 1) * rpb, total)
     position = 0  # examples seen so far, including skipped ones
     bar = progress(data, desc="logging gradients", enabled=show_progress, unit="batch")
-    writer = BlockWriter(root, rpb, config.dtype)
+    writer = BlockWriter(root, rpb, config.dtype, total)
     with members_eval_mode(members), writer:
         for batch in bar:
             start, n = position, len(batch)
-            skip = min(max(rows_done - position, 0), n)
             position += n
-            if skip == n:
+            if start + n <= first:
                 continue
-            g = tracked_gradients(members, loss_fn, batch)[skip:]
+            if start >= last:
+                break
+            keep = [j for j in range(n) if (start + j) // rpb in todo]
+            if not keep:
+                continue
+            g = tracked_gradients(members, loss_fn, batch)[keep]
             meta = [
                 {
                     "example_id": batch.example_ids[j],
@@ -514,10 +561,10 @@ def _log_gradients(
                     "provider": batch.providers[j] if batch.providers else "",
                     "token_count": int(batch.token_counts[j]) if batch.token_counts else 0,
                 }
-                for j in range(skip, n)
+                for j in keep
             ]
-            blocks = [(start + j) // rpb for j in range(skip, n)]
-            writer.add(g, meta, batch.example_ids[skip:], blocks)
+            ids = [batch.example_ids[j] for j in keep]
+            writer.add(g, meta, ids, [(start + j) // rpb for j in keep])
 
 
 def _finalise(
@@ -525,41 +572,101 @@ def _finalise(
     build: dict,
     config: IndexConfig,
     fingerprint: dict,
-    curvature_rows: Callable[[], Iterable[np.ndarray]] | None = None,
+    curvature_rows: Callable[[BlockPlan | None], Iterable[tuple[int | None, np.ndarray]]]
+    | None = None,
     curvature_used: dict | None = None,
 ) -> GradientIndex:
-    """Curvature (from `curvature_rows()` when given, else from the stored rows) and
-    self-influence of the stored rows, then the metadata and manifest. `curvature_used`:
-    {"examples": n} once `curvature_rows` has run, recorded in the manifest."""
+    """Curvature (from `curvature_rows(plan)`, (unit, rows) pairs, when given, else from the
+    stored rows) and self-influence of the stored rows, then the metadata and manifest.
+    `curvature_used`: {"examples": n} once `curvature_rows` has run, recorded in the manifest.
+
+    Under torchrun each rank sums its share (`attribution.distributed`); the main rank fits and
+    saves the curvature, every rank computes its blocks' self-influence, and the main rank
+    writes the metadata and manifest."""
+    rank = ranks()
     blocks = completed_blocks(root)
     if not blocks:
         raise ValueError("the training data yielded no example: nothing to index")
     grad_files = [block_paths(root, i)[0] for i in blocks]
     slices = layer_slices(build["layers"])
-
-    def source():
-        for path in grad_files:
-            yield np.load(path, mmap_mode="r")
-
-    meta = pl.concat([pl.read_parquet(block_paths(root, i)[1]) for i in blocks])
     factors = load_factors(root / FACTORS_FILE, [s.name for s in slices])
-    curvature = fit_curvature(
-        curvature_rows or source, slices, config.damping_factor, config.curvature,
-        bases=kfac_bases(factors),
-    )  # fmt: skip
-    sampled = (curvature_used or {}).get("examples", meta.height)
-    if config.curvature == "ekfac" and sampled < meta.height:
-        curvature = shrink_to_kfac(curvature, factors, sampled, config.curvature_prior_examples)
-    curvature.save(root / CURVATURE_FILE)
-    self_inf = np.concatenate([curvature.self_influence(b) for b in source()])
+    rows = sum(np.load(path, mmap_mode="r").shape[0] for path in grad_files)
+    mine = rank.share(len(blocks))
+    if config.curvature == "full":  # one process (`_check_config`)
+        source = (
+            (lambda: (r for _, r in curvature_rows(None)))
+            if curvature_rows
+            else (lambda: (np.load(path, mmap_mode="r") for path in grad_files))
+        )
+        curvature = fit_curvature(source, slices, config.damping_factor, "full")
+    else:
+        curvature = _fit_ekfac_shares(root, slices, factors, config, len(blocks), curvature_rows)
+    sampled = (curvature_used or {}).get("examples", rows)
+    if rank.main:
+        if config.curvature == "ekfac" and sampled < rows:
+            curvature = shrink_to_kfac(curvature, factors, sampled, config.curvature_prior_examples)
+        curvature.save(root / CURVATURE_FILE)
+    barrier()
+    curvature = Curvature.load(root / CURVATURE_FILE, slices)
+    self_inf = gather_to_main(
+        {b: curvature.self_influence(np.load(grad_files[b], mmap_mode="r")) for b in mine}
+    )
+    if rank.main:
+        _write_metadata(root, blocks, np.concatenate([self_inf[b] for b in blocks]))
+        _write_manifest(root, build, fingerprint, rows, sampled, grad_files)
+    barrier()
+    return GradientIndex.open(root)
+
+
+def _fit_ekfac_shares(
+    root: Path,
+    slices: list,
+    factors: list[KfacFactors],
+    config: IndexConfig,
+    blocks: int,
+    curvature_rows: Callable | None,
+) -> Curvature | None:
+    """The EKFAC curvature from the second moments of this rank's rows (its blocks' stored
+    rows, or its units of `curvature_rows`), summed over every rank in the fixed tree of
+    `attribution.distributed`: on the main rank; None on the others."""
+    layers = ekfac_layers(slices, kfac_bases(factors))
+    draws = config.curvature_draws if curvature_rows else 1
+    plan = BlockPlan(config.rows_per_block, blocks, repeats=draws)
+
+    def add(unit: int, g: np.ndarray) -> None:
+        plan.add(unit, [*second_moments(layers, slices, g), np.array([float(g.shape[0])])])
+
+    if curvature_rows:
+        for unit, g in curvature_rows(plan):
+            add(unit, g)
+    else:
+        for b in ranks().share(blocks):
+            add(b, np.load(block_paths(root, b)[0], mmap_mode="r"))
+    total = plan.finish(blocks * config.rows_per_block)
+    if not ranks().main:
+        return None
+    if total is None:
+        raise ValueError("curvature needs at least one training example")
+    fitted = with_second_moments(layers, total[:-1], int(total[-1][0]))
+    return Curvature(slices, fitted).with_damping(config.damping_factor)
+
+
+def _write_metadata(root: Path, blocks: list[int], self_influence: np.ndarray) -> None:
+    meta = pl.concat([pl.read_parquet(block_paths(root, i)[1]) for i in blocks])
     meta = meta.with_row_index("row").with_columns(
-        pl.Series("self_influence", self_inf, dtype=pl.Float64)
+        pl.Series("self_influence", self_influence, dtype=pl.Float64)
     )
     tmp = root / (METADATA_FILE + ".tmp")
     meta.write_parquet(tmp)
     tmp.replace(root / METADATA_FILE)
 
-    build = {**build, "blocks": len(blocks)}
+
+def _write_manifest(
+    root: Path, build: dict, fingerprint: dict, rows: int, sampled: int, grad_files: list[Path]
+) -> None:
+    blocks = [block_paths(root, i)[1] for i in range(len(grad_files))]
+    providers = pl.concat([pl.read_parquet(p, columns=["provider"]) for p in blocks])
+    build = {**build, "blocks": len(grad_files)}
     write_json(root / BUILD_FILE, build)
     manifest = seal(
         {
@@ -570,17 +677,16 @@ def _finalise(
             **({"contents": fingerprint["contents"]} if "contents" in fingerprint else {}),
             **({"checkpoints": fingerprint["checkpoints"]} if "checkpoints" in fingerprint else {}),
             "layers": build["layers"],
-            "rows": meta.height,
+            "rows": rows,
             "curvature_examples_used": sampled,
             "dim": build["dim"],
             "blocks": [{"file": p.name, "sha256": _sha256(p)} for p in grad_files],
             "projections_sha256": _sha256(root / PROJECTIONS_FILE),
             "factors_sha256": _sha256(root / FACTORS_FILE),
             "curvature_sha256": _sha256(root / CURVATURE_FILE),
-            "providers": sorted(meta["provider"].unique().to_list()),
+            "providers": sorted(providers["provider"].unique().to_list()),
             "packages": package_versions(),
             "code_version": code_version(),
         }
     )
     write_json(root / MANIFEST_FILE, manifest)
-    return GradientIndex.open(root)

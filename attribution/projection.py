@@ -19,6 +19,7 @@ from torch import nn
 
 from attribution.config import ProjectionConfig
 from attribution.device import batch_on, compute_dtype, exact_float32, model_device
+from attribution.distributed import BlockPlan
 from attribution.types import Batch, LossFn
 
 
@@ -463,7 +464,8 @@ def kfac_factors(
     progress: Callable[[Iterable[Batch]], Iterable[Batch]] = lambda b: b,
     seed: int = 0,
     fixed_out: dict[str, torch.Tensor] | None = None,
-) -> list[KfacFactors]:
+    plan: BlockPlan | None = None,
+) -> list[KfacFactors] | None:
     """One pass over `batches`: every tracked layer's KFAC factors.
 
     With `projectors`, activations and output gradients are projected first and the factors
@@ -474,6 +476,10 @@ def kfac_factors(
     batch's product is taken in the activations' precision (at least float32) and summed in
     float64, on the model's device (float32 products on a GPU, without TF32 unless the caller
     enabled it).
+
+    With `plan` (`attribution.distributed.BlockPlan`) this rank takes only its batches, the
+    sums are added in its fixed tree of index blocks and reduced across ranks: the factors
+    are returned on the main rank, None on the others.
     """
     specs = layer_specs(layers)
     by_name = {p.name: p for p in projectors} if projectors is not None else None
@@ -489,6 +495,10 @@ def kfac_factors(
     count = 0
     device = model_device(model)
     for number, batch in enumerate(progress(batches)):
+        unit = plan.unit(count) if plan is not None else None
+        count += len(batch)
+        if plan is not None and unit is None:
+            continue  # another rank's batch
         batch = batch_on(batch, device)
         capture = Capture(layers, capture_in, capture_out, batch)
         with (
@@ -510,9 +520,16 @@ def kfac_factors(
                 x2, d2 = x2.float(), d2.float()
             sums[s.name][0] = (x2.T @ x2).double() + sums[s.name][0]
             sums[s.name][1] = (d2.T @ d2).double() + sums[s.name][1]
-        count += len(batch)
+        if plan is not None:
+            plan.add(unit, [t for s in specs for t in sums[s.name]])
+            sums = {s.name: [0, 0] for s in specs}
     if count == 0:
         raise ValueError("the KFAC factors need data: the first pass saw no example")
+    if plan is not None:
+        total = plan.finish(count)
+        if total is None:
+            return None
+        sums = {s.name: total[2 * i : 2 * i + 2] for i, s in enumerate(specs)}
     return [KfacFactors(s.name, sums[s.name][0], sums[s.name][1], count) for s in specs]
 
 

@@ -45,6 +45,7 @@ from ledger.db import (
     upgrade,
 )
 from ledger.errors import LedgerError
+from ledger.torchrun import torchrun_job
 
 FORMATS = click.Choice(["table", "json", "csv"])
 
@@ -387,6 +388,14 @@ moved_checkpoints = click.option(
 )
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option(
+    "--rows-per-block",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Examples per index block: the unit a killed build resumes from and that the ranks of "
+    "a torchrun job share out.",
+)
+@click.option(
     "--max-length",
     type=int,
     default=None,
@@ -394,6 +403,7 @@ moved_checkpoints = click.option(
     "limit when that is smaller].",
 )
 @pass_ctx
+@torchrun_job
 @user_errors
 def index_cmd(
     ctx: Context,
@@ -417,6 +427,7 @@ def index_cmd(
     damping: float,
     dtype: str,
     batch_size: int,
+    rows_per_block: int,
     max_length: int | None,
 ) -> None:
     """Build the gradient index of every registered shard (resumes after a kill).
@@ -431,6 +442,7 @@ def index_cmd(
         ("--k-out", k_out),
         ("--curvature-draws", curvature_draws),
         ("--batch-size", batch_size),
+        ("--rows-per-block", rows_per_block),
     ):
         if value is not None and value < 1:
             raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
@@ -466,6 +478,7 @@ def index_cmd(
         curvature_examples=curvature_examples or None,
         curvature_prior_examples=curvature_prior_examples,
         damping_factor=damping,
+        rows_per_block=rows_per_block,
     )
     created = not Path(out_root).exists()
     try:
@@ -554,6 +567,7 @@ def index_cmd(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @pass_ctx
+@torchrun_job
 @user_errors
 def attribute(
     ctx: Context,
@@ -1185,6 +1199,7 @@ def runs_show(ctx: Context, run_id: str) -> None:
 @moved_checkpoints
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @pass_ctx
+@torchrun_job
 @user_errors
 def verify(
     ctx: Context,

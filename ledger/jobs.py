@@ -70,6 +70,7 @@ from ledger.recording import (
 )
 from ledger.registry import add_shard, get_provider, list_shards, register_index
 from ledger.samples import SamplePlan, draw_from_file, record_design, redraw_problems
+from ledger.torchrun import Job
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +185,10 @@ def build_ledger_index(
     source = {"model_dir": os.path.abspath(model_dir), "shards": [s.path for s in shards]}
     if checkpoint_dirs:
         source["checkpoint_dirs"] = [os.path.abspath(d) for d in checkpoint_dirs]
-    write_json(out / SOURCE_FILE, source)
-    with session_scope(engine) as session:
-        register_index(session, index.id, str(out.resolve()), index.manifest)
+    if Job().main:  # once per torchrun job
+        write_json(out / SOURCE_FILE, source)
+        with session_scope(engine) as session:
+            register_index(session, index.id, str(out.resolve()), index.manifest)
     indexed = set(index.metadata_columns(["shard"])["shard"].unique().to_list())
     for shard in shards:
         if shard.name not in indexed:
@@ -416,6 +418,10 @@ def query_results(index: GradientIndex, queries: list[Query], result) -> list[Qu
     return out
 
 
+QUERY_BATCH = 16
+"""Outputs per batch of query gradients."""
+
+
 def attribute_outputs(
     engine: Engine,
     outputs: str,
@@ -436,6 +442,7 @@ def attribute_outputs(
     resumes and a repeated run changes nothing.
     """
     config = config or ScoreConfig()
+    job = Job()  # a rank of a torchrun job scores its share of each batch of outputs
     queries = read_queries(outputs)  # every line is validated before anything is written
     if not queries:
         raise InputError(outputs, None, None, "no queries in the file")
@@ -464,24 +471,33 @@ def attribute_outputs(
         done = already_recorded(session, manifest["id"], [q.id for q in queries])
         todo = [q for q in queries if q.id not in done]
         check_open_periods(session, todo, outputs)
-        start_run(session, manifest["id"], index.id, manifest)
-        if drawn is not None:
-            record_design(session, manifest["id"], drawn)
+        if job.main:
+            start_run(session, manifest["id"], index.id, manifest)
+            if drawn is not None:
+                record_design(session, manifest["id"], drawn)
+    job.barrier()
     unattributed = 0
     if todo:
         starts = range(0, len(todo), batch_size)
         for start in progress(starts, desc="attributing", enabled=show_progress, unit="batch"):
-            group = todo[start : start + batch_size]
-            batches = query_batches(group, tokenizer, max_length, batch_size=16)
-            result = score_queries(model, lm_loss, batches, index, config, checkpoints)
-            unattributed += int(np.sum(result.unattributed()))
-            rows = query_results(index, group, result)
-            write_with_retry(
-                engine,
-                lambda session, rows=rows: record_results(session, manifest["id"], rows),
-            )
-    with session_scope(engine) as session:
-        finish_run(session, manifest["id"])
+            group = job.share(todo[start : start + batch_size], QUERY_BATCH)  # all in one process
+            rows = []
+            if group:
+                batches = query_batches(group, tokenizer, max_length, batch_size=QUERY_BATCH)
+                result = score_queries(model, lm_loss, batches, index, config, checkpoints)
+                unattributed += int(np.sum(result.unattributed()))
+                rows = query_results(index, group, result)
+            rows = job.to_writer(engine, rows)
+            if rows:
+                write_with_retry(
+                    engine,
+                    lambda session, rows=rows: record_results(session, manifest["id"], rows),
+                )
+    job.barrier()
+    unattributed = job.total(unattributed)
+    if job.main:
+        with session_scope(engine) as session:
+            finish_run(session, manifest["id"])
     return AttributeSummary(
         manifest["id"], index.id, len(queries), len(todo), len(done), unattributed
     )
@@ -661,11 +677,15 @@ def verify_run(
     config = ScoreConfig(**manifest["score"])
     model, tokenizer = load_causal_lm(model_dir)
     max_length = query_max_length(index, model)
-    result = score_queries(
-        model, lm_loss, query_batches(group, tokenizer, max_length, 16), index, config,
-        load_checkpoints(checkpoint_dirs),
-    )  # fmt: skip
-    fresh = query_results(index, group, result)
+    job = Job()  # a rank of a torchrun job re-computes its share of the sample
+    mine = job.share(group, QUERY_BATCH)
+    fresh = []
+    if mine:
+        result = score_queries(
+            model, lm_loss, query_batches(mine, tokenizer, max_length, QUERY_BATCH), index,
+            config, load_checkpoints(checkpoint_dirs),
+        )  # fmt: skip
+        fresh = query_results(index, mine, result)
     agreeing, worst = 0, 0.0
     with session_scope(engine) as session:
         for qr in fresh:
@@ -673,9 +693,8 @@ def verify_run(
             diff, agrees = compare_result(stored, qr, tolerance)
             worst = max(worst, diff)
             agreeing += agrees
-    return verification(
-        checks, sample_notes, len(fresh), agreeing, worst, ids=[q.id for q in group]
-    )
+    counted, agreeing, worst = job.combine(len(fresh), agreeing, worst)
+    return verification(checks, sample_notes, counted, agreeing, worst, ids=[q.id for q in group])
 
 
 def compare_result(stored: dict, fresh: QueryResult, tolerance: float) -> tuple[float, bool]:
