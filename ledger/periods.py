@@ -119,3 +119,27 @@ def _iso(moment: datetime) -> str:
     if moment.time() == datetime.min.time():
         return moment.date().isoformat()
     return moment.isoformat().replace("+00:00", "Z")
+
+
+def next_period(period: Period) -> Period:
+    """The period that follows `period`, of the same kind: 2024-Q4 → 2025-Q1, 2024-07 →
+    2024-08, 2024-H1 → 2024-H2, 2024 → 2025; a range of days → the same number of days after
+    it."""
+    raw = period.label
+    year = period.start.year
+    if _YEAR.match(raw):
+        return parse_period(f"{year + 1:04d}")
+    if m := _HALF.match(raw):
+        return parse_period(f"{year:04d}-H2" if m[2] == "1" else f"{year + 1:04d}-H1")
+    if m := _QUARTER.match(raw):
+        q = int(m[2])
+        return parse_period(f"{year:04d}-Q{q + 1}" if q < 4 else f"{year + 1:04d}-Q1")
+    if _MONTH.match(raw):
+        return Period(
+            _month_label(period.end), period.end, _next_month(period.end.year, period.end.month)
+        )
+    return Period.from_dates(period.end, period.end + (period.end - period.start))
+
+
+def _month_label(moment: datetime) -> str:
+    return f"{moment.year:04d}-{moment.month:02d}"

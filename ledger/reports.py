@@ -20,11 +20,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import guards
 from ledger import models as m
-from ledger.errors import LedgerError
+from ledger.errors import EmptyStatementError, LedgerError
 from ledger.money import format_minor, from_minor, normalize_currency, parse_amount, to_minor
 from ledger.periods import Period
 from ledger.statements import (
     build_statement,
+    carried_balances,
+    draft_is_current,
     find_statement,
     get_statement,
     statement_rows,
@@ -102,38 +104,13 @@ def prepare_statement(
         pool_amount = from_minor(statement.pool_minor, currency)
         if statement.min_payout_minor is not None and minimum is None:
             minimum = from_minor(statement.min_payout_minor, currency)
-    return build_statement(session, period, pool_amount, currency, minimum), True
-
-
-def draft_is_current(session: Session, statement: m.Statement) -> bool:
-    """Whether a saved draft is what building it again now would give (same lines, runs,
-    totals): then it is shown as saved rather than rebuilt as a preview."""
-    from datetime import UTC
-
-    from ledger.errors import EmptyStatementError
-    from ledger.statements import _LINE_FIELDS, _compute, _stored_lines
-
-    period = Period(
-        statement.period_label,
-        statement.period_start.replace(tzinfo=UTC),
-        statement.period_end.replace(tzinfo=UTC),
-    )
     try:
-        computed = _compute(
-            session, period, statement.pool_minor, statement.currency, statement.min_payout_minor
-        )
+        return build_statement(session, period, pool_amount, currency, minimum), True
     except EmptyStatementError:
-        return False
-    fresh = sorted(
-        ({f: line[f] for f in _LINE_FIELDS} for line in computed.lines),
-        key=lambda line: line["provider_id"],
-    )
-    return (
-        fresh == _stored_lines(session, statement.id)
-        and sorted(run.id for run in statement.runs) == computed.snapshot.runs
-        and computed.total_value == statement.total_value
-        and computed.snapshot.query_count == statement.query_count
-    )
+        # A period without credit pays, with a pool of 0, what is carried in to it.
+        if pool_amount is not None or not carried_balances(session, normalize_currency(currency)):
+            raise
+        return build_statement(session, period, Decimal(0), currency, minimum), True
 
 
 def check_currency(statement: m.Statement, currency: str, rebuilding: bool) -> None:

@@ -265,9 +265,12 @@ def _compute(
     """The lines of `period`'s statement from the current credits and carried balances."""
     snapshot = period_snapshot(session, period)
     values, estimate = period_values(session, period, snapshot)
-    if not values:
+    if not values and pool_minor != 0:
+        # A pool of 0 on a period without credit still pays what is carried in and the
+        # adjustments the statement carries (a correction before the period has outputs).
         raise EmptyStatementError(
             f"no query served in {period.label} has any credit; nothing to put on a statement"
+            + ("" if pool_minor is None else " (a pool of 0 pays only what is carried in)")
         )
     amounts: dict[int, int] = {}
     payouts: dict[int, Any] = {}
@@ -351,8 +354,13 @@ def build_statement(
     pool: Decimal | None,
     currency: str = "USD",
     min_payout: Decimal | None = None,
+    allow_empty: bool = False,
 ) -> m.Statement:
     """Build (or rebuild) the draft statement for `period` from the current credits.
+
+    A period without credit can have a statement with a pool of 0, which pays what is carried
+    in and the adjustments it carries; `allow_empty` builds one with neither yet (to carry
+    an adjustment about to be added).
 
     With `pool` None the statement has values and shares only (amounts are NULL). Amounts
     carried in are the providers' carried-forward balances in the journal (what final
@@ -403,6 +411,15 @@ def build_statement(
             )
 
     computed = _compute(session, period, pool_minor, currency, min_minor)
+    if (
+        not computed.lines
+        and not allow_empty
+        and (statement is None or not _has_adjustments(session, statement.id))
+    ):
+        raise EmptyStatementError(
+            f"no query served in {period.label} has any credit, and nothing is carried in or "
+            "adjusted; nothing to put on a statement"
+        )
 
     if statement is None:
         statement = m.Statement(period_start=start, period_end=end)
@@ -434,10 +451,11 @@ def build_statement(
     statement.created_at = m.utcnow()
     session.flush()
 
-    session.execute(
-        insert(m.StatementLine.__table__),
-        [{"statement_id": statement.id, **line} for line in computed.lines],
-    )
+    if computed.lines:  # none on a period without credit that nothing is carried into yet
+        session.execute(
+            insert(m.StatementLine.__table__),
+            [{"statement_id": statement.id, **line} for line in computed.lines],
+        )
     if computed.snapshot.runs:
         session.execute(
             insert(m.statement_runs),
@@ -549,22 +567,11 @@ def finalize_statement(
         )
     except EmptyStatementError as exc:
         raise ConflictError(f"{label} is out of date: {exc}; rebuild it") from exc
-    fresh = sorted(
-        ({f: line[f] for f in _LINE_FIELDS} for line in computed.lines),
-        key=lambda line: line["provider_id"],
-    )
-    stored = _stored_lines(session, statement.id)
-    runs = sorted(run.id for run in statement.runs)
-    if (
-        fresh != stored
-        or runs != computed.snapshot.runs
-        or computed.total_value != statement.total_value
-        or computed.snapshot.query_count != statement.query_count
-    ):
+    if not _matches(session, statement, computed):
         raise ConflictError(
             f"{label} is out of date with the ledger (credits recorded or amounts carried "
-            "forward since it was built); rebuild it (`ledger report --period "
-            f"{statement.period_label}`) and check it before finalising"
+            "forward since it was built); save it again (`ledger report --period "
+            f"{statement.period_label} --save`) and check it before finalising"
         )
     user = database_user(session)
     now = m.utcnow()
@@ -573,6 +580,37 @@ def finalize_statement(
     _seal(session, statement, user, now)
     session.flush()
     return statement
+
+
+def _matches(session: Session, statement: m.Statement, computed: _Computed) -> bool:
+    """Whether a stored draft holds what `computed` (built now) would: lines, runs, totals."""
+    fresh = sorted(
+        ({f: line[f] for f in _LINE_FIELDS} for line in computed.lines),
+        key=lambda line: line["provider_id"],
+    )
+    return (
+        fresh == _stored_lines(session, statement.id)
+        and sorted(run.id for run in statement.runs) == computed.snapshot.runs
+        and computed.total_value == statement.total_value
+        and computed.snapshot.query_count == statement.query_count
+    )
+
+
+def draft_is_current(session: Session, statement: m.Statement) -> bool:
+    """Whether a saved draft is what building it again now would give (`finalize_statement`
+    accepts only such a draft)."""
+    period = Period(
+        statement.period_label,
+        statement.period_start.replace(tzinfo=UTC),
+        statement.period_end.replace(tzinfo=UTC),
+    )
+    try:
+        computed = _compute(
+            session, period, statement.pool_minor, statement.currency, statement.min_payout_minor
+        )
+    except EmptyStatementError:
+        return False
+    return _matches(session, statement, computed)
 
 
 def _book_transfers(session: Session, statement: m.Statement, user: str, now: datetime) -> None:
@@ -721,13 +759,18 @@ def add_adjustment(
     provider: str,
     amount: Decimal,
     reason: str,
+    carrier: Period | None = None,
+    open_next: bool = False,
 ) -> m.Adjustment:
     """Correct a final statement by `amount` (positive: owed to the provider; negative: owed back).
 
-    The adjustment is attached to the next open (draft) statement with a pool in the same
-    currency, whose period starts at or after the corrected period's end. Raises `LedgerError`
-    if the corrected statement is a draft (rebuild it instead) or if no open statement exists
-    yet (build the next period's draft first).
+    The adjustment is attached to an open (draft) statement with a pool in the same currency,
+    whose period starts at or after the corrected period's end: the statement of `carrier`
+    (built with a pool of 0 if it has none yet), or by default the first such draft. Where
+    there is none, `open_next` builds a draft with a pool of 0 for the first period after the
+    corrected one, of the same kind (2024-Q3 → 2024-Q4), that is not final; without it,
+    `LedgerError`. Raises `LedgerError` too if the corrected statement is a draft (rebuild it
+    instead).
     """
     lock_ledger(session)
     corrected = get_statement(session, corrects_statement_id)
@@ -746,23 +789,7 @@ def add_adjustment(
     minor = to_minor(amount, corrected.currency)
     if minor == 0:
         raise MoneyError("an adjustment amount must not be zero")
-    target = session.scalar(
-        select(m.Statement)
-        .where(
-            m.Statement.status == "draft",
-            m.Statement.currency == corrected.currency,
-            m.Statement.pool_minor.is_not(None),
-            m.Statement.period_start >= corrected.period_end,
-        )
-        .order_by(m.Statement.period_start, m.Statement.id)
-        .limit(1)
-        .with_for_update()
-    )
-    if target is None:
-        raise LedgerError(
-            f"no open statement in {corrected.currency} after {corrected.period_label}; build "
-            "the next period's draft statement first"
-        )
+    target = _carrier(session, corrected, carrier, open_next)
     provider_row = get_provider(session, provider)
     line = session.scalar(
         select(m.StatementLine).where(
@@ -785,6 +812,54 @@ def add_adjustment(
     session.add(adjustment)
     session.flush()
     return adjustment
+
+
+def _carrier(
+    session: Session, corrected: m.Statement, period: Period | None, open_next: bool
+) -> m.Statement:
+    """The open statement that carries a correction of `corrected` (see `add_adjustment`)."""
+    from ledger.periods import next_period, parse_period
+
+    open_drafts = (
+        select(m.Statement)
+        .where(
+            m.Statement.status == "draft",
+            m.Statement.currency == corrected.currency,
+            m.Statement.pool_minor.is_not(None),
+            m.Statement.period_start >= corrected.period_end,
+        )
+        .order_by(m.Statement.period_start, m.Statement.id)
+        .limit(1)
+        .with_for_update()
+    )
+    if period is None:
+        target = session.scalar(open_drafts)
+        if target is not None:
+            return target
+        if not open_next:
+            raise LedgerError(
+                f"no open statement in {corrected.currency} after {corrected.period_label}; "
+                "save the next period's draft statement first"
+            )
+        period = next_period(parse_period(corrected.period_label))
+        while (found := find_statement(session, period)) is not None and found.status == "final":
+            period = next_period(period)
+    if to_utc_naive(period.start) < corrected.period_end:
+        raise LedgerError(
+            f"a correction of {corrected.period_label} goes on a later period's statement, not "
+            f"{period.label}"
+        )
+    target = find_statement(session, period)
+    if target is None or target.pool_minor is None:
+        return build_statement(session, period, Decimal(0), corrected.currency, allow_empty=True)
+    if target.status == "final":
+        raise StatementFinalError(f"statement {target.id} ({target.period_label}) is final")
+    if target.currency != corrected.currency:
+        raise LedgerError(
+            f"statement {target.id} ({target.period_label}) is in {target.currency}; a "
+            f"correction of {corrected.period_label} is in {corrected.currency}"
+        )
+    return target
 
 
 SEALED_LINE_KEYS = (

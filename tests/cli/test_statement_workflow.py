@@ -226,3 +226,46 @@ def test_numbers_print_as_numbers_and_money_keeps_its_minor_units(url: str) -> N
     table = ledger(url, "report", "--period", "2024-Q4", "--pool", "1234567.89")
     row = next(line for line in table.splitlines() if line.startswith("delta"))
     assert row.split() == ["delta", "7994255852389", "100.00%", "1234567.89", "1234567.89"]
+
+
+def test_a_closed_period_is_corrected_before_the_next_one_has_outputs(url: str) -> None:
+    ledger(url, "report", "--period", "2024-Q3", "--pool", "1000", "--finalize")
+    out = ledger(url, "statements", "adjust", "--corrects", "2024-Q3", "--provider", "alpha",
+                 "--amount", "100.50", "--reason", "missed output")  # fmt: skip
+    assert "(2024-Q4, draft)" in out
+    q4 = json.loads(ledger(url, "report", "--period", "2024-Q4", "--format", "json"))
+    assert q4["statement"]["status"] == "draft" and q4["statement"]["pool"] == "0.00"
+    assert [(x["provider"], x["payable"]) for x in q4["lines"]] == [("alpha", "100.50")]
+    assert "Total payable: 100.50 USD" in ledger(url, "report", "--period", "2024-Q4")
+    ledger(url, "statements", "finalize", "2024-Q4")
+    # Paid once, in the journal; every invariant holds.
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        paid = conn.execute(text(
+            "SELECT SUM(amount_minor) FROM transfers t JOIN statements s "
+            "ON s.id = t.statement_id WHERE s.period_label = '2024-Q4' AND kind = 'payment'"
+        )).scalar_one()  # fmt: skip
+    engine.dispose()
+    assert paid == 10050
+    assert ledger(url, "audit").strip().endswith("checks passed")
+    # A later correction of Q3 goes past the final Q4: to a new 2025-Q1 draft.
+    out = ledger(url, "statements", "adjust", "--corrects", "2024-Q3", "--provider", "beta",
+                 "--amount", "-1.00", "--reason", "double counted")  # fmt: skip
+    assert "(2025-Q1, draft)" in out
+
+
+def test_an_empty_period_pays_what_was_carried_forward_to_it(url: str) -> None:
+    # Q3: values alpha 1.25, beta 2.75, gamma 0.5 of 4.5; gamma's 111.11 is under the minimum.
+    q3 = json.loads(ledger(url, "report", "--period", "2024-Q3", "--pool", "1000",
+                           "--min-payout", "200", "--finalize", "--format", "json"))  # fmt: skip
+    gamma = next(x for x in q3["lines"] if x["provider"] == "gamma")
+    assert (gamma["amount"], gamma["payable"], gamma["carried_forward_minor"]) == (
+        "111.11", "0.00", 11111,
+    )  # fmt: skip
+    q4 = json.loads(ledger(url, "report", "--period", "2024-Q4", "--format", "json"))
+    assert q4["statement"]["status"] == "preview" and count(url, "statements") == 1
+    assert [(x["provider"], x["carried_in_minor"], x["payable"]) for x in q4["lines"]] == [
+        ("gamma", 11111, "111.11")
+    ]
+    ledger(url, "statements", "finalize", "2024-Q4")
+    assert ledger(url, "audit").strip().endswith("checks passed")
