@@ -14,6 +14,9 @@ FisherLabels = Literal["sampled", "data"]
 HeadProjection = Literal["random", "pca"]
 QueryLoss = Literal["sum", "mean"]
 
+DEFAULT_MAX_LENGTH = 128
+"""Tokens per training chunk when none is given (capped at the model's position limit)."""
+
 # Defaults chosen from the counterfactual accuracy measurements (benchmarks/results/accuracy.md).
 DEFAULT_K = 32
 DEFAULT_CURVATURE = "ekfac"

@@ -21,12 +21,31 @@ from attribution.types import InputError, first_line
 SHARD_SUFFIXES = (".jsonl", ".parquet")
 
 
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's fields as a dict, refusing a name given twice (which `json` would
+    otherwise resolve silently in favour of the last value)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
+    return obj
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
     """Yield `(line_number, object)` for each non-blank line of a JSONL file (1-based lines).
 
     The file is UTF-8, optionally with a byte-order mark (as some editors write). A line that
-    is not valid UTF-8, not valid JSON, or valid JSON but not an object raises `InputError`
-    with its line number.
+    is not valid UTF-8, not valid JSON, valid JSON but not an object, or an object (at any
+    depth) that names a field twice raises `InputError` with its line number.
     """
     path = str(path)
     try:
@@ -44,7 +63,11 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_unique_keys)
+            except _DuplicateKeyError as exc:
+                raise InputError(
+                    path, number, exc.key, "duplicate key: a JSON object names each field once"
+                ) from exc
             except json.JSONDecodeError as exc:
                 raise InputError(path, number, None, f"malformed JSON: {exc.msg}") from exc
             except ValueError as exc:  # an integer of more digits than Python converts

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attribution.config import DEFAULT_MAX_LENGTH
 from attribution.data import Query, ShardSpec, read_shard_texts, sha256_file
 from attribution.types import Batch, InputError, first_line
 
@@ -135,10 +136,6 @@ def position_limit(model: nn.Module) -> tuple[str, int] | None:
         return None
     tokens, name = min(limits)
     return name, tokens
-
-
-DEFAULT_MAX_LENGTH = 128
-"""Tokens per training chunk when none is given (capped at the model's position limit)."""
 
 
 def resolve_max_length(

@@ -14,16 +14,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import guards
 from ledger.errors import LedgerError
+
+if TYPE_CHECKING:  # alembic is imported when a migration runs, not for every command
+    from alembic.config import Config
 
 DEFAULT_URL = "sqlite:///ledger.db"
 LEDGER_LOCK_KEY = 0x6C656467  # "ledg": the ledger's advisory lock on PostgreSQL
@@ -37,8 +40,54 @@ def database_url(explicit: str | None) -> str:
     return os.environ.get(ENV_VAR) or DEFAULT_URL
 
 
+SUPPORTED = ("sqlite", "postgresql")
+"""The databases the ledger runs on (its migrations and guards are written for these two)."""
+
+
+def checked_url(url: str) -> str:
+    """`url` if the ledger can run on it; ``postgres://`` (libpq's spelling) and a PostgreSQL URL
+    without a driver name mean psycopg 3, the driver of the ``[postgres]`` extra.
+
+    Any other database is refused in one line, and so is a SQLite file in a directory that
+    does not exist (the driver would only say "unable to open database file").
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise LedgerError(f"invalid database URL {url!r}: {exc}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "postgres":  # what libpq, Heroku and many hosts write
+        url = "postgresql" + url[len("postgres") :]
+        parsed, backend = make_url(url), "postgresql"
+    if parsed.drivername == "postgresql":  # the driver the [postgres] extra installs
+        url = "postgresql+psycopg" + url[len("postgresql") :]
+    if backend not in SUPPORTED:
+        raise LedgerError(
+            f"unsupported database {backend!r} in {parsed.render_as_string()}: the ledger runs "
+            "on SQLite (sqlite:///ledger.db) or PostgreSQL (postgresql://user@host/ledger)"
+        )
+    path = sqlite_file(url)
+    if path is not None and not path.parent.is_dir():
+        raise LedgerError(
+            f"the SQLite database {parsed.database} cannot be created: directory "
+            f"{path.parent} does not exist"
+        )
+    return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (absolute), or None for another database or an in-memory one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.query.get("uri"):
+        return None
+    if parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).absolute()
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for `url`; SQLite connections enforce foreign keys (``PRAGMA foreign_keys=ON``)."""
+    url = checked_url(url)
     if url.startswith("sqlite") and "connect_args" not in kwargs:
         # Writers take the database's write lock up front (`lock_ledger`); another writer
         # waits for it up to this many seconds instead of failing at once.
@@ -48,7 +97,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     except ModuleNotFoundError as exc:
         raise LedgerError(
             f"no database driver for {url.split(':', 1)[0]} ({exc.name} is not installed); "
-            "for PostgreSQL: pip install 'provider-credit-ledger[postgres]'"
+            "pip install 'provider-credit-ledger[postgres]'"
         ) from exc
     except ArgumentError as exc:
         raise LedgerError(f"invalid database URL {url!r}: {exc}") from exc
@@ -75,6 +124,8 @@ def alembic_config(url: str | None = None) -> Config:
 
     Built in code (no ``alembic.ini`` needed) so migrations work from an installed wheel.
     """
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(files("migrations")))
     if url is not None:
@@ -85,11 +136,15 @@ def alembic_config(url: str | None = None) -> Config:
 
 def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
     """Migrate the database to `revision` (default: the newest), creating it if empty."""
+    from alembic import command
+
     _run_alembic(url_or_engine, lambda cfg: command.upgrade(cfg, revision))
 
 
 def downgrade(url_or_engine: str | Engine, revision: str) -> None:
     """Migrate the database down to `revision` (``"base"`` drops every ledger table)."""
+    from alembic import command
+
     _run_alembic(url_or_engine, lambda cfg: command.downgrade(cfg, revision))
 
 

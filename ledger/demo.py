@@ -28,9 +28,9 @@ from attribution.synthetic import (
     write_workspace_model,
 )
 from ledger.db import make_engine, session_scope, upgrade
-from ledger.jobs import attribute_outputs, build_ledger_index, register_shards
+from ledger.jobs import attribute_outputs, build_ledger_index
 from ledger.periods import parse_period
-from ledger.registry import get_or_create_provider
+from ledger.registry import get_or_create_provider, register_shards
 from ledger.statements import build_statement, find_statement
 
 log = logging.getLogger(__name__)

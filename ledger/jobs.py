@@ -29,12 +29,13 @@ from attribution.data import (
     ShardSpec,
     read_jsonl,
     read_queries,
-    read_shard_texts,
     sha256_file,
 )
+from attribution.device import resolve_device, resolve_precision
 from attribution.language import (
     check_model_matches,
     index_language_model,
+    index_precision,
     load_checkpoints,
     model_info,
     shards_info,
@@ -68,29 +69,15 @@ from ledger.recording import (
     weight_problem,
     weight_to_micros,
 )
-from ledger.registry import add_shard, get_provider, list_shards, register_index
+from ledger.recording import resolve_run_id as _resolve_run_id
+from ledger.registry import list_shards, register_index
+from ledger.registry import register_shards as register_shards  # where callers found it
 from ledger.samples import SamplePlan, draw_from_file, record_design, redraw_problems
 from ledger.torchrun import Job
 
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"  # local paths an index was built from; not part of its manifest
-
-
-def register_shards(engine: Engine, paths: list[str], provider: str) -> list[m.Shard]:
-    """Validate every row of every shard, then register them all in one transaction."""
-    specs = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise InputError(path, None, None, "shard file not found")
-        rows = sum(1 for _ in read_shard_texts(path))  # every row is validated here
-        if rows == 0:
-            raise InputError(path, None, None, "no rows: a shard needs at least one text")
-        specs.append((os.path.abspath(path), sha256_file(path), rows))
-    with session_scope(engine) as session:
-        get_provider(session, provider)
-        added = [add_shard(session, path, sha, provider, rows) for path, sha, rows in specs]
-        return list({shard.id: shard for shard in added}.values())  # a path given twice: once
 
 
 def ledger_shards(session: Session) -> list[ShardSpec]:
@@ -158,16 +145,23 @@ def build_ledger_index(
     batch_size: int,
     show_progress: bool,
     checkpoint_dirs: tuple[str, ...] = (),
+    device: str = "auto",
+    precision: str = "float32",
 ) -> GradientIndex:
     """Build (or resume) the index of every registered shard and record it in the ledger.
+    `device` (auto, cpu, cuda, cuda:N) and `precision` (of the model's passes): see
+    `attribution.language.index_language_model`.
     `max_length` None: 128 tokens per chunk, or the model's position limit when smaller.
     `checkpoint_dirs`: earlier checkpoints of the model's run, indexed with it."""
     with session_scope(engine) as session:
         shards = ledger_shards(session)
-    loaded = load_causal_lm(model_dir)  # fails on a bad model before any file is written
-    checkpoints = load_checkpoints(checkpoint_dirs)
+    target = resolve_device(device)  # an unavailable GPU is refused before any work
+    dtype = resolve_precision(precision)
+    # A bad model fails here, before any file is written.
+    loaded = load_causal_lm(model_dir, dtype, device=target)
+    checkpoints = load_checkpoints(checkpoint_dirs, precision, target)
     max_length = resolve_max_length(loaded[0], model_dir, max_length)
-    info = model_info(model_dir, checkpoint_dirs)
+    info = model_info(model_dir, checkpoint_dirs, precision)
     out = index_directory(root, info, shards, config, max_length, batch_size)
     index = index_language_model(
         model_dir,
@@ -181,6 +175,8 @@ def build_ledger_index(
         info=info,
         checkpoint_dirs=checkpoint_dirs,
         loaded_checkpoints=checkpoints,
+        device=target,
+        precision=precision,
     )
     source = {"model_dir": os.path.abspath(model_dir), "shards": [s.path for s in shards]}
     if checkpoint_dirs:
@@ -433,6 +429,7 @@ def attribute_outputs(
     show_progress: bool = True,
     checkpoint_dirs: tuple[str, ...] = (),
     sample: SamplePlan | None = None,
+    device: str = "auto",
 ) -> AttributeSummary:
     """Attribute every served output in `outputs` (jsonl) and record credits in the ledger;
     with `sample`, only the outputs of that probability sample of the file, whose design is
@@ -460,8 +457,10 @@ def attribute_outputs(
         raise LedgerError("the index does not record its model; pass --model DIR")
     checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs)
     check_model_matches(model_dir, index, checkpoint_dirs)
-    model, tokenizer = load_causal_lm(model_dir)
-    checkpoints = load_checkpoints(checkpoint_dirs)
+    target = resolve_device(device)
+    precision = index_precision(index)  # queries run as the training examples did
+    model, tokenizer = load_causal_lm(model_dir, resolve_precision(precision), device=target)
+    checkpoints = load_checkpoints(checkpoint_dirs, precision, target)
     max_length = query_max_length(index, model)
     check_encodable(queries, tokenizer, max_length, outputs)
     manifest = run_manifest(index, outputs, config)
@@ -484,7 +483,9 @@ def attribute_outputs(
             rows = []
             if group:
                 batches = query_batches(group, tokenizer, max_length, batch_size=QUERY_BATCH)
-                result = score_queries(model, lm_loss, batches, index, config, checkpoints)
+                result = score_queries(
+                    model, lm_loss, batches, index, config, checkpoints, device=target
+                )
                 unattributed += int(np.sum(result.unattributed()))
                 rows = query_results(index, group, result)
             rows = job.to_writer(engine, rows)
@@ -591,6 +592,7 @@ def verify_run(
     seed: int | None = None,
     tolerance: float = 1e-4,
     checkpoint_dirs: tuple[str, ...] = (),
+    device: str = "auto",
 ) -> Verification:
     """Re-check a run from its manifest: ids, file hashes, model, every output's stored credits
     (`stored_credit_problems`), and a re-computed sample of `sample` outputs (None: all).
@@ -675,7 +677,9 @@ def verify_run(
     picked = sorted(rng.choice(len(queries), size=size, replace=False))
     group = [queries[i] for i in picked]
     config = ScoreConfig(**manifest["score"])
-    model, tokenizer = load_causal_lm(model_dir)
+    target = resolve_device(device)
+    precision = index_precision(index)
+    model, tokenizer = load_causal_lm(model_dir, resolve_precision(precision), device=target)
     max_length = query_max_length(index, model)
     job = Job()  # a rank of a torchrun job re-computes its share of the sample
     mine = job.share(group, QUERY_BATCH)
@@ -683,7 +687,7 @@ def verify_run(
     if mine:
         result = score_queries(
             model, lm_loss, query_batches(mine, tokenizer, max_length, QUERY_BATCH), index,
-            config, load_checkpoints(checkpoint_dirs),
+            config, load_checkpoints(checkpoint_dirs, precision, target), device=target,
         )  # fmt: skip
         fresh = query_results(index, mine, result)
     agreeing, worst = 0, 0.0
@@ -729,14 +733,3 @@ def compare_result(stored: dict, fresh: QueryResult, tolerance: float) -> tuple[
         and all(close(scores[r], cutoff) for r in recorded.keys() ^ computed.keys())
     )
     return diff, credits_agree and top_agrees
-
-
-def _resolve_run_id(session: Session, ref: str) -> str:
-    ids = session.scalars(
-        select(m.AttributionRun.id).where(m.AttributionRun.id.startswith(ref.lower()))
-    ).all()
-    if len(ids) > 1:
-        raise LedgerError(f"run id prefix {ref!r} is ambiguous ({len(ids)} runs)")
-    if not ids:
-        raise NotFoundError(f"unknown attribution run {ref!r}")
-    return ids[0]

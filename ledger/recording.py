@@ -589,3 +589,15 @@ def query_explanation(
             for rank, example_id, shard, row, provider, score in top
         ],
     }
+
+
+def resolve_run_id(session: Session, ref: str) -> str:
+    """The full id of the attribution run whose id is `ref` or starts with it."""
+    ids = session.scalars(
+        select(m.AttributionRun.id).where(m.AttributionRun.id.startswith(ref.lower()))
+    ).all()
+    if len(ids) > 1:
+        raise LedgerError(f"run id prefix {ref!r} is ambiguous ({len(ids)} runs)")
+    if not ids:
+        raise NotFoundError(f"unknown attribution run {ref!r}")
+    return ids[0]

@@ -7,9 +7,11 @@ import os
 import re
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from attribution.data import read_shard_texts, sha256_file
+from attribution.types import InputError
 from ledger.errors import ConflictError, LedgerError, NotFoundError
 from ledger.models import GradientIndex, Provider, Shard, utcnow
 
@@ -155,3 +157,21 @@ def get_index(session: Session, index_id: str) -> GradientIndex:
     if index is None:
         raise NotFoundError(f"unknown gradient index {index_id!r}")
     return index
+
+
+def register_shards(engine: Engine, paths: list[str], provider: str) -> list[Shard]:
+    """Validate every row of every shard, then register them all in one transaction."""
+    from ledger.db import session_scope
+
+    specs = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(path, None, None, "shard file not found")
+        rows = sum(1 for _ in read_shard_texts(path))  # every row is validated here
+        if rows == 0:
+            raise InputError(path, None, None, "no rows: a shard needs at least one text")
+        specs.append((os.path.abspath(path), sha256_file(path), rows))
+    with session_scope(engine) as session:
+        get_provider(session, provider)
+        added = [add_shard(session, path, sha, provider, rows) for path, sha, rows in specs]
+        return list({shard.id: shard for shard in added}.values())  # a path given twice: once

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-pytest_plugins = ["tests.pg"]
+pytest_plugins = ["tests.pg", "tests.demo_workspace"]
 
 if os.environ.get("LEDGER_TEST_THREADS"):
     _threads = int(os.environ["LEDGER_TEST_THREADS"])
