@@ -69,7 +69,7 @@ def share_chart(
         )
     )
     text = base.mark_text(align="left", dx=4).encode(text="label:N")
-    return to_svg((bars + text).properties(width=420, height=max(40, 28 * len(data))))
+    return to_svg((bars + text).properties(width=340, height=max(40, 28 * len(data))))
 
 
 def trend_chart(
@@ -99,6 +99,6 @@ def trend_chart(
                 else None,
             ),
         )
-        .properties(width=max(240, 90 * len(periods)), height=220)
+        .properties(width=max(260, 80 * len(periods)), height=220)
     )
     return to_svg(chart)
