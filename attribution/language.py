@@ -11,8 +11,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from attribution.config import LANGUAGE_MODEL_INDEX, IndexConfig, ScoreConfig
 from attribution.data import Query, ShardSpec, sha256_file
+from attribution.device import (
+    DEFAULT_DEVICE,
+    DEFAULT_PRECISION,
+    DeviceSpec,
+    Precision,
+    resolve_device,
+    resolve_precision,
+)
 from attribution.index import build_index
 from attribution.lm import (
     config_differences,
@@ -49,15 +59,23 @@ class TextShards:
         return train_batches(self.shards, self.tokenizer, self.max_length, self.batch_size)
 
 
-def model_info(model_dir: str | Path, checkpoint_dirs: Sequence[str | Path] = ()) -> dict:
-    """What the manifest records of a model: weights and tokenizer hashes, and the weights'
-    hash of each further checkpoint the index is built over."""
+def model_info(
+    model_dir: str | Path,
+    checkpoint_dirs: Sequence[str | Path] = (),
+    precision: Precision = DEFAULT_PRECISION,
+) -> dict:
+    """What the manifest records of a model: weights and tokenizer hashes, the weights' hash
+    of each further checkpoint the index is built over, and the precision of its forward and
+    backward passes when not float32 (indexes in float32 record none, as before the choice)."""
+    resolve_precision(precision)
     info = {
         "weights_sha256": hash_model_weights(model_dir),
         "tokenizer_sha256": hash_tokenizer(model_dir),
         "config": model_config(model_dir),
         "loss": LOSS_DEFINITION,
     }
+    if precision != DEFAULT_PRECISION:
+        info["precision"] = precision
     for d in checkpoint_dirs:
         require_same_config(info["config"], d, f"the model {model_dir}")
     if checkpoint_dirs:
@@ -85,9 +103,25 @@ def require_same_config(
         )
 
 
-def load_checkpoints(checkpoint_dirs: Sequence[str | Path]) -> list:
-    """The models of further checkpoints (weights and config; no tokenizer needed)."""
-    return [load_causal_lm(d, tokenizer=False)[0] for d in checkpoint_dirs]
+def load_checkpoints(
+    checkpoint_dirs: Sequence[str | Path],
+    precision: Precision = DEFAULT_PRECISION,
+    device: DeviceSpec = None,
+) -> list:
+    """The models of further checkpoints (weights and config; no tokenizer needed), in
+    `precision`, on `device` (None: the CPU)."""
+    dtype, target = resolve_precision(precision), _device_or_none(device)
+    return [load_causal_lm(d, dtype, tokenizer=False, device=target)[0] for d in checkpoint_dirs]
+
+
+def index_precision(index: GradientIndex) -> Precision:
+    """The precision the index's model ran in (float32 unless it records another): queries
+    are scored in the same."""
+    return index.manifest.get("model", {}).get("precision", DEFAULT_PRECISION)
+
+
+def _device_or_none(device: DeviceSpec) -> torch.device | None:
+    return None if device is None else resolve_device(device)
 
 
 def shards_info(shards: list[ShardSpec], max_length: int, batch_size: int) -> dict:
@@ -115,6 +149,8 @@ def index_language_model(
     info: dict | None = None,
     checkpoint_dirs: Sequence[str | Path] = (),
     loaded_checkpoints: list | None = None,
+    device: DeviceSpec = DEFAULT_DEVICE,
+    precision: Precision = DEFAULT_PRECISION,
 ) -> GradientIndex:
     """Build (or resume) the gradient index of text shards for a local causal LM.
 
@@ -129,12 +165,20 @@ def index_language_model(
     `checkpoint_dirs`: earlier checkpoints of the model's training run, indexed with it
     (`build_index(checkpoints=...)`); `loaded_checkpoints` their models, when already loaded.
     They use the model's tokenizer.
+
+    `device`: where the model runs (`auto`, `cpu`, `cuda`, `cuda:N`; see `build_index`).
+    `precision`: the dtype of the model's weights, so of its forward and backward passes
+    (float32, bfloat16 or float16), recorded in the manifest; the projected gradients and the
+    curvature stay float32 / float64 (see `attribution.device`).
     """
     if not shards:
         raise ValueError("no training shards to index")
-    model, tokenizer = loaded if loaded is not None else load_causal_lm(model_dir)
+    dtype, target = resolve_precision(precision), resolve_device(device)
+    model, tokenizer = loaded if loaded is not None else load_causal_lm(model_dir, dtype)
     checkpoints = (
-        loaded_checkpoints if loaded_checkpoints is not None else load_checkpoints(checkpoint_dirs)
+        loaded_checkpoints
+        if loaded_checkpoints is not None
+        else load_checkpoints(checkpoint_dirs, precision)
     )
     max_length = resolve_max_length(model, model_dir, max_length)  # before any file is written
     return build_index(
@@ -144,10 +188,11 @@ def index_language_model(
         out_dir,
         config or LANGUAGE_MODEL_INDEX,
         fisher_loss=lm_fisher_loss,
-        model_info=info if info is not None else model_info(model_dir, checkpoint_dirs),
+        model_info=info if info is not None else model_info(model_dir, checkpoint_dirs, precision),
         data_info=shards_info(shards, max_length, batch_size),
         show_progress=show_progress,
         checkpoints=checkpoints,
+        device=target,
     )
 
 
@@ -205,14 +250,19 @@ def attribute_queries(
     *,
     batch_size: int = 8,
     checkpoint_dirs: Sequence[str | Path] = (),
+    device: DeviceSpec = DEFAULT_DEVICE,
 ) -> ScoreResult:
     """Score served outputs against the index: per-provider positive sums, shares, top-k
-    (`checkpoint_dirs`: those the index was built over, in the same order)."""
+    (`checkpoint_dirs`: those the index was built over, in the same order). The model runs on
+    `device` (see `build_index`) in the precision the index was built in (`index_precision`);
+    the rows are multiplied there too (see `attribution.scoring.score`)."""
     if not isinstance(index, GradientIndex):
         index = GradientIndex.open(index)
+    target = resolve_device(device)
     check_model_matches(model_dir, index, checkpoint_dirs)
-    model, tokenizer = load_causal_lm(model_dir)
+    precision = index_precision(index)
+    model, tokenizer = load_causal_lm(model_dir, resolve_precision(precision), device=target)
     max_length = int(index.manifest["data"].get("max_length", 128))
     batches = query_batches(queries, tokenizer, max_length, batch_size)
-    checkpoints = load_checkpoints(checkpoint_dirs)
-    return score_queries(model, lm_loss, batches, index, config, checkpoints)
+    checkpoints = load_checkpoints(checkpoint_dirs, precision, target)
+    return score_queries(model, lm_loss, batches, index, config, checkpoints, device=target)

@@ -38,16 +38,13 @@ from attribution.types import IndexDamagedError, IndexMismatchError, InputError,
 from ledger import render
 from ledger.db import (
     DEFAULT_QUERY_TIMEOUT_S,
-    checked_url,
     database_url,
     has_ledger_tables,
     make_engine,
     session_scope,
-    sqlite_file,
     upgrade,
 )
 from ledger.errors import LedgerError
-from ledger.torchrun import torchrun_job
 
 FORMATS = click.Choice(["table", "json", "csv"])
 
@@ -60,10 +57,6 @@ class Context:
 
     def engine(self, require_tables: bool = True) -> Engine:
         if self._engine is None:
-            path = sqlite_file(checked_url(self.url))
-            if require_tables and path is not None and not path.exists():
-                # Connecting would create an empty file where the user expected a ledger.
-                raise LedgerError(f"no ledger at {path}; run `ledger init` to create one")
             self._engine = make_engine(self.url)
         if require_tables and not has_ledger_tables(self._engine):
             raise LedgerError(f"the ledger at {self.url} is not initialised; run `ledger init`")
@@ -259,8 +252,6 @@ moved_checkpoints = click.option(
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value.strip().lower() in ("auto", "cpu"):  # always valid: no torch to import for them
-        return value
     from attribution.device import resolve_device  # torch: only when the command runs
 
     try:
@@ -419,14 +410,6 @@ def device_option(fn: Callable) -> Callable:
 )
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option(
-    "--rows-per-block",
-    type=int,
-    default=1024,
-    show_default=True,
-    help="Examples per index block: the unit a killed build resumes from and that the ranks of "
-    "a torchrun job share out.",
-)
-@click.option(
     "--max-length",
     type=int,
     default=None,
@@ -443,7 +426,6 @@ def device_option(fn: Callable) -> Callable:
     "stay float32/float64; queries are scored in the index's precision).",
 )
 @pass_ctx
-@torchrun_job
 @user_errors
 def index_cmd(
     ctx: Context,
@@ -469,7 +451,6 @@ def index_cmd(
     damping: float,
     dtype: str,
     batch_size: int,
-    rows_per_block: int,
     max_length: int | None,
 ) -> None:
     """Build the gradient index of every registered shard (resumes after a kill).
@@ -484,7 +465,6 @@ def index_cmd(
         ("--k-out", k_out),
         ("--curvature-draws", curvature_draws),
         ("--batch-size", batch_size),
-        ("--rows-per-block", rows_per_block),
     ):
         if value is not None and value < 1:
             raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
@@ -520,7 +500,6 @@ def index_cmd(
         curvature_examples=curvature_examples or None,
         curvature_prior_examples=curvature_prior_examples,
         damping_factor=damping,
-        rows_per_block=rows_per_block,
     )
     created = not Path(out_root).exists()
     try:
@@ -608,16 +587,10 @@ def index_cmd(
     help="Stratify the sample by this field, or by served month, day or year (month, day, year).",
 )
 @click.option(
-    "--supersede",
-    is_flag=True,
-    help="Replace the credits of outputs attributed over another index (without --index).",
-)
-@click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @device_option
 @pass_ctx
-@torchrun_job
 @user_errors
 def attribute(
     ctx: Context,
@@ -634,15 +607,11 @@ def attribute(
     sample_seed: int | None,
     weight_field: str | None,
     strata: str | None,
-    supersede: bool,
     fmt: str,
 ) -> None:
     """Attribute served outputs to providers and record the credits.
 
-    Re-running on the same file changes nothing; a killed run resumes. Outputs whose credits
-    come from another index than the one used now (the newest, unless --index names one)
-    keep them unless --index names the index or --supersede is given; what is superseded is
-    printed first.
+    Re-running on the same file changes nothing; a killed run resumes.
     Example: `ledger attribute --outputs queries.jsonl`.
     """
     from ledger.jobs import attribute_outputs
@@ -650,7 +619,6 @@ def attribute(
     if top_k < 1 or batch_size < 1:
         raise click.BadParameter("--top-k and --batch-size must be positive")
     plan = _sample_plan(sample_size, sample_rate, sample_seed, weight_field, strata)
-    _check_supersede(ctx, outputs, index_ref, supersede)
     summary = attribute_outputs(
         ctx.engine(),
         outputs,
@@ -672,22 +640,6 @@ def attribute(
         f"{summary.skipped} skipped as already done, {summary.unattributed} unattributed"
         + (f" (a sample drawn with seed {plan.seed})" if plan is not None else "")
     )
-
-
-def _check_supersede(ctx: Context, outputs: str, index_ref: str | None, supersede: bool) -> None:
-    """Refuse to change which index pays the file's outputs unless told, and say what is
-    superseded before anything is written (`ledger.supersede`)."""
-    from attribution.data import read_queries
-    from ledger.jobs import open_ledger_index
-    from ledger.supersede import check_supersede, superseded_results
-
-    ids = [q.id for q in read_queries(outputs)]  # validated here before anything else
-    with session_scope(ctx.engine()) as session:
-        index = open_ledger_index(session, index_ref)
-        superseded = superseded_results(session, ids, index.id)
-    check_supersede(superseded, outputs, index_named=index_ref is not None, supersede=supersede)
-    if superseded.outputs and not ctx.quiet:
-        click.echo(f"superseding: {superseded.describe(outputs)}", err=True)
 
 
 def _sample_plan(
@@ -1161,45 +1113,19 @@ def grant(ctx: Context, role: str, user: str, create: bool, timeout: str) -> Non
 @click.option("--provider", required=True)
 @click.option("--amount", required=True, help="Positive: owed to the provider; negative: back.")
 @click.option("--reason", required=True)
-@click.option(
-    "--period",
-    "carrier",
-    help="The later period whose statement carries it [default: the first open statement "
-    "after the corrected one, else a new draft for the period after it].",
-)
 @pass_ctx
 @user_errors
-def statements_adjust(
-    ctx: Context, corrects: str, provider: str, amount: str, reason: str, carrier: str | None
-) -> None:
-    """Correct a final statement with an entry on a later open statement.
-
-    Where no open statement follows the corrected one (no outputs of the next period yet), a
-    draft with a pool of 0 is saved for the next period of the same kind (2024-Q3 → 2024-Q4)
-    to carry it; `ledger report --period 2024-Q4 --pool ... --save` later adds that period's
-    pool. Example: `ledger statements adjust --corrects 2024-Q3 --provider harbor-logs
-    --amount 100.50 --reason "missed output q000031"`.
-    """
+def statements_adjust(ctx: Context, corrects: str, provider: str, amount: str, reason: str) -> None:
+    """Correct a final statement with an entry on the next open statement."""
     from ledger.money import parse_amount
-    from ledger.periods import parse_period
     from ledger.statements import add_adjustment, get_statement
 
     with session_scope(ctx.engine()) as session:
         target = get_statement(session, _statement_id(session, corrects))
         adj = add_adjustment(
-            session,
-            target.id,
-            provider,
-            parse_amount(amount, target.currency),
-            reason,
-            carrier=None if carrier is None else parse_period(carrier),
-            open_next=True,
+            session, target.id, provider, parse_amount(amount, target.currency), reason
         )
-        carried = get_statement(session, adj.statement_id)
-        ctx.echo(
-            f"adjustment {adj.id} recorded on statement {adj.statement_id} "
-            f"({carried.period_label}, draft)"
-        )
+        ctx.echo(f"adjustment {adj.id} recorded on statement {adj.statement_id}")
 
 
 def _statement_id(session: Any, ref: str) -> int:
@@ -1299,7 +1225,6 @@ def runs_show(ctx: Context, run_id: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @device_option
 @pass_ctx
-@torchrun_job
 @user_errors
 def verify(
     ctx: Context,
@@ -1356,31 +1281,15 @@ def verify(
 
 @cli.command()
 @click.option("--query", "query_id", required=True, help="The output's id.")
-@click.option(
-    "--outputs",
-    type=click.Path(dir_okay=False),
-    help="The queries file holding the output's text (default: its run's file name, here).",
-)
-@click.option("--full", is_flag=True, help="Whole texts instead of their first line's worth.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @pass_ctx
 @user_errors
-def explain(ctx: Context, query_id: str, outputs: str | None, full: bool, fmt: str) -> None:
-    """The providers and top training examples behind one output, with the output's prompt
-    and completion and the examples' texts (each checked against the sha256 the ledger
-    recorded; cut to a line unless --full; JSON holds them whole).
-
-    Example: `ledger explain --query q000001 --full`.
-    """
-    from ledger.explain import example_texts, output_texts, shorten
+def explain(ctx: Context, query_id: str, fmt: str) -> None:
+    """The providers and top training examples behind one output."""
     from ledger.recording import query_explanation
 
     with session_scope(ctx.engine()) as session:
         e = query_explanation(session, query_id)
-        e["output"] = output_texts(session, e, outputs)
-        texts = example_texts(session, e["top"], _resolver(session))
-    for t in e["top"]:
-        t["text"] = texts[t["example_id"]]
     if fmt == "json":
         click.echo(render.to_json(e))
         return
@@ -1389,38 +1298,17 @@ def explain(ctx: Context, query_id: str, outputs: str | None, full: bool, fmt: s
         f"weight {e['weight']}, run {e['run_id'][:16]}"
         + ("  (unattributed: no positive influence)" if e["unattributed"] else "")
     )
-    cut = (lambda text: text) if full else (lambda text: shorten(text, 100))
-    if "note" in e["output"]:
-        click.echo(f"  ({e['output']['note']})")
-    else:
-        click.echo(f"  prompt:     {cut(e['output']['prompt'])}")
-        click.echo(f"  completion: {cut(e['output']['completion'])}")
     click.echo("")
     click.echo(
         render.table(
-            [
-                {"provider": c["provider"], "credit": render.number(c["credit"])}
-                for c in e["credits"]
-            ],
+            [{"provider": c["provider"], "credit": f"{c['credit']:.4f}"} for c in e["credits"]],
             right=("credit",),
         )
     )
     click.echo("")
-    unread = "(text unavailable: shard missing or changed)"
-    rows = [
-        {**t, "text": shorten(t["text"], 60) if t["text"] is not None else unread} for t in e["top"]
-    ]
-    columns = ["rank", "provider", "example_id", "score"]
-    click.echo(render.table(rows, columns + ([] if full else ["text"]), right=("rank", "score")))
-    if full:
-        for t in e["top"]:
-            click.echo(f"\n[{t['rank']}] {t['example_id']} ({t['provider']})")
-            click.echo(t["text"] if t["text"] is not None else unread)
-
-
-def _resolver(session: Any) -> Callable[[str], str]:
-    """Where a stored shard path is now (see `ledger.workspace`)."""
-    return lambda path: path
+    click.echo(
+        render.table(e["top"], ["rank", "provider", "example_id", "score"], right=("rank", "score"))
+    )
 
 
 TABLE_ROWS = 1000

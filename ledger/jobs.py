@@ -29,6 +29,7 @@ from attribution.data import (
     ShardSpec,
     read_jsonl,
     read_queries,
+    read_shard_texts,
     sha256_file,
 )
 from attribution.device import resolve_device, resolve_precision
@@ -69,15 +70,28 @@ from ledger.recording import (
     weight_problem,
     weight_to_micros,
 )
-from ledger.recording import resolve_run_id as _resolve_run_id
-from ledger.registry import list_shards, register_index
-from ledger.registry import register_shards as register_shards  # where callers found it
+from ledger.registry import add_shard, get_provider, list_shards, register_index
 from ledger.samples import SamplePlan, draw_from_file, record_design, redraw_problems
-from ledger.torchrun import Job
 
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"  # local paths an index was built from; not part of its manifest
+
+
+def register_shards(engine: Engine, paths: list[str], provider: str) -> list[m.Shard]:
+    """Validate every row of every shard, then register them all in one transaction."""
+    specs = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(path, None, None, "shard file not found")
+        rows = sum(1 for _ in read_shard_texts(path))  # every row is validated here
+        if rows == 0:
+            raise InputError(path, None, None, "no rows: a shard needs at least one text")
+        specs.append((os.path.abspath(path), sha256_file(path), rows))
+    with session_scope(engine) as session:
+        get_provider(session, provider)
+        added = [add_shard(session, path, sha, provider, rows) for path, sha, rows in specs]
+        return list({shard.id: shard for shard in added}.values())  # a path given twice: once
 
 
 def ledger_shards(session: Session) -> list[ShardSpec]:
@@ -181,10 +195,9 @@ def build_ledger_index(
     source = {"model_dir": os.path.abspath(model_dir), "shards": [s.path for s in shards]}
     if checkpoint_dirs:
         source["checkpoint_dirs"] = [os.path.abspath(d) for d in checkpoint_dirs]
-    if Job().main:  # once per torchrun job
-        write_json(out / SOURCE_FILE, source)
-        with session_scope(engine) as session:
-            register_index(session, index.id, str(out.resolve()), index.manifest)
+    write_json(out / SOURCE_FILE, source)
+    with session_scope(engine) as session:
+        register_index(session, index.id, str(out.resolve()), index.manifest)
     indexed = set(index.metadata_columns(["shard"])["shard"].unique().to_list())
     for shard in shards:
         if shard.name not in indexed:
@@ -414,10 +427,6 @@ def query_results(index: GradientIndex, queries: list[Query], result) -> list[Qu
     return out
 
 
-QUERY_BATCH = 16
-"""Outputs per batch of query gradients."""
-
-
 def attribute_outputs(
     engine: Engine,
     outputs: str,
@@ -439,7 +448,6 @@ def attribute_outputs(
     resumes and a repeated run changes nothing.
     """
     config = config or ScoreConfig()
-    job = Job()  # a rank of a torchrun job scores its share of each batch of outputs
     queries = read_queries(outputs)  # every line is validated before anything is written
     if not queries:
         raise InputError(outputs, None, None, "no queries in the file")
@@ -470,35 +478,26 @@ def attribute_outputs(
         done = already_recorded(session, manifest["id"], [q.id for q in queries])
         todo = [q for q in queries if q.id not in done]
         check_open_periods(session, todo, outputs)
-        if job.main:
-            start_run(session, manifest["id"], index.id, manifest)
-            if drawn is not None:
-                record_design(session, manifest["id"], drawn)
-    job.barrier()
+        start_run(session, manifest["id"], index.id, manifest)
+        if drawn is not None:
+            record_design(session, manifest["id"], drawn)
     unattributed = 0
     if todo:
         starts = range(0, len(todo), batch_size)
         for start in progress(starts, desc="attributing", enabled=show_progress, unit="batch"):
-            group = job.share(todo[start : start + batch_size], QUERY_BATCH)  # all in one process
-            rows = []
-            if group:
-                batches = query_batches(group, tokenizer, max_length, batch_size=QUERY_BATCH)
-                result = score_queries(
-                    model, lm_loss, batches, index, config, checkpoints, device=target
-                )
-                unattributed += int(np.sum(result.unattributed()))
-                rows = query_results(index, group, result)
-            rows = job.to_writer(engine, rows)
-            if rows:
-                write_with_retry(
-                    engine,
-                    lambda session, rows=rows: record_results(session, manifest["id"], rows),
-                )
-    job.barrier()
-    unattributed = job.total(unattributed)
-    if job.main:
-        with session_scope(engine) as session:
-            finish_run(session, manifest["id"])
+            group = todo[start : start + batch_size]
+            batches = query_batches(group, tokenizer, max_length, batch_size=16)
+            result = score_queries(
+                model, lm_loss, batches, index, config, checkpoints, device=target
+            )
+            unattributed += int(np.sum(result.unattributed()))
+            rows = query_results(index, group, result)
+            write_with_retry(
+                engine,
+                lambda session, rows=rows: record_results(session, manifest["id"], rows),
+            )
+    with session_scope(engine) as session:
+        finish_run(session, manifest["id"])
     return AttributeSummary(
         manifest["id"], index.id, len(queries), len(todo), len(done), unattributed
     )
@@ -681,15 +680,11 @@ def verify_run(
     precision = index_precision(index)
     model, tokenizer = load_causal_lm(model_dir, resolve_precision(precision), device=target)
     max_length = query_max_length(index, model)
-    job = Job()  # a rank of a torchrun job re-computes its share of the sample
-    mine = job.share(group, QUERY_BATCH)
-    fresh = []
-    if mine:
-        result = score_queries(
-            model, lm_loss, query_batches(mine, tokenizer, max_length, QUERY_BATCH), index,
-            config, load_checkpoints(checkpoint_dirs, precision, target), device=target,
-        )  # fmt: skip
-        fresh = query_results(index, mine, result)
+    result = score_queries(
+        model, lm_loss, query_batches(group, tokenizer, max_length, 16), index, config,
+        load_checkpoints(checkpoint_dirs, precision, target), device=target,
+    )  # fmt: skip
+    fresh = query_results(index, group, result)
     agreeing, worst = 0, 0.0
     with session_scope(engine) as session:
         for qr in fresh:
@@ -697,8 +692,9 @@ def verify_run(
             diff, agrees = compare_result(stored, qr, tolerance)
             worst = max(worst, diff)
             agreeing += agrees
-    counted, agreeing, worst = job.combine(len(fresh), agreeing, worst)
-    return verification(checks, sample_notes, counted, agreeing, worst, ids=[q.id for q in group])
+    return verification(
+        checks, sample_notes, len(fresh), agreeing, worst, ids=[q.id for q in group]
+    )
 
 
 def compare_result(stored: dict, fresh: QueryResult, tolerance: float) -> tuple[float, bool]:
@@ -733,3 +729,14 @@ def compare_result(stored: dict, fresh: QueryResult, tolerance: float) -> tuple[
         and all(close(scores[r], cutoff) for r in recorded.keys() ^ computed.keys())
     )
     return diff, credits_agree and top_agrees
+
+
+def _resolve_run_id(session: Session, ref: str) -> str:
+    ids = session.scalars(
+        select(m.AttributionRun.id).where(m.AttributionRun.id.startswith(ref.lower()))
+    ).all()
+    if len(ids) > 1:
+        raise LedgerError(f"run id prefix {ref!r} is ambiguous ({len(ids)} runs)")
+    if not ids:
+        raise NotFoundError(f"unknown attribution run {ref!r}")
+    return ids[0]
