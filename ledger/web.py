@@ -198,8 +198,13 @@ def create_app(url: str, allowed_hosts: list[str] | None = None) -> Starlette:
         )
 
     def output_page(session: Session, request: Request) -> str:
+        from ledger.explain import output_texts
+
         external_id = output_by_id(session, request.path_params["query_id"])
         e = query_explanation(session, external_id)
+        # The prompt and completion, from the run's queries file where the view was started
+        # (as `ledger explain` reads them), if its text is the one the ledger recorded.
+        e["output"] = output_texts(session, e, None)
         names = [c["provider"] for c in e["credits"]]
         ids = dict(
             session.execute(

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ledger.db import make_engine, upgrade
-from tests.web.ledger_data import build_ledger
+from tests.web.ledger_data import build_ledger, write_outputs_file
 from tests.web.pages import serving
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
@@ -67,11 +68,13 @@ def sqlite_ledger(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[s
     upgrade(engine)
     ids = build_ledger(engine)
     engine.dispose()
+    write_outputs_file(path.parent)
     return url, ids
 
 
 @pytest.fixture(scope="module")
 def served(sqlite_ledger: tuple[str, dict[str, int]]) -> Iterator[str]:
     """`ledger serve` on the SQLite test ledger: its base address (ending in /)."""
-    with serving(sqlite_ledger[0]) as base:
+    url = sqlite_ledger[0]
+    with serving(url, cwd=Path(url.removeprefix("sqlite:///")).parent) as base:
         yield base

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 LEDGER = [sys.executable, "-c", "from ledger.cli import main; main()"]
@@ -55,10 +56,12 @@ def ledger_cli(url: str, *args: str) -> str:
 
 
 @contextmanager
-def serving(url: str, timeout: float = 60.0) -> Iterator[str]:
-    """`ledger --db URL serve --port 0` in a subprocess; yields the address it announces."""
+def serving(url: str, cwd: Path | None = None, timeout: float = 60.0) -> Iterator[str]:
+    """`ledger --db URL serve --port 0` in a subprocess (in `cwd`); yields the address it
+    announces."""
     proc = subprocess.Popen(
         [*LEDGER, "--db", url, "serve", "--port", "0"],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -18,7 +18,15 @@ from sqlalchemy.exc import DBAPIError
 
 from ledger.db import make_engine, upgrade
 from ledger.web import read_only_engine
-from tests.web.ledger_data import HOSTILE, HOSTILE_OUTPUT, PROVIDERS, build_ledger
+from tests.web.ledger_data import (
+    HOSTILE,
+    HOSTILE_COMPLETION,
+    HOSTILE_OUTPUT,
+    HOSTILE_PROMPT,
+    PROVIDERS,
+    RUN_MANIFEST,
+    build_ledger,
+)
 from tests.web.pages import (
     assert_charts_drawn,
     assert_loaded_cleanly,
@@ -91,12 +99,16 @@ def test_statements_providers_outputs_and_runs_pages(
             (HOSTILE, 9.0 / 10.0),
             ("stellar-press", 1.0 / 10.0),
         ]
+        # The prompt and completion, which are markup, are shown as text.
+        assert seen.page.locator("#prompt").inner_text() == HOSTILE_PROMPT
+        assert seen.page.locator("#completion").inner_text() == HOSTILE_COMPLETION
+        assert seen.page.locator("img, b").count() == 0
         examples = seen.page.locator("#top-examples tbody tr td:nth-child(2)").all_inner_texts()
         assert examples == [HOSTILE, "stellar-press"]
         seen.page.locator("a[href^='/runs/']").first.click()
         seen.page.wait_for_load_state()
         manifest = json.loads(seen.page.locator("#run-manifest").inner_text())
-        assert manifest == {"run": "quarters"}
+        assert manifest == RUN_MANIFEST
         assert [r["run_id"] for r in doc["statement"]["runs"]] == [seen.page.url.rsplit("/", 1)[1]]
         assert seen.errors == []
 
