@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,9 +86,27 @@ def process_group() -> Iterator[Ranks]:
     dist.destroy_process_group()
 
 
+class PeerFailure(Exception):  # noqa: N818 - not a RuntimeError: a model's failure is one
+    """A collective failed: another rank of the job stopped (it failed, or was killed) or did
+    not arrive within `collective_timeout()`."""
+
+
+def collective(name: str, *args: Any, **kwargs: Any) -> Any:
+    """`torch.distributed.<name>(*args, **kwargs)`, its failure a `PeerFailure`."""
+    try:
+        return getattr(dist, name)(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the backends raise several kinds
+        lines = [re.sub(r"^\[[^\]]*\]\s*", "", line.strip()) for line in str(exc).splitlines()]
+        lines = [line for line in lines if line]
+        raise PeerFailure(
+            f"stopped: another rank of the job failed or did not answer within "
+            f"{collective_timeout().total_seconds():g} s ({lines[0] if lines else type(exc).__name__})"
+        ) from exc
+
+
 def barrier() -> None:
     if ranks().world > 1:
-        dist.barrier()
+        collective("barrier")
 
 
 def _add(a: Value | None, b: Value | None) -> Value | None:
@@ -178,12 +197,12 @@ def reduce_to_main(tree: TreeSum) -> Value | None:
         for level, index, v in tree.stack
     ]
     headers: list[Any] = [None] * r.world if r.main else None
-    dist.gather_object(mine, headers, dst=0)
+    collective("gather_object", mine, headers, dst=0)
     device = _comm_device()
     if not r.main:
         for _, _, v in tree.stack:
             for x in v or []:
-                dist.send(torch.as_tensor(x).to(device, torch.float64).contiguous(), dst=0)
+                collective("send", torch.as_tensor(x).to(device, torch.float64).contiguous(), 0)
         return None
     nodes = []
     for rank, header in enumerate(headers):
@@ -195,7 +214,7 @@ def reduce_to_main(tree: TreeSum) -> Value | None:
                 value = []
                 for shape in shapes:
                     t = torch.empty(shape, dtype=torch.float64, device=device)
-                    dist.recv(t, src=rank)
+                    collective("recv", t, rank)
                     value.append(t.cpu().numpy() if kind == "numpy" else t)
             nodes.append((index << level, level, index, value))
     nodes.sort(key=lambda n: n[0])
@@ -215,7 +234,7 @@ def gather_to_main(items: dict) -> dict | None:
     if r.world == 1:
         return dict(items)
     gathered: list[Any] = [None] * r.world if r.main else None
-    dist.gather_object(items, gathered, dst=0)
+    collective("gather_object", items, gathered, dst=0)
     if not r.main:
         return None
     merged: dict = {}

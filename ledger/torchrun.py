@@ -24,7 +24,7 @@ def torchrun_job(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return fn(*args, **kwargs)
-        from attribution.distributed import process_group
+        from attribution.distributed import PeerFailure, process_group
         from attribution.types import first_line
 
         with process_group() as ranks, contextlib.ExitStack() as quiet:
@@ -38,6 +38,8 @@ def torchrun_job(fn: Callable) -> Callable:
                 raise click.ClickException(f"{where}: {exc.format_message()}") from exc
             except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
                 raise
+            except PeerFailure as exc:  # the consequence of another rank's error, not a cause
+                raise click.ClickException(f"{where}: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - one line for the job's log, not a traceback
                 raise click.ClickException(
                     f"{where}: {type(exc).__name__}: {first_line(exc)}"
@@ -85,20 +87,19 @@ class Job:
         if self.ranks.world == 1:
             return n
         import torch
-        import torch.distributed as dist
 
-        from attribution.distributed import _comm_device
+        from attribution.distributed import _comm_device, collective
 
         t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
-        dist.all_reduce(t)
+        collective("all_reduce", t)
         return int(t.item())
 
     def combine(self, count: int, agreeing: int, worst: float) -> tuple[int, int, float]:
         """Counts summed and the largest difference over the ranks (on every rank)."""
         if self.ranks.world == 1:
             return count, agreeing, worst
-        import torch.distributed as dist
+        from attribution.distributed import collective
 
         parts: list[Any] = [None] * self.ranks.world
-        dist.all_gather_object(parts, (count, agreeing, worst))
+        collective("all_gather_object", parts, (count, agreeing, worst))
         return sum(p[0] for p in parts), sum(p[1] for p in parts), max(p[2] for p in parts)
