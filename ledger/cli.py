@@ -699,7 +699,7 @@ def sample_size(
         click.echo(render.to_json(plan.as_dict()))
         return
     timing = (
-        f"about {plan.seconds / 3600:.2f} h at {plan.outputs_per_second:.3g} outputs/s"
+        f"about {_duration(plan.seconds)} at {plan.outputs_per_second:.3g} outputs/s"
         if plan.seconds is not None
         else "no finished run to measure a throughput on (give --throughput)"
     )
@@ -834,6 +834,14 @@ def _render_report(doc: dict, fmt: str, out: str | None) -> None:
         Path(out).write_text(text if text.endswith("\n") else text + "\n")
     else:
         click.echo(text, nl=not text.endswith("\n"))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _half_width(row: dict) -> dict:

@@ -8,7 +8,9 @@ allocation), ``sample_units`` (each sampled output's stratum and inclusion proba
 from a sample).
 
 The sample tables are append-only (a statement may rest on them); the estimates are a
-statement's children, final with it, as its lines are. No existing table changes.
+statement's children, final with it, as its lines are. No existing table changes. Two views,
+``sample_strata_named`` and ``sample_units_named``, show each design's strata and sampled
+outputs with their run, seed and fields (readable by ``ledger_reader`` on PostgreSQL).
 
 Revision ID: 0006
 Revises: 0005
@@ -27,6 +29,17 @@ depends_on: str | Sequence[str] | None = None
 
 SAMPLE_TABLES = ("sample_designs", "sample_strata", "sample_units")
 TABLES = (*SAMPLE_TABLES, "statement_estimates")
+VIEWS = {
+    "sample_strata_named": """
+        SELECT d.id AS design_id, d.run_id, d.method, d.seed, d.size_field, d.strata_field,
+               d.queries_sha256, s.stratum, s.population_count, s.size_total,
+               s.weight_micros_total, s.sample_count, s.certainty_count
+        FROM sample_strata s JOIN sample_designs d ON d.id = s.design_id""",
+    "sample_units_named": """
+        SELECT d.id AS design_id, d.run_id, u.external_id, u.line, u.served_at, u.stratum,
+               u.inclusion_probability
+        FROM sample_units u JOIN sample_designs d ON d.id = u.design_id""",
+}
 
 
 def _tables() -> None:
@@ -150,7 +163,7 @@ def _postgresql_objects() -> list[str]:
             "FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only()"
         )
     # The roles of 0003, where they exist: writers record samples and rebuild drafts.
-    tables = ", ".join(TABLES)
+    tables, views = ", ".join(TABLES), ", ".join(VIEWS)
     out.append(
         f"""
         DO $grants$
@@ -158,6 +171,10 @@ def _postgresql_objects() -> list[str]:
             IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ledger_writer') THEN
                 GRANT SELECT, INSERT ON {tables} TO ledger_writer;
                 GRANT DELETE ON statement_estimates TO ledger_writer;
+                GRANT SELECT ON {views} TO ledger_writer;
+            END IF;
+            IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ledger_reader') THEN
+                GRANT SELECT ON {views} TO ledger_reader;
             END IF;
         END
         $grants$
@@ -168,6 +185,8 @@ def _postgresql_objects() -> list[str]:
 
 def upgrade() -> None:
     _tables()
+    for name, sql in VIEWS.items():
+        op.execute(f"CREATE VIEW {name} AS {sql}")
     if op.get_bind().dialect.name == "postgresql":
         for sql in _postgresql_objects():
             op.execute(sql)
@@ -177,6 +196,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    for name in VIEWS:
+        op.execute(f"DROP VIEW IF EXISTS {name}")
     # Dropping a table drops its triggers.
     for table in reversed(("sample_designs", "sample_strata", "sample_units")):
         op.drop_table(table)
