@@ -138,3 +138,29 @@ def test_provider_option_refusals_write_nothing(
     assert not_html.exit_code == 2
     assert "--format html" in not_html.output
     assert not out.exists()
+
+
+def test_html_statement_without_a_pool_shows_values_and_shares_only(
+    browser: Any, sqlite_ledger: tuple[str, dict[str, int]], tmp_path: Path
+) -> None:
+    url, _ = sqlite_ledger
+    doc = report_json(url, "2024-08")  # a month: no statement, no pool
+    out = tmp_path / "month.html"
+    assert_self_contained(write_html(url, out, "--period", "2024-08"))
+    with visit(browser, out.as_uri()) as seen:
+        assert_loaded_cleanly(seen, out.as_uri())
+        rows = seen.page.eval_on_selector_all(
+            "#lines tbody tr",
+            """rows => rows.map(r => [r.dataset.provider,
+                ...[...r.querySelectorAll('td[data-field]')].map(td => td.dataset.field),
+                r.querySelector('[data-field=value]').dataset.exact,
+                r.querySelector('[data-field=share]').dataset.exact])""",
+        )
+        assert [(p, fields, float(v), float(s)) for p, *fields, v, s in rows] == [
+            (line["provider"], ["value", "share"], line["value"], line["share"])
+            for line in doc["lines"]
+        ]
+        assert seen.page.get_attribute("#summary [data-key=pool]", "data-exact") == ""
+        assert seen.page.locator("#lines tfoot").count() == 0
+        # Only this month: no earlier statement of a month.
+        assert_charts_drawn(seen.page, bars=len(doc["lines"]), points=len(doc["lines"]))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,6 +30,7 @@ from tests.web.ledger_data import (
     build_ledger,
 )
 from tests.web.pages import (
+    LEDGER,
     assert_charts_drawn,
     assert_loaded_cleanly,
     assert_page_matches_report,
@@ -184,3 +187,20 @@ def test_serve_on_postgresql_shows_the_reports_numbers(
             assert_page_matches_report(seen.page, doc)
             assert_charts_drawn(seen.page, bars=len(doc["lines"]), points=4 * 3)
         assert request(base, "POST", f"statements/{ids['2024-Q3']}") == 405
+
+
+def test_a_port_in_use_is_one_line_error(sqlite_ledger: tuple[str, dict[str, int]]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [*LEDGER, "--db", sqlite_ledger[0], "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
