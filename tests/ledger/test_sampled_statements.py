@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from attribution.data import read_queries
+from attribution.types import InputError
 from ledger.audit import audit_ledger
 from ledger.db import session_scope
 from ledger.errors import ConflictError
@@ -188,3 +189,26 @@ def test_a_sample_with_outputs_not_yet_attributed_is_refused(
     with pytest.raises(ConflictError, match="no current result from their sample's run"):
         with session_scope(engine) as session:
             build_statement(session, parse_period("2024-Q3"), None)
+
+
+def test_a_sample_rate_takes_that_fraction_of_the_outputs_rounded_up(tmp_path: Path) -> None:
+    path = _outputs(tmp_path, 30)
+    queries = read_queries(path)
+    assert len(draw_from_file(str(path), queries, SamplePlan(seed=1, rate=0.1)).ids) == 3
+    assert len(draw_from_file(str(path), queries, SamplePlan(seed=1, rate=0.15)).ids) == 5
+
+
+def test_an_output_of_size_zero_that_carries_credit_is_refused_with_its_line(
+    tmp_path: Path,
+) -> None:
+    path = _outputs(tmp_path, 5)
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[3])
+    lines[3] = json.dumps({**row, "cost": 0})
+    path.write_text("\n".join(json.dumps({**json.loads(x), "cost": 1}) for x in lines[:3])
+                    + "\n" + lines[3] + "\n" + "\n".join(
+                        json.dumps({**json.loads(x), "cost": 2}) for x in lines[4:]) + "\n")  # fmt: skip
+    with pytest.raises(InputError, match=r"line 4.*cost.*could never be drawn"):
+        draw_from_file(
+            str(path), read_queries(path), SamplePlan(seed=1, sample=2, size_field="cost")
+        )
