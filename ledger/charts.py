@@ -2,13 +2,14 @@
 by vl-convert (no browser, no network, no script in the result).
 
 Text in the charts (provider names, periods) is escaped by the SVG writer; `to_svg` refuses any
-result that could run or fetch something, so a chart is safe to inline in a page.
+result with an element or attribute that could run, fetch or link something, so a chart is
+safe to inline in a page.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
+from xml.etree import ElementTree
 
 PALETTE = (
     "#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2",
@@ -16,7 +17,7 @@ PALETTE = (
 )  # fmt: skip
 """Vega's tableau10 colours; a provider keeps its colour across the charts of a page."""
 
-_UNSAFE = re.compile(r"<script|<foreignObject|<iframe|\bon[a-z]+\s*=|(?:xlink:)?href\s*=", re.I)
+_UNSAFE_ELEMENTS = {"script", "foreignobject", "iframe", "a", "image", "use", "style"}
 
 
 def colours(providers: list[str]) -> dict[str, str]:
@@ -25,13 +26,28 @@ def colours(providers: list[str]) -> dict[str, str]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(sorted(providers))}
 
 
+def unsafe_part(svg: str) -> str | None:
+    """The first element or attribute of `svg` that could run, fetch or link anything (a
+    script, an embedded document, a reference, an event handler), or None: only drawing."""
+    for element in ElementTree.fromstring(svg).iter():
+        tag = element.tag.rsplit("}", 1)[-1].lower()
+        if tag in _UNSAFE_ELEMENTS:
+            return f"a <{tag}> element"
+        for name in element.attrib:
+            local = name.rsplit("}", 1)[-1].lower()
+            if local.startswith("on") or local in ("href", "src"):
+                return f"a {local} attribute"
+    return None
+
+
 def to_svg(chart: Any) -> str:
     """The SVG text of an Altair chart; `ValueError` if it holds anything but drawing."""
     import vl_convert
 
     svg = vl_convert.vegalite_to_svg(chart.to_dict())
-    if _UNSAFE.search(svg):
-        raise ValueError("the chart's SVG holds a script, a link or an event handler")
+    problem = unsafe_part(svg)
+    if problem is not None:
+        raise ValueError(f"the chart's SVG holds {problem}")
     # Scales with the page instead of overflowing a narrow window.
     return svg.replace("<svg ", '<svg role="img" style="max-width:100%;height:auto" ', 1)
 
