@@ -66,8 +66,9 @@ def build_ledger(url: str) -> dict[str, int]:
     for q, quarter in enumerate(QUARTERS):
         period = parse_period(quarter)
         results = []
+        serial = 0
         for style in names:
-            for i in range(PROVIDERS[style][q]):
+            for _ in range(PROVIDERS[style][q]):
                 # Mostly, not only, the provider whose style the output imitates.
                 positive = {p: rng.uniform(0.2, 1.0) * (6 if p == style else 1) for p in names}
                 total = sum(positive.values())
@@ -75,9 +76,12 @@ def build_ledger(url: str) -> dict[str, int]:
                     minutes=rng.randint(0, 60 * 24 * 88)
                 )
                 ranked = sorted(positive.items(), key=lambda kv: -kv[1])
+                serial += 1
                 results.append(
                     QueryResult(
-                        QueryRecord(f"q{q}{style[:3]}{i:03d}", served, Decimal(1), sha(f"{q}{i}")),
+                        QueryRecord(
+                            f"o{q + 1}-{serial:03d}", served, Decimal(1), sha(f"{q}{serial}")
+                        ),
                         [ProviderCredit(p, v, v / total) for p, v in positive.items()],
                         [
                             TopExample(
