@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -98,6 +99,38 @@ def read_session(engine: Engine) -> Iterator[Session]:
         session.close()
 
 
+PAGE_TABLES = (
+    "providers",
+    "statements",
+    "statement_lines",
+    "statement_runs",
+    "adjustments",
+    "attribution_runs",
+    "gradient_indexes",
+    "queries",
+    "query_results",
+    "credits",
+    "top_examples",
+)
+"""The tables the pages read (through the functions behind `ledger report`)."""
+
+
+def check_readable(engine: Engine) -> None:
+    """`LedgerError` (one line) unless this connection's user may read every table the pages
+    read: a PostgreSQL `ledger_reader` sees the views only."""
+    with read_session(engine) as session:
+        for table in PAGE_TABLES:
+            try:
+                session.execute(text(f"SELECT 1 FROM {table} LIMIT 1"))
+            except DBAPIError as exc:
+                detail = str(exc.orig).strip().splitlines()[0]
+                raise LedgerError(
+                    f"ledger serve cannot read the table {table} as this database user "
+                    f"({detail}); connect as the ledger's owner, a ledger_writer or a "
+                    "ledger_approver (a ledger_reader sees the views only)"
+                ) from exc
+
+
 class GetOnly:
     """ASGI middleware: 405 for every method but GET and HEAD, on every path."""
 
@@ -140,6 +173,10 @@ def create_app(url: str, allowed_hosts: list[str] | None = None) -> Starlette:
                 return _error(404, str(exc), links)
             except LedgerError as exc:
                 return _error(400, str(exc), links)
+            except DBAPIError as exc:  # unreachable, a permission withdrawn, ...
+                log.warning("database error on %s: %s", request.url.path, exc)
+                detail = str(exc.orig).strip().splitlines()[0]
+                return _error(503, f"database error: {detail}", links)
             return HTMLResponse(html, headers=SECURITY_HEADERS)
 
         return endpoint
@@ -304,6 +341,11 @@ def serve(url: str, host: str, port: int, announce: Callable[[str], None]) -> No
 
     allowed = ["127.0.0.1", "localhost", "[::1]", "::1"] if host in LOOPBACK else None
     app = create_app(url, allowed_hosts=allowed)
+    try:
+        check_readable(app.state.engine)
+    except LedgerError:
+        app.state.engine.dispose()
+        raise
     sock = bind(host, port)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from ledger.db import make_engine, upgrade
-from ledger.web import read_only_engine
+from ledger.web import check_readable, read_only_engine
 from tests.web.ledger_data import (
     HOSTILE,
     HOSTILE_COMPLETION,
@@ -204,3 +204,37 @@ def test_a_port_in_use_is_one_line_error(sqlite_ledger: tuple[str, dict[str, int
     assert proc.stderr.strip().splitlines() == [
         f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+@pytest.mark.postgres
+def test_serve_refuses_a_user_who_sees_only_the_views(make_database_url: Any) -> None:
+    """A ledger_reader reads the views, not the tables the pages are built from: one line says
+    whom to connect as; a ledger_writer may serve."""
+    from sqlalchemy.engine import make_url
+
+    from ledger.db import grant_role
+
+    url = make_database_url("postgresql")
+    owner = make_engine(url)
+    upgrade(owner)
+    suffix = url.rsplit("_", 1)[-1]
+    as_user = {}
+    for role in ("reader", "writer"):
+        grant_role(owner, role, f"web_{role}_{suffix}", create=True)
+        as_user[role] = make_url(url).set(username=f"web_{role}_{suffix}").render_as_string(False)
+    owner.dispose()
+    proc = subprocess.run(
+        [*LEDGER, "--db", as_user["reader"], "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("Error: ledger serve cannot read the table providers")
+    assert "ledger_writer" in line
+    writer = read_only_engine(as_user["writer"])
+    try:
+        check_readable(writer)
+    finally:
+        writer.dispose()
