@@ -608,12 +608,19 @@ def _finalise(
         curvature.save(root / CURVATURE_FILE)
     barrier()
     curvature = Curvature.load(root / CURVATURE_FILE, slices)
-    self_inf = gather_to_main(
-        {b: curvature.self_influence(np.load(grad_files[b], mmap_mode="r")) for b in mine}
+    done = gather_to_main(  # each rank's blocks: self-influence and sha256
+        {
+            b: (
+                curvature.self_influence(np.load(grad_files[b], mmap_mode="r")),
+                _sha256(grad_files[b]),
+            )
+            for b in mine
+        }
     )
     if rank.main:
-        _write_metadata(root, blocks, np.concatenate([self_inf[b] for b in blocks]))
-        _write_manifest(root, build, fingerprint, rows, sampled, grad_files)
+        _write_metadata(root, blocks, np.concatenate([done[b][0] for b in blocks]))
+        digests = [done[b][1] for b in blocks]
+        _write_manifest(root, build, fingerprint, rows, sampled, grad_files, digests)
     barrier()
     return GradientIndex.open(root)
 
@@ -662,7 +669,13 @@ def _write_metadata(root: Path, blocks: list[int], self_influence: np.ndarray) -
 
 
 def _write_manifest(
-    root: Path, build: dict, fingerprint: dict, rows: int, sampled: int, grad_files: list[Path]
+    root: Path,
+    build: dict,
+    fingerprint: dict,
+    rows: int,
+    sampled: int,
+    grad_files: list[Path],
+    digests: list[str],
 ) -> None:
     blocks = [block_paths(root, i)[1] for i in range(len(grad_files))]
     providers = pl.concat([pl.read_parquet(p, columns=["provider"]) for p in blocks])
@@ -680,7 +693,9 @@ def _write_manifest(
             "rows": rows,
             "curvature_examples_used": sampled,
             "dim": build["dim"],
-            "blocks": [{"file": p.name, "sha256": _sha256(p)} for p in grad_files],
+            "blocks": [
+                {"file": p.name, "sha256": d} for p, d in zip(grad_files, digests, strict=True)
+            ],
             "projections_sha256": _sha256(root / PROJECTIONS_FILE),
             "factors_sha256": _sha256(root / FACTORS_FILE),
             "curvature_sha256": _sha256(root / CURVATURE_FILE),
