@@ -38,13 +38,16 @@ from attribution.types import IndexDamagedError, IndexMismatchError, InputError,
 from ledger import render
 from ledger.db import (
     DEFAULT_QUERY_TIMEOUT_S,
+    checked_url,
     database_url,
     has_ledger_tables,
     make_engine,
     session_scope,
+    sqlite_file,
     upgrade,
 )
 from ledger.errors import LedgerError
+from ledger.torchrun import torchrun_job
 
 FORMATS = click.Choice(["table", "json", "csv"])
 
@@ -57,6 +60,10 @@ class Context:
 
     def engine(self, require_tables: bool = True) -> Engine:
         if self._engine is None:
+            path = sqlite_file(checked_url(self.url))
+            if require_tables and path is not None and not path.exists():
+                # Connecting would create an empty file where the user expected a ledger.
+                raise LedgerError(f"no ledger at {path}; run `ledger init` to create one")
             self._engine = make_engine(self.url)
         if require_tables and not has_ledger_tables(self._engine):
             raise LedgerError(f"the ledger at {self.url} is not initialised; run `ledger init`")
@@ -251,7 +258,33 @@ moved_checkpoints = click.option(
 )
 
 
+def _print_plan(ctx: Context, model_dir: str, root: Path, config: Any, max_length: int | None,
+                batch_size: int, checkpoint_dirs: tuple[str, ...], device: str,
+                precision: str) -> None:  # fmt: skip
+    """`ledger index --plan`: the plan's lines on stdout; a build that cannot fit is refused
+    (exit status 1) naming the first reason."""
+    from ledger.index_plan import plan_ledger_index
+
+    try:
+        plan, out = plan_ledger_index(
+            ctx.engine(), model_dir, root, config, max_length=max_length,
+            batch_size=batch_size, checkpoint_dirs=checkpoint_dirs, device=device,
+            precision=precision,
+        )  # fmt: skip
+    except ValueError as exc:
+        if isinstance(exc, InputError | LedgerError):
+            raise
+        raise click.ClickException(str(exc).splitlines()[0]) from exc
+    click.echo(f"index directory: {out}")
+    for line in plan.lines():
+        click.echo(line)
+    if plan.problems:
+        raise click.ClickException(f"the build cannot fit: {plan.problems[0]}")
+
+
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value.strip().lower() in ("auto", "cpu"):  # always valid: no torch to import for them
+        return value
     from attribution.device import resolve_device  # torch: only when the command runs
 
     try:
@@ -410,6 +443,14 @@ def device_option(fn: Callable) -> Callable:
 )
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option(
+    "--rows-per-block",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Examples per index block: the unit a killed build resumes from and that the ranks of "
+    "a torchrun job share out.",
+)
+@click.option(
     "--max-length",
     type=int,
     default=None,
@@ -425,12 +466,21 @@ def device_option(fn: Callable) -> Callable:
     help="The model's weights and forward/backward passes (projected gradients and curvature "
     "stay float32/float64; queries are scored in the index's precision).",
 )
+@click.option(
+    "--plan",
+    "plan_only",
+    is_flag=True,
+    help="Print what the build will take (rows, dims per layer, disk, memory, time from a few "
+    "timed batches) and build nothing; exit status 1 when it cannot fit.",
+)
 @pass_ctx
+@torchrun_job
 @user_errors
 def index_cmd(
     ctx: Context,
     device: str,
     precision: str,
+    plan_only: bool,
     model_dir: str,
     checkpoint_dirs: tuple[str, ...],
     out_root: str,
@@ -451,6 +501,7 @@ def index_cmd(
     damping: float,
     dtype: str,
     batch_size: int,
+    rows_per_block: int,
     max_length: int | None,
 ) -> None:
     """Build the gradient index of every registered shard (resumes after a kill).
@@ -465,6 +516,7 @@ def index_cmd(
         ("--k-out", k_out),
         ("--curvature-draws", curvature_draws),
         ("--batch-size", batch_size),
+        ("--rows-per-block", rows_per_block),
     ):
         if value is not None and value < 1:
             raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
@@ -500,7 +552,12 @@ def index_cmd(
         curvature_examples=curvature_examples or None,
         curvature_prior_examples=curvature_prior_examples,
         damping_factor=damping,
+        rows_per_block=rows_per_block,
     )
+    if plan_only:
+        _print_plan(ctx, model_dir, Path(out_root), config, max_length, batch_size,
+                    checkpoint_dirs, device, precision)  # fmt: skip
+        return
     created = not Path(out_root).exists()
     try:
         index = build_ledger_index(
@@ -587,10 +644,16 @@ def index_cmd(
     help="Stratify the sample by this field, or by served month, day or year (month, day, year).",
 )
 @click.option(
+    "--supersede",
+    is_flag=True,
+    help="Replace the credits of outputs attributed over another index (without --index).",
+)
+@click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @device_option
 @pass_ctx
+@torchrun_job
 @user_errors
 def attribute(
     ctx: Context,
@@ -607,11 +670,15 @@ def attribute(
     sample_seed: int | None,
     weight_field: str | None,
     strata: str | None,
+    supersede: bool,
     fmt: str,
 ) -> None:
     """Attribute served outputs to providers and record the credits.
 
-    Re-running on the same file changes nothing; a killed run resumes.
+    Re-running on the same file changes nothing; a killed run resumes. Outputs whose credits
+    come from another index than the one used now (the newest, unless --index names one)
+    keep them unless --index names the index or --supersede is given; what is superseded is
+    printed first.
     Example: `ledger attribute --outputs queries.jsonl`.
     """
     from ledger.jobs import attribute_outputs
@@ -619,6 +686,7 @@ def attribute(
     if top_k < 1 or batch_size < 1:
         raise click.BadParameter("--top-k and --batch-size must be positive")
     plan = _sample_plan(sample_size, sample_rate, sample_seed, weight_field, strata)
+    _check_supersede(ctx, outputs, index_ref, supersede)
     summary = attribute_outputs(
         ctx.engine(),
         outputs,
@@ -640,6 +708,22 @@ def attribute(
         f"{summary.skipped} skipped as already done, {summary.unattributed} unattributed"
         + (f" (a sample drawn with seed {plan.seed})" if plan is not None else "")
     )
+
+
+def _check_supersede(ctx: Context, outputs: str, index_ref: str | None, supersede: bool) -> None:
+    """Refuse to change which index pays the file's outputs unless told, and say what is
+    superseded before anything is written (`ledger.supersede`)."""
+    from attribution.data import read_queries
+    from ledger.jobs import open_ledger_index
+    from ledger.supersede import check_supersede, superseded_results
+
+    ids = [q.id for q in read_queries(outputs)]  # validated here before anything else
+    with session_scope(ctx.engine()) as session:
+        index = open_ledger_index(session, index_ref)
+        superseded = superseded_results(session, ids, index.id)
+    check_supersede(superseded, outputs, index_named=index_ref is not None, supersede=supersede)
+    if superseded.outputs and not ctx.quiet:
+        click.echo(f"superseding: {superseded.describe(outputs)}", err=True)
 
 
 def _sample_plan(
@@ -1121,19 +1205,45 @@ def grant(ctx: Context, role: str, user: str, create: bool, timeout: str) -> Non
 @click.option("--provider", required=True)
 @click.option("--amount", required=True, help="Positive: owed to the provider; negative: back.")
 @click.option("--reason", required=True)
+@click.option(
+    "--period",
+    "carrier",
+    help="The later period whose statement carries it [default: the first open statement "
+    "after the corrected one, else a new draft for the period after it].",
+)
 @pass_ctx
 @user_errors
-def statements_adjust(ctx: Context, corrects: str, provider: str, amount: str, reason: str) -> None:
-    """Correct a final statement with an entry on the next open statement."""
+def statements_adjust(
+    ctx: Context, corrects: str, provider: str, amount: str, reason: str, carrier: str | None
+) -> None:
+    """Correct a final statement with an entry on a later open statement.
+
+    Where no open statement follows the corrected one (no outputs of the next period yet), a
+    draft with a pool of 0 is saved for the next period of the same kind (2024-Q3 → 2024-Q4)
+    to carry it; `ledger report --period 2024-Q4 --pool ... --save` later adds that period's
+    pool. Example: `ledger statements adjust --corrects 2024-Q3 --provider harbor-logs
+    --amount 100.50 --reason "missed output q000031"`.
+    """
     from ledger.money import parse_amount
+    from ledger.periods import parse_period
     from ledger.statements import add_adjustment, get_statement
 
     with session_scope(ctx.engine()) as session:
         target = get_statement(session, _statement_id(session, corrects))
         adj = add_adjustment(
-            session, target.id, provider, parse_amount(amount, target.currency), reason
+            session,
+            target.id,
+            provider,
+            parse_amount(amount, target.currency),
+            reason,
+            carrier=None if carrier is None else parse_period(carrier),
+            open_next=True,
         )
-        ctx.echo(f"adjustment {adj.id} recorded on statement {adj.statement_id}")
+        carried = get_statement(session, adj.statement_id)
+        ctx.echo(
+            f"adjustment {adj.id} recorded on statement {adj.statement_id} "
+            f"({carried.period_label}, draft)"
+        )
 
 
 def _statement_id(session: Any, ref: str) -> int:
@@ -1146,6 +1256,58 @@ def _statement_id(session: Any, ref: str) -> int:
     if found is None:
         raise LedgerError(f"no statement for period {ref}")
     return found.id
+
+
+# --- the workspace -----------------------------------------------------------------------------
+
+
+@cli.group()
+def workspace() -> None:
+    """Where the ledger's shards and indexes are: check them, or point at where they moved."""
+
+
+@workspace.command("check")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@pass_ctx
+@user_errors
+def workspace_check(ctx: Context, fmt: str) -> None:
+    """Find every registered shard and index and check it by its recorded hashes (a shard's
+    sha256; an index's manifest id and block hashes). Exit status 1 if any is missing or
+    differs. Paths are stored relative to the workspace (the database's directory) when
+    inside it, so a workspace moved or copied whole is found where it lands.
+    Example: `ledger workspace check`.
+    """
+    from ledger.workspace import check_workspace
+
+    with session_scope(ctx.engine()) as session:
+        found = check_workspace(session)
+    rows = [
+        {"kind": f.kind, "stored": f.stored, "found": f.found, "check": f.problem or "ok"}
+        for f in found
+    ]
+    _emit(rows, fmt)
+    if not all(f.ok for f in found):
+        raise SystemExit(1)
+
+
+@workspace.command("relocate")
+@click.argument("old")
+@click.argument("new", type=click.Path(file_okay=False))
+@pass_ctx
+@user_errors
+def workspace_relocate(ctx: Context, old: str, new: str) -> None:
+    """Record that the shards and indexes that were under OLD are now under NEW. Each is
+    checked by its hashes at its new place first; if any differs, nothing changes.
+    Example: `ledger workspace relocate /data/old-place /data/new-place`.
+    """
+    from ledger.workspace import relocate
+
+    with session_scope(ctx.engine()) as session:
+        moved = relocate(session, old, new)
+    ctx.echo(
+        f"relocated {sum(m.kind == 'shard' for m in moved)} shard(s) and "
+        f"{sum(m.kind == 'index' for m in moved)} index(es) to {new}"
+    )
 
 
 # --- runs, verification, explanation -----------------------------------------------------------
@@ -1164,6 +1326,7 @@ def runs_list(ctx: Context, fmt: str) -> None:
     """All attribution runs, oldest first."""
     import json
 
+    from ledger.liveness import shown_status
     from ledger.recording import list_runs
 
     with session_scope(ctx.engine()) as session:
@@ -1171,7 +1334,7 @@ def runs_list(ctx: Context, fmt: str) -> None:
             {
                 "run": r.id[:16],
                 "index": r.index_id[:16],
-                "status": r.status,
+                "status": shown_status(ctx.engine(), r),
                 "started": r.started_at,
                 "queries_file": json.loads(r.manifest).get("queries_file", {}).get("name"),
             }
@@ -1188,13 +1351,14 @@ def runs_show(ctx: Context, run_id: str) -> None:
     """The manifest of a run (id or prefix) and of the index it used, as JSON."""
     import json
 
+    from ledger.liveness import shown_status
     from ledger.recording import get_run, resolve_run_id
 
     with session_scope(ctx.engine()) as session:
         run = get_run(session, resolve_run_id(session, run_id))
         doc = {
             "run": json.loads(run.manifest),
-            "status": run.status,
+            "status": shown_status(ctx.engine(), run),
             "started_at": run.started_at,
             "finished_at": run.finished_at,
             "index": {"path": run.index.path, "manifest": json.loads(run.index.manifest)},
@@ -1228,11 +1392,19 @@ def runs_show(ctx: Context, run_id: str) -> None:
     default=None,
     help="Draw the sample with this seed (printed by each verify) to repeat a check.",
 )
+@click.option(
+    "--index",
+    "index_dir",
+    type=click.Path(file_okay=False),
+    help="The run's index directory, where it has moved (checked by its manifest id and block "
+    "hashes; default: where the ledger finds it, see docs/auditing.md).",
+)
 @moved_model
 @moved_checkpoints
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @device_option
 @pass_ctx
+@torchrun_job
 @user_errors
 def verify(
     ctx: Context,
@@ -1243,13 +1415,16 @@ def verify(
     sample: int,
     every: bool,
     seed: int | None,
+    index_dir: str | None,
     model_dir: str | None,
     checkpoint_dirs: tuple[str, ...],
     fmt: str,
 ) -> None:
     """Re-check a run from its manifest: hashes of index, model and queries, every output's
     stored credits against its weight, and a random sample of outputs (or --all) re-computed
-    and compared with the run's stored results. Exit status 1 on any disagreement.
+    and compared with the run's stored results. Exit status 1 on any disagreement. A
+    workspace moved or copied as a whole (database included) is found where it is; --index,
+    --model and --checkpoint name files that moved apart from it.
 
     With --statement ID: a final statement's hash and chain link, its content rebuilt from its
     lines, adjustments, runs and provider names, its values re-summed from the credits, and
@@ -1263,7 +1438,7 @@ def verify(
 
     v = verify_run(
         ctx.engine(), run_id, outputs, model_dir=model_dir, sample=None if every else sample,
-        seed=seed, checkpoint_dirs=checkpoint_dirs, device=device,
+        seed=seed, checkpoint_dirs=checkpoint_dirs, device=device, index_dir=index_dir,
     )  # fmt: skip
     if fmt == "json":
         click.echo(render.to_json(v.as_dict()))
@@ -1289,15 +1464,31 @@ def verify(
 
 @cli.command()
 @click.option("--query", "query_id", required=True, help="The output's id.")
+@click.option(
+    "--outputs",
+    type=click.Path(dir_okay=False),
+    help="The queries file holding the output's text (default: its run's file name, here).",
+)
+@click.option("--full", is_flag=True, help="Whole texts instead of their first line's worth.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @pass_ctx
 @user_errors
-def explain(ctx: Context, query_id: str, fmt: str) -> None:
-    """The providers and top training examples behind one output."""
+def explain(ctx: Context, query_id: str, outputs: str | None, full: bool, fmt: str) -> None:
+    """The providers and top training examples behind one output, with the output's prompt
+    and completion and the examples' texts (each checked against the sha256 the ledger
+    recorded; cut to a line unless --full; JSON holds them whole).
+
+    Example: `ledger explain --query q000001 --full`.
+    """
+    from ledger.explain import example_texts, output_texts, shorten
     from ledger.recording import query_explanation
 
     with session_scope(ctx.engine()) as session:
         e = query_explanation(session, query_id)
+        e["output"] = output_texts(session, e, outputs)
+        texts = example_texts(session, e["top"], _resolver(session))
+    for t in e["top"]:
+        t["text"] = texts[t["example_id"]]
     if fmt == "json":
         click.echo(render.to_json(e))
         return
@@ -1306,17 +1497,40 @@ def explain(ctx: Context, query_id: str, fmt: str) -> None:
         f"weight {e['weight']}, run {e['run_id'][:16]}"
         + ("  (unattributed: no positive influence)" if e["unattributed"] else "")
     )
+    cut = (lambda text: text) if full else (lambda text: shorten(text, 100))
+    if "note" in e["output"]:
+        click.echo(f"  ({e['output']['note']})")
+    else:
+        click.echo(f"  prompt:     {cut(e['output']['prompt'])}")
+        click.echo(f"  completion: {cut(e['output']['completion'])}")
     click.echo("")
     click.echo(
         render.table(
-            [{"provider": c["provider"], "credit": f"{c['credit']:.4f}"} for c in e["credits"]],
+            [
+                {"provider": c["provider"], "credit": render.number(c["credit"])}
+                for c in e["credits"]
+            ],
             right=("credit",),
         )
     )
     click.echo("")
-    click.echo(
-        render.table(e["top"], ["rank", "provider", "example_id", "score"], right=("rank", "score"))
-    )
+    unread = "(text unavailable: shard missing or changed)"
+    rows = [
+        {**t, "text": shorten(t["text"], 60) if t["text"] is not None else unread} for t in e["top"]
+    ]
+    columns = ["rank", "provider", "example_id", "score"]
+    click.echo(render.table(rows, columns + ([] if full else ["text"]), right=("rank", "score")))
+    if full:
+        for t in e["top"]:
+            click.echo(f"\n[{t['rank']}] {t['example_id']} ({t['provider']})")
+            click.echo(t["text"] if t["text"] is not None else unread)
+
+
+def _resolver(session: Any) -> Callable[[str], str]:
+    """Where a stored shard path is now (see `ledger.workspace`)."""
+    from ledger.workspace import Workspace
+
+    return Workspace.of(session).locate
 
 
 TABLE_ROWS = 1000
@@ -1449,6 +1663,11 @@ def _emit(rows: list[dict], fmt: str, right: tuple[str, ...] = ()) -> None:
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+INTERRUPTED = "interrupted; run the same command again to resume"
+"""What Ctrl-C prints: every command that writes resumes where it stopped, or had written
+nothing (each step is one transaction)."""
+
+
 def main() -> None:
     """The `ledger` entry point. Every error is one line on stderr: usage errors (a missing or
     invalid option) exit 2 with a pointer to the command's help, other errors exit 1."""
@@ -1474,7 +1693,13 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # Ctrl-C; click printed a newline
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(130)  # 128 + SIGINT, as a shell reports it
         click.echo("Aborted!", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # while the arguments were read, before click had started
+        click.echo(INTERRUPTED, err=True)
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

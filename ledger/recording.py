@@ -17,13 +17,25 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
 import polars as pl
-from sqlalchemy import Boolean, DateTime, Float, Integer, any_, bindparam, insert, select, update
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    any_,
+    bindparam,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ledger import models as m
 from ledger.db import lock_ledger
 from ledger.errors import ClosedPeriodError, ConflictError, LedgerError, NotFoundError
+from ledger.liveness import hold, release
 from ledger.models import utcnow
 from ledger.money import MAX_MINOR, decimal_places, fits_bigint
 from ledger.registry import canonical_json, check_sha256, get_index
@@ -151,6 +163,8 @@ def start_run(
     if existing is not None:
         if existing.index_id != index_id or existing.manifest != text:
             raise ConflictError(f"run {run_id} already exists with a different index or manifest")
+        if existing.status != "finished":  # resumed: this process works on it now
+            hold(_engine_of(session), run_id)
         return existing
     get_index(session, index_id)
     run = m.AttributionRun(
@@ -158,6 +172,7 @@ def start_run(
     )
     session.add(run)
     session.flush()
+    hold(_engine_of(session), run_id)
     return run
 
 
@@ -176,7 +191,13 @@ def finish_run(session: Session, run_id: str) -> m.AttributionRun:
         run.status = "finished"
         run.finished_at = utcnow()
         session.flush()
+    release(_engine_of(session), run_id)
     return run
+
+
+def _engine_of(session: Session) -> Engine:
+    bind = session.get_bind()
+    return bind if isinstance(bind, Engine) else bind.engine
 
 
 def list_runs(session: Session) -> list[m.AttributionRun]:
