@@ -29,7 +29,6 @@ from attribution.data import (
     ShardSpec,
     read_jsonl,
     read_queries,
-    read_shard_texts,
     sha256_file,
 )
 from attribution.device import resolve_device, resolve_precision
@@ -70,28 +69,16 @@ from ledger.recording import (
     weight_problem,
     weight_to_micros,
 )
-from ledger.registry import add_shard, get_provider, list_shards, register_index
+from ledger.recording import resolve_run_id as _resolve_run_id
+from ledger.registry import list_shards, register_index
+from ledger.registry import register_shards as register_shards  # where callers found it
 from ledger.samples import SamplePlan, draw_from_file, record_design, redraw_problems
+from ledger.torchrun import Job
+from ledger.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"  # local paths an index was built from; not part of its manifest
-
-
-def register_shards(engine: Engine, paths: list[str], provider: str) -> list[m.Shard]:
-    """Validate every row of every shard, then register them all in one transaction."""
-    specs = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise InputError(path, None, None, "shard file not found")
-        rows = sum(1 for _ in read_shard_texts(path))  # every row is validated here
-        if rows == 0:
-            raise InputError(path, None, None, "no rows: a shard needs at least one text")
-        specs.append((os.path.abspath(path), sha256_file(path), rows))
-    with session_scope(engine) as session:
-        get_provider(session, provider)
-        added = [add_shard(session, path, sha, provider, rows) for path, sha, rows in specs]
-        return list({shard.id: shard for shard in added}.values())  # a path given twice: once
 
 
 def ledger_shards(session: Session) -> list[ShardSpec]:
@@ -100,17 +87,19 @@ def ledger_shards(session: Session) -> list[ShardSpec]:
     if not shards:
         raise LedgerError("no training shards registered; add some with `ledger shards add`")
     names = _shard_names([s.path for s in shards])
+    workspace = Workspace.of(session)
     specs = []
     for shard in shards:
-        if not os.path.isfile(shard.path):
-            raise InputError(shard.path, None, None, "registered shard file is missing")
-        digest = sha256_file(shard.path)
+        path = workspace.locate(shard.path)  # where it is now, checked by its sha256
+        if not os.path.isfile(path):
+            raise InputError(path, None, None, "registered shard file is missing")
+        digest = sha256_file(path)
         if digest != shard.sha256:
             raise ConflictError(
-                f"shard {shard.path}: content changed since it was registered "
+                f"shard {path}: content changed since it was registered "
                 f"(sha256 {shard.sha256[:12]}, now {digest[:12]}); register it under a new path"
             )
-        specs.append(ShardSpec(shard.path, shard.provider.name, names[shard.path], digest))
+        specs.append(ShardSpec(path, shard.provider.name, names[shard.path], digest))
     return specs
 
 
@@ -195,9 +184,11 @@ def build_ledger_index(
     source = {"model_dir": os.path.abspath(model_dir), "shards": [s.path for s in shards]}
     if checkpoint_dirs:
         source["checkpoint_dirs"] = [os.path.abspath(d) for d in checkpoint_dirs]
-    write_json(out / SOURCE_FILE, source)
-    with session_scope(engine) as session:
-        register_index(session, index.id, str(out.resolve()), index.manifest)
+    if Job().main:  # once per torchrun job
+        write_json(out / SOURCE_FILE, source)
+        with session_scope(engine) as session:
+            stored = Workspace.of(session).store(out)  # relative inside the workspace
+            register_index(session, index.id, stored, index.manifest)
     indexed = set(index.metadata_columns(["shard"])["shard"].unique().to_list())
     for shard in shards:
         if shard.name not in indexed:
@@ -227,7 +218,7 @@ def open_ledger_index(session: Session, index_ref: str | None) -> GradientIndex:
             if index_ref
             else "no gradient index in the ledger; build one with `ledger index --model DIR`"
         )
-    return GradientIndex.open(row.path)
+    return GradientIndex.open(Workspace.of(session).locate(row.path))
 
 
 def _index_source(index: GradientIndex) -> dict:
@@ -247,13 +238,20 @@ def _index_source(index: GradientIndex) -> dict:
     return found
 
 
-def index_model_dir(index: GradientIndex) -> str | None:
-    return _index_source(index).get("model_dir")
+def index_model_dir(index: GradientIndex, workspace: Workspace | None = None) -> str | None:
+    """Where the index's model is: where it was built, or the same place in the workspace's
+    new location (`ledger.workspace`); the model is checked against the manifest's hashes."""
+    found = _index_source(index).get("model_dir")
+    return found if found is None or workspace is None else workspace.locate(found)
 
 
-def index_checkpoint_dirs(index: GradientIndex, given: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The index's further checkpoints: `given` (they moved), else where they were built."""
-    return tuple(given) or tuple(_index_source(index).get("checkpoint_dirs", []))
+def index_checkpoint_dirs(
+    index: GradientIndex, given: tuple[str, ...] = (), workspace: Workspace | None = None
+) -> tuple[str, ...]:
+    """The index's further checkpoints: `given` (they moved), else where they were built
+    (found as `index_model_dir` finds the model)."""
+    recorded = _index_source(index).get("checkpoint_dirs", [])
+    return tuple(given) or tuple(d if workspace is None else workspace.locate(d) for d in recorded)
 
 
 @dataclass
@@ -427,6 +425,10 @@ def query_results(index: GradientIndex, queries: list[Query], result) -> list[Qu
     return out
 
 
+QUERY_BATCH = 16
+"""Outputs per batch of query gradients."""
+
+
 def attribute_outputs(
     engine: Engine,
     outputs: str,
@@ -448,6 +450,7 @@ def attribute_outputs(
     resumes and a repeated run changes nothing.
     """
     config = config or ScoreConfig()
+    job = Job()  # a rank of a torchrun job scores its share of each batch of outputs
     queries = read_queries(outputs)  # every line is validated before anything is written
     if not queries:
         raise InputError(outputs, None, None, "no queries in the file")
@@ -460,10 +463,11 @@ def attribute_outputs(
     with session_scope(engine) as session:
         index = open_ledger_index(session, index_ref)
         check_known_queries(session, queries, outputs)
-    model_dir = model_dir or index_model_dir(index)
+        workspace = Workspace.of(session)
+    model_dir = model_dir or index_model_dir(index, workspace)
     if model_dir is None:
         raise LedgerError("the index does not record its model; pass --model DIR")
-    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs)
+    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs, workspace)
     check_model_matches(model_dir, index, checkpoint_dirs)
     target = resolve_device(device)
     precision = index_precision(index)  # queries run as the training examples did
@@ -478,26 +482,35 @@ def attribute_outputs(
         done = already_recorded(session, manifest["id"], [q.id for q in queries])
         todo = [q for q in queries if q.id not in done]
         check_open_periods(session, todo, outputs)
-        start_run(session, manifest["id"], index.id, manifest)
-        if drawn is not None:
-            record_design(session, manifest["id"], drawn)
+        if job.main:
+            start_run(session, manifest["id"], index.id, manifest)
+            if drawn is not None:
+                record_design(session, manifest["id"], drawn)
+    job.barrier()
     unattributed = 0
     if todo:
         starts = range(0, len(todo), batch_size)
         for start in progress(starts, desc="attributing", enabled=show_progress, unit="batch"):
-            group = todo[start : start + batch_size]
-            batches = query_batches(group, tokenizer, max_length, batch_size=16)
-            result = score_queries(
-                model, lm_loss, batches, index, config, checkpoints, device=target
-            )
-            unattributed += int(np.sum(result.unattributed()))
-            rows = query_results(index, group, result)
-            write_with_retry(
-                engine,
-                lambda session, rows=rows: record_results(session, manifest["id"], rows),
-            )
-    with session_scope(engine) as session:
-        finish_run(session, manifest["id"])
+            group = job.share(todo[start : start + batch_size], QUERY_BATCH)  # all in one process
+            rows = []
+            if group:
+                batches = query_batches(group, tokenizer, max_length, batch_size=QUERY_BATCH)
+                result = score_queries(
+                    model, lm_loss, batches, index, config, checkpoints, device=target
+                )
+                unattributed += int(np.sum(result.unattributed()))
+                rows = query_results(index, group, result)
+            rows = job.to_writer(engine, rows)
+            if rows:
+                write_with_retry(
+                    engine,
+                    lambda session, rows=rows: record_results(session, manifest["id"], rows),
+                )
+    job.barrier()
+    unattributed = job.total(unattributed)
+    if job.main:
+        with session_scope(engine) as session:
+            finish_run(session, manifest["id"])
     return AttributeSummary(
         manifest["id"], index.id, len(queries), len(todo), len(done), unattributed
     )
@@ -592,9 +605,12 @@ def verify_run(
     tolerance: float = 1e-4,
     checkpoint_dirs: tuple[str, ...] = (),
     device: str = "auto",
+    index_dir: str | None = None,
 ) -> Verification:
     """Re-check a run from its manifest: ids, file hashes, model, every output's stored credits
     (`stored_credit_problems`), and a re-computed sample of `sample` outputs (None: all).
+    `index_dir`: where the run's index is now, if not where the ledger finds it (its manifest
+    id and block hashes are checked like the index's own).
 
     The sample is drawn at random from the outputs the run recorded, with `seed` (a fresh
     unpredictable one when None, reported in the result so that the same sample can be drawn
@@ -609,7 +625,9 @@ def verify_run(
     with session_scope(engine) as session:
         run = get_run(session, _resolve_run_id(session, run_id))
         manifest = json.loads(run.manifest)
+        workspace = Workspace.of(session)
         index_path, index_id, run_id = run.index.path, run.index_id, run.id
+        index_path = index_dir or workspace.locate(index_path)
         recorded = set(
             session.scalars(
                 select(m.Query.external_id)
@@ -657,8 +675,8 @@ def verify_run(
         if redrawn is not None:
             checks[REDRAW_CHECK] = not redrawn
             sample_notes = redrawn
-    model_dir = model_dir or index_model_dir(index)
-    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs)
+    model_dir = model_dir or index_model_dir(index, workspace)
+    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs, workspace)
     try:
         check_model_matches(model_dir, index, checkpoint_dirs)
         checks["model weights, tokenizer and config"] = True
@@ -680,11 +698,15 @@ def verify_run(
     precision = index_precision(index)
     model, tokenizer = load_causal_lm(model_dir, resolve_precision(precision), device=target)
     max_length = query_max_length(index, model)
-    result = score_queries(
-        model, lm_loss, query_batches(group, tokenizer, max_length, 16), index, config,
-        load_checkpoints(checkpoint_dirs, precision, target), device=target,
-    )  # fmt: skip
-    fresh = query_results(index, group, result)
+    job = Job()  # a rank of a torchrun job re-computes its share of the sample
+    mine = job.share(group, QUERY_BATCH)
+    fresh = []
+    if mine:
+        result = score_queries(
+            model, lm_loss, query_batches(mine, tokenizer, max_length, QUERY_BATCH), index,
+            config, load_checkpoints(checkpoint_dirs, precision, target), device=target,
+        )  # fmt: skip
+        fresh = query_results(index, mine, result)
     agreeing, worst = 0, 0.0
     with session_scope(engine) as session:
         for qr in fresh:
@@ -692,9 +714,8 @@ def verify_run(
             diff, agrees = compare_result(stored, qr, tolerance)
             worst = max(worst, diff)
             agreeing += agrees
-    return verification(
-        checks, sample_notes, len(fresh), agreeing, worst, ids=[q.id for q in group]
-    )
+    counted, agreeing, worst = job.combine(len(fresh), agreeing, worst)
+    return verification(checks, sample_notes, counted, agreeing, worst, ids=[q.id for q in group])
 
 
 def compare_result(stored: dict, fresh: QueryResult, tolerance: float) -> tuple[float, bool]:
@@ -729,14 +750,3 @@ def compare_result(stored: dict, fresh: QueryResult, tolerance: float) -> tuple[
         and all(close(scores[r], cutoff) for r in recorded.keys() ^ computed.keys())
     )
     return diff, credits_agree and top_agrees
-
-
-def _resolve_run_id(session: Session, ref: str) -> str:
-    ids = session.scalars(
-        select(m.AttributionRun.id).where(m.AttributionRun.id.startswith(ref.lower()))
-    ).all()
-    if len(ids) > 1:
-        raise LedgerError(f"run id prefix {ref!r} is ambiguous ({len(ids)} runs)")
-    if not ids:
-        raise NotFoundError(f"unknown attribution run {ref!r}")
-    return ids[0]

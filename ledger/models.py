@@ -445,3 +445,13 @@ class StatementEstimate(Base):
     statement_id: Mapped[int] = mapped_column(ForeignKey("statements.id"), primary_key=True)
     provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"), primary_key=True)
     share_half_width: Mapped[float] = mapped_column(Float)
+
+
+class Setting(Base):
+    """A ledger-wide setting: ``workspace_root``, the directory stored paths are relative to
+    (on SQLite, the database's directory when it was created or upgraded)."""
+
+    __tablename__ = "ledger_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -85,9 +85,12 @@ def add_shard(session: Session, path: str, sha256: str, provider: str, rows: int
     under another path raises `ConflictError` too (the index would hold its rows twice), unless
     both paths name the same file (a symbolic link): then the existing shard is returned.
     """
+    from ledger.workspace import Workspace
+
     sha256 = check_sha256(sha256, "shard sha256")
     if not isinstance(rows, int) or rows < 0:
         raise LedgerError(f"shard {path!r}: row count {rows!r} must be a non-negative integer")
+    workspace = Workspace.of(session)
     existing = session.scalar(select(Shard).where(Shard.path == path))
     if existing is not None:
         if existing.sha256 != sha256:
@@ -103,7 +106,9 @@ def add_shard(session: Session, path: str, sha256: str, provider: str, rows: int
         return existing
     same_content = session.scalar(select(Shard).where(Shard.sha256 == sha256))
     if same_content is not None:
-        if os.path.realpath(same_content.path) == os.path.realpath(path):
+        if os.path.realpath(workspace.locate(same_content.path)) == os.path.realpath(
+            workspace.locate(path)
+        ):
             return add_shard(session, same_content.path, sha256, provider, rows)
         raise ConflictError(
             f"shard {path!r}: the same content is already registered as {same_content.path!r} "
@@ -162,6 +167,7 @@ def get_index(session: Session, index_id: str) -> GradientIndex:
 def register_shards(engine: Engine, paths: list[str], provider: str) -> list[Shard]:
     """Validate every row of every shard, then register them all in one transaction."""
     from ledger.db import session_scope
+    from ledger.workspace import Workspace
 
     specs = []
     for path in paths:
@@ -173,5 +179,9 @@ def register_shards(engine: Engine, paths: list[str], provider: str) -> list[Sha
         specs.append((os.path.abspath(path), sha256_file(path), rows))
     with session_scope(engine) as session:
         get_provider(session, provider)
-        added = [add_shard(session, path, sha, provider, rows) for path, sha, rows in specs]
+        workspace = Workspace.of(session)  # inside it, paths are stored relative to it
+        added = [
+            add_shard(session, workspace.store(path), sha, provider, rows)
+            for path, sha, rows in specs
+        ]
         return list({shard.id: shard for shard in added}.values())  # a path given twice: once
