@@ -1637,17 +1637,41 @@ def serve(ctx: Context, host: str, port: int) -> None:
 
 @cli.command()
 @click.argument("directory", default="demo-workspace", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Rebuild a workspace that is already there.")
 @pass_ctx
 @user_errors
-def demo(ctx: Context, directory: str) -> None:
-    """Build a complete demo workspace and run the main job in it (no network, ~1 minute).
+def demo(ctx: Context, directory: str, force: bool) -> None:
+    """Build a complete demo workspace and run the main job in it (no network; the time it
+    takes is measured in docs/benchmarks.md).
 
     A generated corpus of several providers, a tiny GPT-2 trained on it, shards registered,
-    the index built, sampled outputs attributed, and the 2024-Q3 statement printed.
+    the index built, sampled outputs attributed, and the 2024-Q3 statement printed. A finished
+    workspace is left as it is (--force rebuilds it).
+
+    \b
+    Example:
+      ledger demo
+      cd demo-workspace && ledger report --period 2024-Q3
     """
+    from ledger.demo_state import clear_demo, demo_state
+
+    root = Path(directory).absolute()
+    state = demo_state(root)
+    if state != "new" and not force:
+        if state == "unfinished":
+            raise LedgerError(
+                f"{root} holds an unfinished demo workspace; rebuild it with `ledger demo --force`"
+            )
+        click.echo(
+            f"demo workspace {root} exists; try `cd {directory} && ledger report --period "
+            "2024-Q3`, or rebuild it with `ledger demo --force`"
+        )
+        return
+    if state != "new":
+        clear_demo(root)
     from ledger.demo import run_demo
 
-    run_demo(Path(directory), quiet=ctx.quiet)
+    run_demo(root, quiet=ctx.quiet)
 
 
 def _emit(rows: list[dict], fmt: str, right: tuple[str, ...] = ()) -> None:
