@@ -335,24 +335,30 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(url: str, host: str, port: int, announce: Callable[[str], None]) -> None:
-    """Serve the web view of the ledger at `url` until interrupted; `announce` gets the
-    address once the socket listens (with the port chosen when `port` is 0)."""
+    """Serve the web view of the ledger at `url` until Ctrl-C (or SIGTERM); `announce` gets
+    the address once the server accepts requests (with the port chosen when `port` is 0)."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                announce(f"http://{shown}:{sock.getsockname()[1]}/")
 
     allowed = ["127.0.0.1", "localhost", "[::1]", "::1"] if host in LOOPBACK else None
     app = create_app(url, allowed_hosts=allowed)
+    shown = f"[{host}]" if ":" in host else host
     try:
         check_readable(app.state.engine)
+        sock = bind(host, port)
     except LedgerError:
         app.state.engine.dispose()
         raise
-    sock = bind(host, port)
-    actual = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    announce(f"http://{shown}:{actual}/")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C is how the view is stopped: not an interruption
+        pass
     finally:
         sock.close()
         app.state.engine.dispose()

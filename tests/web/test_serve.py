@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
 import subprocess
 import urllib.error
@@ -238,3 +239,21 @@ def test_serve_refuses_a_user_who_sees_only_the_views(make_database_url: Any) ->
         check_readable(writer)
     finally:
         writer.dispose()
+
+
+def test_ctrl_c_stops_the_view_quietly(sqlite_ledger: tuple[str, dict[str, int]]) -> None:
+    proc = subprocess.Popen(
+        [*LEDGER, "--db", sqlite_ledger[0], "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("Serving the ledger read-only at http://")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert proc.stderr.read() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
