@@ -229,8 +229,11 @@ def agreement(device, scratch: Path) -> dict:
     base = tiny_gpt2().float().eval()
     batches = token_batches(512, 8, 64, 6, seed=1)
     queries = token_batches(512, 4, 32, 2, seed=2)
+    # Training labels throughout: labels drawn from the model come from the device's own
+    # random generator, so a GPU and a CPU draw different (equally valid) ones.
     config = IndexConfig(projection=ProjectionConfig(kind="random", k_in=8, k_out=8),
-                         curvature_labels="data", rows_per_block=16)  # fmt: skip
+                         fisher_labels="data", curvature_labels="data",
+                         rows_per_block=16)  # fmt: skip
     built = {}
     for where in ("cpu", device):
         model = copy.deepcopy(base)
