@@ -13,6 +13,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ from tests.web.pages import (
     assert_charts_drawn,
     assert_loaded_cleanly,
     assert_page_matches_report,
+    ledger_cli,
     report_json,
     serving,
     visit,
@@ -173,8 +175,8 @@ def test_the_database_refuses_writes_on_the_servers_connections(db_url: str) -> 
 
 
 @pytest.mark.postgres
-def test_serve_on_postgresql_shows_the_reports_numbers(
-    browser: Any, make_database_url: Any
+def test_serve_and_html_report_on_postgresql_show_the_reports_numbers(
+    browser: Any, make_database_url: Any, tmp_path: Path
 ) -> None:
     url = make_database_url("postgresql")
     engine = make_engine(url)
@@ -188,6 +190,11 @@ def test_serve_on_postgresql_shows_the_reports_numbers(
             assert_page_matches_report(seen.page, doc)
             assert_charts_drawn(seen.page, bars=len(doc["lines"]), points=4 * 3)
         assert request(base, "POST", f"statements/{ids['2024-Q3']}") == 405
+    out = tmp_path / "statement.html"
+    ledger_cli(url, "report", "--period", "2024-Q3", "--format", "html", "--out", str(out))
+    with visit(browser, out.as_uri()) as seen:
+        assert_loaded_cleanly(seen, out.as_uri())
+        assert_page_matches_report(seen.page, doc)
 
 
 def test_a_port_in_use_is_one_line_error(sqlite_ledger: tuple[str, dict[str, int]]) -> None:
