@@ -122,7 +122,7 @@ def cli(ctx: click.Context, db: str | None, quiet: bool, verbose: bool) -> None:
     """Credit data providers for what a language model says, and turn it into statements.
 
     \b
-    Typical session:
+    Example (a typical session):
       ledger init
       ledger providers add stellar-press
       ledger shards add shards/stellar-press.jsonl --provider stellar-press
@@ -157,7 +157,7 @@ def init(ctx: Context) -> None:
 
 @cli.group()
 def providers() -> None:
-    """Data providers who are credited."""
+    """Data providers who are credited. Example: `ledger providers list`."""
 
 
 @providers.command("add")
@@ -179,7 +179,7 @@ def providers_add(ctx: Context, names: tuple[str, ...]) -> None:
 @pass_ctx
 @user_errors
 def providers_list(ctx: Context, fmt: str) -> None:
-    """List providers with their shard counts."""
+    """List providers with their shard counts. Example: `ledger providers list --format csv`."""
     from ledger.registry import list_providers, list_shards
 
     with session_scope(ctx.engine()) as session:
@@ -197,7 +197,10 @@ def providers_list(ctx: Context, fmt: str) -> None:
 
 @cli.group()
 def shards() -> None:
-    """Training shards (jsonl or parquet files with a `text` field), each of one provider."""
+    """Training shards (jsonl or parquet files with a `text` field), each of one provider.
+
+    Example: `ledger shards list`.
+    """
 
 
 @shards.command("add")
@@ -224,7 +227,7 @@ def shards_add(ctx: Context, paths: tuple[str, ...], provider: str) -> None:
 @pass_ctx
 @user_errors
 def shards_list(ctx: Context, fmt: str) -> None:
-    """List registered shards with provider, rows and sha256."""
+    """List registered shards with provider, rows and sha256. Example: `ledger shards list`."""
     from ledger.registry import list_shards
 
     with session_scope(ctx.engine()) as session:
@@ -1020,7 +1023,7 @@ def _statement_text(s: dict, lines: list[dict]) -> str:
 
 @cli.group()
 def statements() -> None:
-    """List, finalise and adjust value statements."""
+    """List, finalise and adjust value statements. Example: `ledger statements list`."""
 
 
 @statements.command("list")
@@ -1028,7 +1031,7 @@ def statements() -> None:
 @pass_ctx
 @user_errors
 def statements_list(ctx: Context, fmt: str) -> None:
-    """All statements, oldest period first."""
+    """All statements, oldest period first. Example: `ledger statements list --format csv`."""
     from ledger.money import format_minor
     from ledger.statements import list_statements
 
@@ -1130,7 +1133,10 @@ def get_statement_ref(session: Any, ref: str) -> Any:
 def statements_verify(ctx: Context, statement: str, fmt: str) -> None:
     """Check a final statement against what it sealed: its hash and chain link, its lines,
     adjustments, runs and provider names, its values re-summed from the credits, and its
-    journal. Exit status 1 on any difference. Same as `ledger verify --statement`."""
+    journal. Exit status 1 on any difference. Same as `ledger verify --statement`.
+
+    Example: `ledger statements verify 2024-Q3`.
+    """
     _verify_statement(ctx, statement, fmt)
 
 
@@ -1165,6 +1171,8 @@ def audit(ctx: Context, fmt: str) -> None:
     statement's hash, chain link, content, values and journal; carried-forward money paid once;
     payables settled; final pools that never overlap; adjustments in their statement's
     currency; nothing recorded into a closed period.
+
+    Example: `ledger audit --format json`.
     """
     from ledger.audit import audit_ledger
 
@@ -1193,6 +1201,8 @@ def grant(ctx: Context, role: str, user: str, create: bool, timeout: str) -> Non
     reader: SELECT on the views only, with a statement timeout. writer: records credits and
     builds drafts; cannot TRUNCATE, ALTER or finalise. approver: a writer who may finalise.
     Who finalised and adjusted is recorded as the database user.
+
+    Example: `ledger --db postgresql://owner@db/ledger grant reader analyst --create`.
     """
     from ledger.db import grant_role
 
@@ -1263,7 +1273,10 @@ def _statement_id(session: Any, ref: str) -> int:
 
 @cli.group()
 def workspace() -> None:
-    """Where the ledger's shards and indexes are: check them, or point at where they moved."""
+    """Where the ledger's shards and indexes are: check them, or point at where they moved.
+
+    Example: `ledger workspace check`.
+    """
 
 
 @workspace.command("check")
@@ -1315,7 +1328,7 @@ def workspace_relocate(ctx: Context, old: str, new: str) -> None:
 
 @cli.group()
 def runs() -> None:
-    """Attribution runs and their manifests."""
+    """Attribution runs and their manifests. Example: `ledger runs list`."""
 
 
 @runs.command("list")
@@ -1323,7 +1336,11 @@ def runs() -> None:
 @pass_ctx
 @user_errors
 def runs_list(ctx: Context, fmt: str) -> None:
-    """All attribution runs, oldest first."""
+    """All attribution runs, oldest first; a run that stopped before its end (Ctrl-C, a kill)
+    and that no process works on is shown as interrupted.
+
+    Example: `ledger runs list --format json`.
+    """
     import json
 
     from ledger.liveness import shown_status
@@ -1348,7 +1365,10 @@ def runs_list(ctx: Context, fmt: str) -> None:
 @pass_ctx
 @user_errors
 def runs_show(ctx: Context, run_id: str) -> None:
-    """The manifest of a run (id or prefix) and of the index it used, as JSON."""
+    """The manifest of a run (id or prefix) and of the index it used, as JSON.
+
+    Example: `ledger runs show 8409a0ae` (a prefix from `ledger runs list`).
+    """
     import json
 
     from ledger.liveness import shown_status
@@ -1428,7 +1448,13 @@ def verify(
 
     With --statement ID: a final statement's hash and chain link, its content rebuilt from its
     lines, adjustments, runs and provider names, its values re-summed from the credits, and
-    its journal."""
+    its journal.
+
+    \b
+    Example:
+      ledger verify 8409a0ae --outputs queries.jsonl --sample 4
+      ledger verify --statement 2024-Q3
+    """
     if (run_id is None) == (statement_ref is None):
         raise click.UsageError("give a RUN_ID or --statement ID (one of them)")
     if statement_ref is not None:
