@@ -1,9 +1,9 @@
 """Data-parallel scaling on one machine: an index build and an attribution pass as `torchrun`
 jobs of 1 and 2 processes (Gloo on the CPU; NCCL where each process has a GPU).
 
-Model: a randomly initialised GPT-2 (6 layers × 256 wide, 4 heads, vocabulary 4,096, float32,
-eager attention); training data: 384 random sequences of 128 tokens in batches of 8, index
-blocks of 32 rows (12 blocks, shared out by the ranks). The build is `attribution.build_index`
+Model: a randomly initialised GPT-2 (4 layers × 256 wide, 4 heads, vocabulary 4,096, float32,
+eager attention); training data: 128 random sequences of 128 tokens in batches of 8, index
+blocks of 16 rows (8 blocks, shared out by the ranks). The build is `attribution.build_index`
 at the language-model defaults (`LANGUAGE_MODEL_INDEX`: PCA projections k = 32 per side, the
 tied head's vocabulary side 1,024 random directions, EKFAC eigenvalues from sampled labels),
 i.e. all three passes: first pass (KFAC factors, reduced across ranks), logging, curvature
@@ -12,8 +12,8 @@ sequences, batches of 16) against the index, the ranks taking shares of the outp
 `ledger attribute` does).
 
 Every process runs one thread (OMP_NUM_THREADS=1), so 2 processes use the 2 cores one process
-with one thread leaves idle; one process with as many threads as cores is reported as the
-baseline a user gets without torchrun. Throughput is training tokens (outputs for the
+with one thread leaves idle; `--threads-baseline` adds one process with as many threads as
+cores, what a user gets without torchrun. Throughput is training tokens (outputs for the
 attribution pass) per second of the job's own time (from the process group's start to the
 result on the main rank: torchrun's start-up of a few seconds is left out and reported);
 efficiency = throughput with N processes / (N × throughput with 1 process, one thread). Each
@@ -145,14 +145,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a small smoke run (not saved as results)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--examples", type=int, default=384)
+    p.add_argument("--threads-baseline", action="store_true")
+    p.add_argument("--examples", type=int, default=128)
     p.add_argument("--outputs", type=int, default=64)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rows-per-block", type=int, default=32)
+    p.add_argument("--rows-per-block", type=int, default=16)
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -161,8 +162,9 @@ def main() -> None:
         args.examples, args.outputs, args.layers, args.width = 48, 32, 2, 64
         args.vocab, args.seq, args.rows_per_block, args.repeats = 512, 32, 8, 1
     cores = os.cpu_count() or 1
-    configs = [("1 process × 1 thread", 1, 1), ("2 processes × 1 thread", 2, 1),
-               (f"1 process × {cores} threads", 1, cores)]  # fmt: skip
+    configs = [("1 process × 1 thread", 1, 1), ("2 processes × 1 thread", 2, 1)]
+    if args.threads_baseline:
+        configs.append((f"1 process × {cores} threads", 1, cores))
     machine = machine_info()
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
     with tempfile.TemporaryDirectory(prefix="ledger-bench-scale-") as scratch:
