@@ -31,6 +31,8 @@ from typing import Literal
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from attribution.files import follow_umask
+
 CurvatureKind = Literal["ekfac", "full"]
 
 # Fisher accumulators of layers summed per pass stay below this many bytes (float64).
@@ -163,6 +165,7 @@ class Curvature:
                 tensors[f"{s.name}.q_in"] = np.ascontiguousarray(c.q_in)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
+        follow_umask(tmp)
         tmp.replace(path)
 
     @staticmethod

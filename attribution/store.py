@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from attribution.config import IndexConfig
 from attribution.curvature import Bases, Curvature, LayerSlice, kfac_bases
+from attribution.files import follow_umask
 from attribution.manifest import verify_id
 from attribution.projection import KfacFactors, LayerProjector
 from attribution.types import IndexDamagedError, first_line
@@ -105,6 +106,7 @@ def save_projectors(path: Path, projectors: list[LayerProjector]) -> None:
         tensors[f"{p.name}.p_out"] = p.p_out
     tmp = path.with_name(path.name + ".tmp")
     save_file(_unshared(tensors), str(tmp))
+    follow_umask(tmp)
     tmp.replace(path)
 
 
@@ -123,6 +125,7 @@ def save_factors(path: Path, factors: list[KfacFactors]) -> None:
         tensors[f"{f.name}.examples"] = torch.tensor([f.examples], dtype=torch.int64)
     tmp = path.with_name(path.name + ".tmp")
     save_file(_unshared(tensors), str(tmp))
+    follow_umask(tmp)
     _fsync_replace(tmp, path)
 
 

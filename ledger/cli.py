@@ -1351,6 +1351,7 @@ def runs_list(ctx: Context, fmt: str) -> None:
             {
                 "run": r.id[:16],
                 "index": r.index_id[:16],
+                "index_dir": Path(r.index.path).name,  # named by its inputs, not by its id
                 "status": shown_status(ctx.engine(), r),
                 "started": r.started_at,
                 "queries_file": json.loads(r.manifest).get("queries_file", {}).get("name"),
