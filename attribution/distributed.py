@@ -181,7 +181,8 @@ def _kind(value: Value) -> str:
     return "numpy" if isinstance(value[0], np.ndarray) else "torch"
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
+    """Where tensors go through the collectives: the GPU for NCCL, the CPU for Gloo."""
     return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
@@ -198,7 +199,7 @@ def reduce_to_main(tree: TreeSum) -> Value | None:
     ]
     headers: list[Any] = [None] * r.world if r.main else None
     collective("gather_object", mine, headers, dst=0)
-    device = _comm_device()
+    device = comm_device()
     if not r.main:
         for _, _, v in tree.stack:
             for x in v or []:

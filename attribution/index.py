@@ -377,6 +377,12 @@ def build_index(
     checkpoints are moved there (`model.to(device)`) and stay; batches are moved batch by
     batch. Their dtype is the model's own: a bfloat16 model runs its forward and backward in
     bfloat16, while the projections, per-example products and factors are float32 or wider.
+
+    Data-parallel: in a job started by `torchrun` whose process group is initialised
+    (`attribution.distributed.process_group()`), every rank calls this with the same
+    arguments and `out_dir` (a file system all ranks share); each takes a contiguous share of
+    the index blocks, and the index is the same, bit for bit, for any number of ranks (see
+    `attribution.distributed` and docs/scaling.md). The `full` curvature is refused there.
     """
     config = config if config is not None else default_index_config(model)
     _check_config(fisher_loss, config)

@@ -88,9 +88,9 @@ class Job:
             return n
         import torch
 
-        from attribution.distributed import _comm_device, collective
+        from attribution.distributed import collective, comm_device
 
-        t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
+        t = torch.tensor([n], dtype=torch.int64, device=comm_device())
         collective("all_reduce", t)
         return int(t.item())
 
