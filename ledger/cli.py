@@ -50,6 +50,7 @@ from ledger.errors import LedgerError
 from ledger.torchrun import torchrun_job
 
 FORMATS = click.Choice(["table", "json", "csv"])
+log = logging.getLogger("ledger")
 
 
 class Context:
@@ -130,13 +131,23 @@ def cli(ctx: click.Context, db: str | None, quiet: bool, verbose: bool) -> None:
       ledger attribute --outputs queries.jsonl
       ledger report --period 2024-Q3 --pool 250000 --currency USD
     """
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")  # stderr
+    for name in ("ledger", "attribution"):  # even where logging was set up before (tests)
+        logging.getLogger(name).setLevel(level)
     if quiet:
         os.environ["LEDGER_QUIET"] = "1"
     ctx.obj = Context(db, quiet)
+    log.info("ledger %s, database %s", ctx.invoked_subcommand, _shown_url(ctx.obj.url))
+
+
+def _shown_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an invalid URL is reported by the command itself
+        return "(invalid URL)"
 
 
 @cli.command()
@@ -875,8 +886,14 @@ def report(
     keep = save or finalize
     with (session_scope if keep else preview_scope)(ctx.engine()) as session:
         statement, built = prepare_statement(session, p, pool, currency, min_payout)
+        log.info(
+            "statement %s for %s: %s", statement.id, p.label,
+            "built from the current credits" + ("" if keep else ", a preview not kept")
+            if built else f"{statement.status}, shown as it was kept",
+        )  # fmt: skip
         if finalize and statement.status != "final":
             finalize_statement(session, statement.id, allow_unfinished=allow_unfinished)
+            log.info("statement %s finalised: sealed and its money booked", statement.id)
         # Built here and not kept: a preview (a saved draft shown as it was saved is not).
         doc = statement_report(session, statement.id, preview=built and not keep)
         if fmt == "html":

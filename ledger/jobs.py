@@ -158,6 +158,7 @@ def build_ledger_index(
     `checkpoint_dirs`: earlier checkpoints of the model's run, indexed with it."""
     with session_scope(engine) as session:
         shards = ledger_shards(session)
+    log.info("%d registered shards checked against their sha256", len(shards))
     target = resolve_device(device)  # an unavailable GPU is refused before any work
     dtype = resolve_precision(precision)
     # A bad model fails here, before any file is written.
@@ -166,6 +167,10 @@ def build_ledger_index(
     max_length = resolve_max_length(loaded[0], model_dir, max_length)
     info = model_info(model_dir, checkpoint_dirs, precision)
     out = index_directory(root, info, shards, config, max_length, batch_size)
+    log.info(
+        "model %s loaded on %s in %s; %d tokens per chunk; index folder %s",
+        model_dir, target, precision, max_length, out,
+    )  # fmt: skip
     index = index_language_model(
         model_dir,
         shards,
@@ -189,6 +194,7 @@ def build_ledger_index(
         with session_scope(engine) as session:
             stored = Workspace.of(session).store(out)  # relative inside the workspace
             register_index(session, index.id, stored, index.manifest)
+        log.info("index %s (%d rows) recorded in the ledger", index.id, index.rows)
     indexed = set(index.metadata_columns(["shard"])["shard"].unique().to_list())
     for shard in shards:
         if shard.name not in indexed:
@@ -455,6 +461,7 @@ def attribute_outputs(
     if not queries:
         raise InputError(outputs, None, None, "no queries in the file")
     check_storable(queries, outputs)
+    log.info("%s: %d outputs read and checked", outputs, len(queries))
     drawn = None
     if sample is not None:
         drawn = draw_from_file(outputs, queries, sample)
@@ -469,6 +476,7 @@ def attribute_outputs(
         raise LedgerError("the index does not record its model; pass --model DIR")
     checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs, workspace)
     check_model_matches(model_dir, index, checkpoint_dirs)
+    log.info("index %s at %s; model %s matches its manifest", index.id, index.root, model_dir)
     target = resolve_device(device)
     precision = index_precision(index)  # queries run as the training examples did
     model, tokenizer = load_causal_lm(model_dir, resolve_precision(precision), device=target)
@@ -487,6 +495,9 @@ def attribute_outputs(
             if drawn is not None:
                 record_design(session, manifest["id"], drawn)
     job.barrier()
+    log.info(
+        "run %s: %d outputs to attribute, %d already recorded", manifest["id"], len(todo), len(done)
+    )
     unattributed = 0
     if todo:
         starts = range(0, len(todo), batch_size)
