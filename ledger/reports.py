@@ -72,9 +72,9 @@ def prepare_statement(
     credits in this session (the caller commits it to save it, or rolls it back to preview);
     and whether it was built here.
 
-    A saved draft that is up to date with the ledger is returned as saved when no `pool` or
-    `min_payout` is given; otherwise it is rebuilt, keeping its pool, currency and minimum
-    payout unless they are given. A `currency`
+    A saved draft that is up to date with the ledger is returned as saved unless another
+    `pool`, `currency` or `min_payout` is given; otherwise it is rebuilt, keeping its pool,
+    currency and minimum payout unless they are given. A `currency`
     other than a saved draft's needs a `pool` in it (a rebuild); otherwise it is refused, as it
     is for a final statement: it is never silently ignored. Without either, USD.
     """
@@ -94,8 +94,9 @@ def prepare_statement(
         return statement, False
     if (
         statement is not None
-        and pool is None
-        and min_payout is None
+        and (pool_amount is None or to_minor(pool_amount, currency) == statement.pool_minor)
+        and (minimum is None or to_minor(minimum, currency) == statement.min_payout_minor)
+        and normalize_currency(currency) == statement.currency
         and draft_is_current(session, statement)
     ):
         return statement, False  # the saved draft, as it was saved

@@ -423,7 +423,9 @@ def test_an_unreadable_source_file_of_the_index_is_refused_in_one_line(
     ledger_url: str, workspace: Path, tmp_path: Path
 ) -> None:
     query = "SELECT path FROM gradient_indexes"
-    index_dir = Path(json.loads(ok(ledger_url, "sql", "--format", "json", query))[0]["path"])
+    stored = json.loads(ok(ledger_url, "sql", "--format", "json", query))[0]["path"]
+    # Stored relative to the workspace (the database's directory) when inside it.
+    index_dir = Path(ledger_url.removeprefix("sqlite:///")).parent / stored
     source = index_dir / "source.json"
     saved = source.read_bytes()
     path = outputs_file(workspace, tmp_path)

@@ -16,14 +16,16 @@ from ledger.cli import cli
 from ledger.db import make_engine, upgrade
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, str]:
-    """A small demo workspace (never changed: tests move copies of it) and its run id."""
-    from ledger.demo import run_demo
-
-    root = tmp_path_factory.mktemp("built") / "ws"
-    done = run_demo(root, quiet=True, docs_per_provider=12, train_steps=40)
-    return root, done["run_id"]
+@pytest.fixture
+def built(demo_workspace: Path) -> tuple[Path, str]:
+    """The demo workspace (never changed: tests move copies of it) and its run's id."""
+    engine = make_engine(f"sqlite:///{demo_workspace / 'ledger.db'}")
+    try:
+        with engine.connect() as conn:
+            (run_id,) = conn.execute(text("SELECT id FROM attribution_runs")).scalars().all()
+    finally:
+        engine.dispose()
+    return demo_workspace, run_id
 
 
 def ledger(cwd: Path, db: Path, *args: str, code: int = 0) -> str:
