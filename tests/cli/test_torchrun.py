@@ -143,3 +143,21 @@ def test_a_failing_rank_ends_the_job_with_its_one_line_error(jobs: dict, workspa
     assert all(e.startswith("Error: rank 0 of 2: stopped: another rank") for e in others)
     assert elapsed < 60
     assert not (tmp / "blocked" / name / "manifest.json").exists()
+
+
+@pytest.mark.postgres
+def test_two_ranks_write_their_credits_at_once_on_postgres(
+    jobs: dict, workspace: Path, make_database_url
+) -> None:
+    """On PostgreSQL each rank records its own outputs' results in its own transactions; the
+    ledger holds the one-process run's credits, each once."""
+    url = make_database_url("postgresql")
+    prepared_ledger(workspace, url)
+    tmp = jobs["tmp"]
+    # The index built by the 2-rank job, reopened (nothing is rebuilt) and registered here.
+    ok(ledger(tmp, url, "index", "--model", str(workspace / "model"),
+              "--out", str(tmp / "two-indexes"), *INDEX, ranks=2))  # fmt: skip
+    run = ok(ledger(tmp, url, "attribute", "--outputs", "outputs.jsonl", "--batch-size", "20",
+                    "--format", "json", ranks=2))  # fmt: skip
+    assert json.loads(run.stdout) == jobs["one"]["run"]
+    assert credits(url) == credits(jobs["one"]["url"])
