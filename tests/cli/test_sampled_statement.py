@@ -94,10 +94,18 @@ def test_sampled_shares_are_within_their_intervals_of_the_full_statement(
 def test_verify_redraws_the_sample_from_its_seed(
     logs: tuple[Path, Path], sampled: tuple[str, str]
 ) -> None:
+    import sqlite3
+
     url, run_id = sampled
     args = ("verify", run_id[:12], "--outputs", str(logs[0]), "--sample", "2", "--seed", "1")
     out = ok(url, *args)
     assert "ok   sample re-drawn from its seed is the recorded one" in out
+    # Tamper with a copy next to the ledger (the other tests keep the ledger untouched).
+    path = Path(url.removeprefix("sqlite:///"))
+    copy = path.with_name("tampered.db")
+    with sqlite3.connect(path) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    url = f"sqlite:///{copy}"
     engine = make_engine(url)
     try:
         with engine.begin() as conn:  # tamper past the append-only triggers
@@ -142,3 +150,21 @@ def test_bad_sample_options_are_refused_in_one_line(
     ok(url, "attribute", "--outputs", str(workspace / "queries.jsonl"))
     line = refused(url, "report", "--period", "2024-Q3")
     assert "mixes outputs attributed in full" in line
+
+
+def test_a_saved_sampled_draft_is_discarded_with_its_intervals(sampled: tuple[str, str]) -> None:
+    url = sampled[0]
+
+    def rows(table: str) -> int:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
+        finally:
+            engine.dispose()
+
+    before = rows("statements"), rows("statement_estimates")
+    ok(url, "report", "--period", "2024-08", "--save")
+    assert rows("statement_estimates") > before[1]
+    ok(url, "statements", "discard", "2024-08")
+    assert (rows("statements"), rows("statement_estimates")) == before
