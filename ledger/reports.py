@@ -218,7 +218,7 @@ def write_report(doc: dict, fmt: str, out: str) -> None:
 
 
 def discard_draft(session: Session, statement_id: int) -> m.Statement:
-    """Delete a saved draft statement with its lines and run links; a final statement is
+    """Delete a saved draft statement with its lines, estimates and run links; a final one is
     refused (and the database refuses it too), and so is a draft that carries adjustments
     (corrections of closed periods are kept: move them by finalising the draft)."""
     from sqlalchemy import delete
@@ -239,8 +239,8 @@ def discard_draft(session: Session, statement_id: int) -> m.Statement:
             f"{label} carries adjustment {carried}; a correction of a closed period is kept, "
             "so this draft cannot be discarded"
         )
-    lines = m.StatementLine.__table__
-    session.execute(delete(lines).where(lines.c.statement_id == statement.id))
+    for table in (m.StatementLine.__table__, m.StatementEstimate.__table__):
+        session.execute(delete(table).where(table.c.statement_id == statement.id))
     session.execute(delete(m.statement_runs).where(m.statement_runs.c.statement_id == statement.id))
     session.expire(statement, ["lines", "runs"])
     session.delete(statement)
