@@ -26,7 +26,7 @@ def job_env() -> dict[str, str]:
     splits its sums, so rows are bit-identical across runs only with the same count."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "LEDGER_QUIET": "1",
-            "LEDGER_COLLECTIVE_TIMEOUT": "120"}  # fmt: skip
+            "LEDGER_COLLECTIVE_TIMEOUT": "300"}  # fmt: skip
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
