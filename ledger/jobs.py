@@ -186,14 +186,19 @@ def build_ledger_index(
         device=target,
         precision=precision,
     )
-    source = {"model_dir": os.path.abspath(model_dir), "shards": [s.path for s in shards]}
-    if checkpoint_dirs:
-        source["checkpoint_dirs"] = [os.path.abspath(d) for d in checkpoint_dirs]
     if Job().main:  # once per torchrun job
-        write_json(out / SOURCE_FILE, source)
         with session_scope(engine) as session:
-            stored = Workspace.of(session).store(out)  # relative inside the workspace
-            register_index(session, index.id, stored, index.manifest)
+            workspace = Workspace.of(session)
+            # Inside the workspace, the model is recorded relative to the index, so that the
+            # two are found together wherever the workspace moves.
+            source = {
+                "model_dir": workspace.relative_to(model_dir, out),
+                "shards": [s.path for s in shards],
+            }
+            if checkpoint_dirs:
+                source["checkpoint_dirs"] = [workspace.relative_to(d, out) for d in checkpoint_dirs]
+            write_json(out / SOURCE_FILE, source)
+            register_index(session, index.id, workspace.store(out), index.manifest)
         log.info("index %s (%d rows) recorded in the ledger", index.id, index.rows)
     indexed = set(index.metadata_columns(["shard"])["shard"].unique().to_list())
     for shard in shards:
@@ -244,20 +249,48 @@ def _index_source(index: GradientIndex) -> dict:
     return found
 
 
-def index_model_dir(index: GradientIndex, workspace: Workspace | None = None) -> str | None:
-    """Where the index's model is: where it was built, or the same place in the workspace's
-    new location (`ledger.workspace`); the model is checked against the manifest's hashes."""
+def _near_index(index: GradientIndex, recorded: str, home: Path | None) -> str:
+    """A path recorded relative to the index directory: next to the index where it is, or next
+    to where the ledger has it (`home`) when the index was moved apart from its workspace."""
+    here = os.path.normpath(index.root / recorded)
+    if home is not None and not os.path.exists(here):
+        return os.path.normpath(home / recorded)
+    return here
+
+
+def index_model_dir(
+    index: GradientIndex, workspace: Workspace | None = None, home: Path | None = None
+) -> str | None:
+    """Where the index's model is: recorded relative to the index (`_near_index`), or where it
+    was built, or the same place in the workspace's new location (`ledger.workspace`); the
+    model is checked against the manifest's hashes before it is used."""
     found = _index_source(index).get("model_dir")
-    return found if found is None or workspace is None else workspace.locate(found)
+    if found is None or not os.path.isabs(found):
+        return found if found is None else _near_index(index, found, home)
+    return found if workspace is None else workspace.locate(found)
+
+
+def index_home(session: Session, index: GradientIndex) -> Path | None:
+    """Where the ledger has the index registered, now (`ledger.workspace`)."""
+    row = session.get(m.GradientIndex, index.id)
+    return None if row is None else Path(Workspace.of(session).locate(row.path))
 
 
 def index_checkpoint_dirs(
-    index: GradientIndex, given: tuple[str, ...] = (), workspace: Workspace | None = None
+    index: GradientIndex,
+    given: tuple[str, ...] = (),
+    workspace: Workspace | None = None,
+    home: Path | None = None,
 ) -> tuple[str, ...]:
     """The index's further checkpoints: `given` (they moved), else where they were built
     (found as `index_model_dir` finds the model)."""
     recorded = _index_source(index).get("checkpoint_dirs", [])
-    return tuple(given) or tuple(d if workspace is None else workspace.locate(d) for d in recorded)
+    return tuple(given) or tuple(
+        _near_index(index, d, home)
+        if not os.path.isabs(d)
+        else (d if workspace is None else workspace.locate(d))
+        for d in recorded
+    )
 
 
 @dataclass
@@ -470,11 +503,11 @@ def attribute_outputs(
     with session_scope(engine) as session:
         index = open_ledger_index(session, index_ref)
         check_known_queries(session, queries, outputs)
-        workspace = Workspace.of(session)
-    model_dir = model_dir or index_model_dir(index, workspace)
+        workspace, home = Workspace.of(session), index_home(session, index)
+    model_dir = model_dir or index_model_dir(index, workspace, home)
     if model_dir is None:
         raise LedgerError("the index does not record its model; pass --model DIR")
-    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs, workspace)
+    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs, workspace, home)
     check_model_matches(model_dir, index, checkpoint_dirs)
     log.info("index %s at %s; model %s matches its manifest", index.id, index.root, model_dir)
     target = resolve_device(device)
@@ -638,7 +671,8 @@ def verify_run(
         manifest = json.loads(run.manifest)
         workspace = Workspace.of(session)
         index_path, index_id, run_id = run.index.path, run.index_id, run.id
-        index_path = index_dir or workspace.locate(index_path)
+        home = Path(workspace.locate(index_path))
+        index_path = index_dir or str(home)
         recorded = set(
             session.scalars(
                 select(m.Query.external_id)
@@ -686,8 +720,8 @@ def verify_run(
         if redrawn is not None:
             checks[REDRAW_CHECK] = not redrawn
             sample_notes = redrawn
-    model_dir = model_dir or index_model_dir(index, workspace)
-    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs, workspace)
+    model_dir = model_dir or index_model_dir(index, workspace, home)
+    checkpoint_dirs = index_checkpoint_dirs(index, checkpoint_dirs, workspace, home)
     try:
         check_model_matches(model_dir, index, checkpoint_dirs)
         checks["model weights, tokenizer and config"] = True

@@ -59,6 +59,14 @@ class Workspace:
             return Path(os.path.relpath(absolute, self.root)).as_posix()
         return absolute
 
+    def relative_to(self, path: str | os.PathLike[str], base: str | os.PathLike[str]) -> str:
+        """`path` relative to the directory `base` when both lie inside the workspace (they then
+        move together), else absolute."""
+        absolute, start = os.path.realpath(path), os.path.realpath(base)
+        if self.root is not None and _inside(absolute, self.root) and _inside(start, self.root):
+            return os.path.relpath(absolute, start)
+        return absolute
+
     def locate(self, stored: str) -> str:
         """Where the file or directory stored as `stored` is now (it may not exist)."""
         if not os.path.isabs(stored):

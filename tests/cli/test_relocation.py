@@ -5,6 +5,7 @@ a ledger whose paths were recorded absolute is made relative by the upgrade."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def test_a_moved_workspace_verifies_on_a_copy_of_its_database(
     built: tuple[Path, str], tmp_path: Path, monkeypatch
 ) -> None:
     assert not any(p.startswith("/") for p in paths(built[0] / "ledger.db"))  # stored relative
+    (index_dir,) = (built[0] / "indexes").iterdir()  # records its model relative to itself
+    assert json.loads((index_dir / "source.json").read_text())["model_dir"] == "../../model"
     moved, db = moved_copy(built, tmp_path, monkeypatch)
     assert not (tmp_path / "staged").exists()
     out = ledger(moved, db, "verify", built[1][:12], "--sample", "2")
@@ -97,7 +100,11 @@ def test_shards_and_an_index_moved_apart_are_found_by_their_hashes(
     ledger(moved, db, "workspace", "relocate", str(moved), str(apart))
     assert all(p.startswith(str(apart)) for p in paths(db))
     ledger(moved, db, "workspace", "check")
-    out = ledger(moved, db, "verify", built[1][:12], "--sample", "1")
+    # The index, now apart from the model it records next to itself, is told where it is.
+    error = ledger(moved, db, "verify", built[1][:12], "--sample", "1", code=1)
+    assert f"{apart / 'model'}: model directory not found" in error
+    out = ledger(moved, db, "verify", built[1][:12], "--sample", "1", "--model",
+                 str(moved / "model"))  # fmt: skip
     assert "re-computed 1/1 outputs agree" in out
 
 
