@@ -324,7 +324,9 @@ def test_truncate_is_refused_on_postgresql(make_database_url) -> None:
     engine = make_engine(make_database_url("postgresql"))
     upgrade(engine)
     closed_ledger(engine)
-    for table in m.Base.metadata.tables:
+    # ledger_settings holds where the workspace lies (a hint for finding files, which are
+    # checked by their hashes); it is the one table `ledger workspace relocate` rewrites.
+    for table in set(m.Base.metadata.tables) - {"ledger_settings"}:
         with pytest.raises(DatabaseError, match="append-only"), engine.begin() as conn:
             conn.execute(text(f"TRUNCATE {table} CASCADE"))
     with session_scope(engine) as s:
