@@ -73,8 +73,9 @@ def test_credits_rewritten_outside_the_sample_fail_verify(
     import sqlite3
 
     url, run_id, _ = attributed
-    # A copy of the ledger (its write-ahead log included), so the other tests see it untouched.
-    copy = tmp_path / "tampered.db"
+    # A copy of the ledger (its write-ahead log included), so the other tests see it untouched;
+    # beside the original, in the workspace whose paths the ledger records relative to it.
+    copy = Path(url.removeprefix("sqlite:///")).with_name(f"tampered-{tmp_path.name}.db")
     with sqlite3.connect(url.removeprefix("sqlite:///")) as src, sqlite3.connect(copy) as dst:
         src.backup(dst)
     url = f"sqlite:///{copy}"
