@@ -66,7 +66,12 @@ def example_texts(
     sha = {s.path: s.sha256 for s in shards}
     wanted: dict[str, dict[int, list[str]]] = {}
     for t in top:
-        name, row, _chunk = t["example_id"].rsplit(":", 2)
+        # Ids the ledger's own index gives are "shard:row:chunk"; an index built with the
+        # library may name its examples otherwise, and then no text is looked up.
+        parts = str(t["example_id"]).rsplit(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        name, row, _chunk = parts
         wanted.setdefault(name, {}).setdefault(int(row), []).append(t["example_id"])
     texts: dict[str, str | None] = {t["example_id"]: None for t in top}
     for name, rows in wanted.items():

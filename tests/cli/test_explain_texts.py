@@ -82,3 +82,15 @@ def test_explain_shows_no_text_that_is_not_the_recorded_one(db_url: str, tmp_pat
     assert "forged" not in out and "text unavailable" in out
     assert "tidal" not in out and "differs from what the ledger recorded" in out
     assert "the harbour pilot reads" in out
+
+
+def test_example_ids_of_another_shape_get_no_text_instead_of_an_error(tmp_path: Path) -> None:
+    from ledger.db import make_engine, session_scope, upgrade
+    from ledger.explain import example_texts
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'l.db'}")
+    upgrade(engine)
+    top = [{"example_id": i} for i in ("doc-7", "a:b:c", "shard.jsonl:3")]
+    with session_scope(engine) as session:
+        assert example_texts(session, top) == {"doc-7": None, "a:b:c": None, "shard.jsonl:3": None}
+    engine.dispose()
