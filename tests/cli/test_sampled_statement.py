@@ -146,7 +146,15 @@ def test_bad_sample_options_are_refused_in_one_line(
     line = refused(url, "attribute", "--outputs", str(logs[0]), "--sample", "5",
                    "--weight-field", "cost")  # fmt: skip
     assert "log.jsonl, line 1" in line and "cost" in line and "missing" in line
-    # The workspace's own outputs are in 2024-Q3 too: attributing them in full mixes the period.
+    # The workspace's own outputs are in 2024-Q3 too: attributing them in full mixes the period
+    # (in a copy beside the ledger, so that the module's other tests see it sampled only).
+    import sqlite3
+
+    path = Path(url.removeprefix("sqlite:///"))
+    copy = path.with_name("mixed.db")
+    with sqlite3.connect(path) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    url = f"sqlite:///{copy}"
     ok(url, "attribute", "--outputs", str(workspace / "queries.jsonl"))
     line = refused(url, "report", "--period", "2024-Q3")
     assert "mixes outputs attributed in full" in line
