@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's set-up commands and the Python API guide's examples (docs/api.md) run as written."""
 
 from __future__ import annotations
 
@@ -21,16 +21,17 @@ from attribution.synthetic import (
 )
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+API = README.parent / "docs" / "api.md"
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", API.read_text(), flags=re.S)
 
 
 def python_block(marker: str) -> str:
-    """The one Python block of the README that contains `marker`."""
+    """The one Python block of docs/api.md that contains `marker`."""
     found = [b for b in python_blocks() if marker in b]
-    assert len(found) == 1, f"{len(found)} README Python blocks contain {marker!r}"
+    assert len(found) == 1, f"{len(found)} docs/api.md Python blocks contain {marker!r}"
     return found[0]
 
 
@@ -50,16 +51,16 @@ def test_readme_has_the_two_setup_commands() -> None:
 
 
 def test_generic_api_example_runs(capsys) -> None:
-    exec(compile(python_block(GENERIC), "README.md", "exec"), {})
+    exec(compile(python_block(GENERIC), "docs/api.md", "exec"), {})
     out = capsys.readouterr().out
     assert "['north', 'south']" in out
 
 
 def test_checkpoint_example_runs_after_the_generic_one(capsys) -> None:
     namespace: dict = {}
-    exec(compile(python_block(GENERIC), "README.md", "exec"), namespace)
+    exec(compile(python_block(GENERIC), "docs/api.md", "exec"), namespace)
     capsys.readouterr()
-    exec(compile(python_block(CHECKPOINTS), "README.md", "exec"), namespace)
+    exec(compile(python_block(CHECKPOINTS), "docs/api.md", "exec"), namespace)
     assert capsys.readouterr().out.strip() == "2 checkpoint2/2"
     assert namespace["result"].positive.shape == (2, 2)
 
@@ -87,7 +88,7 @@ def test_language_model_example_runs(tmp_path, monkeypatch, capsys) -> None:
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LEDGER_QUIET", "1")
-    exec(compile(python_block(LANGUAGE), "README.md", "exec"), {})
+    exec(compile(python_block(LANGUAGE), "docs/api.md", "exec"), {})
     shares = eval(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(shares) == {"stellar-press", "kitchen-table"}
     assert sum(shares.values()) == pytest.approx(1.0)
@@ -109,7 +110,7 @@ def test_model_object_example_runs(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LEDGER_QUIET", "1")
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/api.md", "exec"), namespace)
     lines = capsys.readouterr().out.strip().splitlines()
     shares = eval(lines[-1])
     assert set(shares) == {"stellar-press", "kitchen-table"}
