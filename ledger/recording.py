@@ -16,13 +16,15 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
-import polars as pl
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Engine,
     Float,
     Integer,
+    SmallInteger,
+    String,
     any_,
     bindparam,
     insert,
@@ -258,17 +260,23 @@ def _validate(result: QueryResult) -> None:
         raise LedgerError(f"query {ext!r}: top examples repeat a rank")
 
 
-def _polars_type(sql_type: Any) -> Any:
-    """The polars type that holds a column of this SQL type exactly."""
+def _copy_type(sql_type: Any) -> str:
+    """The PostgreSQL type whose binary COPY format a column of this SQL type reads."""
     if isinstance(sql_type, Boolean):
-        return pl.Boolean
-    if isinstance(sql_type, Integer):  # BigInteger included
-        return pl.Int64
+        return "bool"
+    if isinstance(sql_type, BigInteger):
+        return "int8"
+    if isinstance(sql_type, SmallInteger):
+        return "int2"
+    if isinstance(sql_type, Integer):
+        return "int4"
     if isinstance(sql_type, Float):
-        return pl.Float64
+        return "float8"
     if isinstance(sql_type, DateTime):
-        return pl.Datetime("us")
-    return pl.String
+        return "timestamptz" if sql_type.timezone else "timestamp"
+    if isinstance(sql_type, String):  # Text and VARCHAR: the server checks the length
+        return "text"
+    raise TypeError(f"no binary COPY type for {sql_type!r}")
 
 
 def _bulk_insert(
@@ -310,18 +318,15 @@ def _bulk_insert(
         sql = f"{verb} INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders})"
         connection.exec_driver_sql(sql, rows)
     elif dialect.name == "postgresql" and dialect.driver == "psycopg":
-        # The rows go to COPY as CSV written by polars, in one piece: formatting them row by
-        # row in Python would cost more than the server's insert. polars writes floats in
-        # their shortest exact form (they read back bit for bit), strings quoted (so an empty
-        # string stays one) and NULL as an empty unquoted field, which is CSV's NULL.
-        frame = pl.DataFrame(
-            rows, schema={c: _polars_type(table.c[c].type) for c in columns}, orient="row"
-        )
-        data = frame.write_csv(include_header=False, quote_style="non_numeric")
+        # The rows go to COPY in PostgreSQL's binary format, each value in its column's type
+        # (psycopg's C writer formats them): no text for the server to parse, floats and
+        # times bit for bit, None as NULL. Triggers and constraints apply as to any insert.
         raw = connection.connection.dbapi_connection
-        copy_sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
+        copy_sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN WITH (FORMAT binary)"
         with raw.cursor() as cursor, cursor.copy(copy_sql) as copy:
-            copy.write(data.encode("utf-8"))
+            copy.set_types([_copy_type(table.c[c].type) for c in columns])
+            for row in rows:
+                copy.write_row(row)
     else:
         session.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
 

@@ -30,11 +30,15 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# Each distinct output's time is read by its primary key (LATERAL ... OFFSET 0 keeps it a
+# lookup per output): a join the planner is free to reorder turned, with statistics that had
+# not yet seen a large load of outputs, into comparing every new row with every output.
 _IN_FINAL_PERIOD = """EXISTS (SELECT 1 FROM statements WHERE status = 'final') AND EXISTS (
                 SELECT 1 FROM (SELECT DISTINCT query_id FROM new_rows) n
-                JOIN queries q ON q.id = n.query_id
-                JOIN statements s ON s.status = 'final'
-                    AND q.served_at >= s.period_start AND q.served_at < s.period_end)"""
+                CROSS JOIN LATERAL (SELECT q.served_at FROM queries q
+                                    WHERE q.id = n.query_id OFFSET 0) q
+                WHERE EXISTS (SELECT 1 FROM statements s WHERE s.status = 'final'
+                    AND q.served_at >= s.period_start AND q.served_at < s.period_end))"""
 
 FUNCTIONS = {
     # Credits and top examples, once per INSERT statement: every row refers to a result and a
