@@ -253,6 +253,20 @@ class Scenario:
 def _year(round_no: int) -> int:
     return 2100 + round_no
 
+def _record_quarter(engine: Engine, tag: str, round_no: int) -> int:
+    """Record ten random outputs in each month of the round's third quarter; returns its year."""
+    index_id = _index(engine)
+    rng = random.Random(round_no)
+    year = _year(round_no)
+    results = [
+        _random_result(e, t, rng)
+        for month in (7, 8, 9)
+        for e, t in _outputs(tag, year, month, 10)
+    ]
+    _record(engine, f"{tag}-{round_no}", index_id, results)
+    return year
+
+
 
 # ------------------------------------------------------------ (1) two runs record the same outputs
 
@@ -345,15 +359,7 @@ SAME_OUTPUTS = Scenario(
 
 
 def setup_adjust_finalize(engine: Engine, round_no: int) -> dict[str, Any]:
-    index_id = _index(engine)
-    rng = random.Random(round_no)
-    year = _year(round_no)
-    results = [
-        _random_result(e, t, rng)
-        for month in (7, 8, 9)
-        for e, t in _outputs("adj", year, month, 10)
-    ]
-    _record(engine, f"adj-{round_no}", index_id, results)
+    year = _record_quarter(engine, "adj", round_no)
     ids = {}
     with session_scope(engine) as s:
         ids["s1"] = build_statement(s, parse_period(f"{year}-07"), Decimal(300)).id
@@ -467,15 +473,7 @@ ADJUST_FINALIZE = Scenario(
 
 
 def setup_overlapping(engine: Engine, round_no: int) -> dict[str, Any]:
-    index_id = _index(engine)
-    rng = random.Random(round_no)
-    year = _year(round_no)
-    results = [
-        _random_result(e, t, rng)
-        for month in (7, 8, 9)
-        for e, t in _outputs("ovl", year, month, 10)
-    ]
-    _record(engine, f"ovl-{round_no}", index_id, results)
+    year = _record_quarter(engine, "ovl", round_no)
     return {"round": round_no, "year": year}
 
 
