@@ -552,19 +552,8 @@ def finalize_statement(
                 f"{label} overlaps final statement {overlapping.id} "
                 f"({overlapping.period_label}), whose pool already pays that time"
             )
-    period = Period(
-        statement.period_label,
-        statement.period_start.replace(tzinfo=UTC),
-        statement.period_end.replace(tzinfo=UTC),
-    )
     try:
-        computed = _compute(
-            session,
-            period,
-            statement.pool_minor,
-            statement.currency,
-            statement.min_payout_minor,
-        )
+        computed = _rebuilt(session, statement)
     except EmptyStatementError as exc:
         raise ConflictError(f"{label} is out of date: {exc}; rebuild it") from exc
     if not _matches(session, statement, computed):
@@ -596,18 +585,23 @@ def _matches(session: Session, statement: m.Statement, computed: _Computed) -> b
     )
 
 
-def draft_is_current(session: Session, statement: m.Statement) -> bool:
-    """Whether a saved draft is what building it again now would give (`finalize_statement`
-    accepts only such a draft)."""
+def _rebuilt(session: Session, statement: m.Statement) -> _Computed:
+    """What building `statement` again now, with its own settings, gives."""
     period = Period(
         statement.period_label,
         statement.period_start.replace(tzinfo=UTC),
         statement.period_end.replace(tzinfo=UTC),
     )
+    return _compute(
+        session, period, statement.pool_minor, statement.currency, statement.min_payout_minor
+    )
+
+
+def draft_is_current(session: Session, statement: m.Statement) -> bool:
+    """Whether a saved draft is what building it again now would give (`finalize_statement`
+    accepts only such a draft)."""
     try:
-        computed = _compute(
-            session, period, statement.pool_minor, statement.currency, statement.min_payout_minor
-        )
+        computed = _rebuilt(session, statement)
     except EmptyStatementError:
         return False
     return _matches(session, statement, computed)
