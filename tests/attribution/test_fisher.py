@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from attribution import IndexConfig, ProjectionConfig, build_index
@@ -27,7 +28,7 @@ from tests.tolerance import assert_close_f64, float64_tol
 def test_sampled_targets_follow_the_softmax() -> None:
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
     torch.manual_seed(0)
-    draws = torch.stack([sample_targets(logits) for _ in range(20_000)])  # (draws, 2)
+    draws = sample_targets(logits.expand(20_000, -1, -1))  # (draws, 2)
     expected = torch.softmax(logits, -1).numpy()
     for row in range(2):
         freq = np.bincount(draws[:, row].numpy(), minlength=3) / draws.shape[0]
@@ -283,3 +284,30 @@ def test_sampled_eigenvalues_shrink_toward_kfac_keeping_the_trace_and_the_dampin
     assert_close_f64(prior.eigvals, huge, 36, what="prior eigenvalues")
     gap = 7e-12 * np.abs(layer.eigvals - c * kappa).max()
     assert np.abs(prior.eigvals - c * kappa).max() <= gap + float64_tol(huge.max(), 36)
+
+
+def test_sampled_targets_match_the_softmax_on_a_large_vocabulary() -> None:
+    # A language model's case: thousands of classes, most of the mass on a few, some classes
+    # impossible (probability 0, from -inf logits) and never drawn.
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2048, generator=gen, dtype=torch.float32) * 3
+    logits[0, ::7] = -float("inf")
+    expected = torch.softmax(logits.double(), -1)[0].numpy()
+    torch.manual_seed(1)
+    n, chunk = 100_000, 10_000
+    draws = np.concatenate(
+        [sample_targets(logits.expand(chunk, -1)).numpy() for _ in range(n // chunk)]
+    )
+    assert draws.min() >= 0 and draws.max() < 2048
+    counts = np.bincount(draws, minlength=2048)
+    assert counts[::7].sum() == 0
+    # Every class of probability ≥ 0.01 (9 here, 87% of the mass): each frequency within 5
+    # binomial standard errors of its probability; a class drawn with a probability off by
+    # 10% of its own is ≥ 3 standard errors out, which the chi-square over them catches.
+    top = np.nonzero(expected >= 0.01)[0]
+    assert len(top) >= 5
+    se = np.sqrt(expected[top] * (1 - expected[top]) / n)
+    freq = counts[top] / n
+    assert np.all(np.abs(freq - expected[top]) < 5 * se)
+    chi2 = float((((freq - expected[top]) / se) ** 2).sum())
+    assert chi2 < scipy.stats.chi2.ppf(0.999, len(top))
