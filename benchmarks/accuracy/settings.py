@@ -391,3 +391,19 @@ SETTINGS = {
     ),
 }
 """Settings of `python -m benchmarks.accuracy.run --settings`, by key: workdir → Setting."""
+
+
+def _classifier(key: str) -> Callable[[Path], Setting]:
+    def make(workdir: Path) -> Setting:
+        from benchmarks.accuracy.tabular import CLASSIFIERS, classifier_setting
+
+        return classifier_setting(*CLASSIFIERS[key])
+
+    return make
+
+
+# Classifiers on scikit-learn's bundled datasets (benchmarks/accuracy/tabular.py): other data,
+# widths, depths and training recipes than mlp-digits, so that the damping and projection
+# defaults are checked on models they were not chosen on.
+for _key in ("cancer", "cancer-short", "wine", "wine-short", "digits-deep", "digits-deep-short"):
+    SETTINGS[_key] = _classifier(_key)

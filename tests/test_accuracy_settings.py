@@ -1,0 +1,60 @@
+"""The accuracy harness's classifier settings on scikit-learn's bundled datasets (a few seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.accuracy.plan import FULL, QUICK
+from benchmarks.accuracy.settings import SETTINGS
+from benchmarks.accuracy.tabular import CLASSIFIERS, DATASETS, RECIPES, classifier_setting
+
+
+@pytest.fixture
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("key", list(CLASSIFIERS))
+def test_every_classifier_setting_has_a_plan_and_its_split(key: str) -> None:
+    setting = SETTINGS[key](None)
+    dataset, hidden, recipe = CLASSIFIERS[key]
+    spec = DATASETS[dataset]
+    assert setting.name in FULL and setting.name in QUICK
+    assert (setting.n_train, setting.n_queries) == (spec.n_train, spec.n_queries)
+    assert sum(len(b) for b in setting.train_data) == spec.n_train
+    # Every provider holds examples, and the query rows are not training rows.
+    assert len(set(setting.providers)) == 4
+    x = torch.cat([b.inputs[0] for b in setting.train_data])
+    xq = torch.cat([b.inputs[0] for b in setting.query_data])
+    assert not (x[:, None, :] == xq[None, :, :]).all(-1).any()
+    assert setting.recipe["widths"][1:-1] == list(hidden)
+    assert setting.recipe["steps"] == RECIPES[recipe]["steps"]
+
+
+def test_a_retrain_is_a_function_of_its_rows_and_seed(one_thread) -> None:
+    setting = classifier_setting("wine", (16,), "short")
+    rows = np.arange(0, setting.n_train, 2)
+    a, b = setting.train(rows, 3), setting.train(rows[::-1].copy(), 3)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    c = setting.train(rows, 4)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
+
+
+def test_the_short_recipe_stops_short_of_the_converged_one(one_thread) -> None:
+    """The two recipes differ as named: the converged run's training loss is far lower."""
+    losses = {}
+    for recipe in ("short", "converged"):
+        setting = classifier_setting("wine", (16,), recipe)
+        model = setting.train(np.arange(setting.n_train), 0)
+        x = torch.cat([b.inputs[0] for b in setting.train_data])
+        y = torch.cat([b.inputs[1] for b in setting.train_data])
+        with torch.no_grad():
+            losses[recipe] = nn.functional.cross_entropy(model(x), y).item()
+    assert losses["converged"] < losses["short"] / 10
