@@ -407,12 +407,18 @@ def projected_gradients(
     """
     by_name = {p.name: p for p in projectors}
     batch = batch_on(batch, model_device(model))
-    capture = Capture(
-        layers,
-        lambda n, x: by_name[n].project_inputs(x),
-        lambda n, d: by_name[n].project_output_grads(d),
-        batch,
-    )
+    raw_out: dict[str, bool] = {}  # per layer, decided at its first call: δ kept unprojected
+
+    def output_grads(name: str, d: torch.Tensor) -> torch.Tensor:
+        proj = by_name[name]
+        if name not in raw_out:
+            k_in, k_out = proj.p_in.shape[0], proj.p_out.shape[0]
+            raw_out[name] = contract_first(d.shape[1], d.shape[2], k_in, k_out)
+        if raw_out[name]:
+            return d.to(compute_dtype(d.dtype))
+        return proj.project_output_grads(d)
+
+    capture = Capture(layers, lambda n, x: by_name[n].project_inputs(x), output_grads, batch)
     with exact_float32():
         with frozen_parameters(model), capture, torch.enable_grad():
             backward_per_example(model, loss_fn, batch)
@@ -422,8 +428,23 @@ def projected_gradients(
             mask = token_mask(batch, x)
             if mask is not None:
                 x = x * mask
-            blocks.append(torch.einsum("bto,bti->boi", d, x).reshape(x.shape[0], -1))
+            if raw_out.get(proj.name):  # P_out (Σ_t δ_t (P_in x_t)ᵀ): the same product
+                g = torch.einsum("bto,bti->boi", d, x)
+                g = torch.matmul(proj.p_out.to(device=g.device, dtype=g.dtype), g)
+            else:
+                g = torch.einsum("bto,bti->boi", d, x)
+            blocks.append(g.reshape(x.shape[0], -1))
         return torch.cat(blocks, dim=1)
+
+
+def contract_first(tokens: int, n_out: int, k_in: int, k_out: int) -> bool:
+    """Whether a layer's projected gradient P_out (Σ_t δ_t x̃_tᵀ) costs fewer multiplications
+    contracted over the tokens first (T·n_out·k_in, then n_out·k_out·k_in per example) than
+    with every δ_t projected first (T·n_out·k_out, then T·k_out·k_in): a wide output side
+    (a language model's vocabulary) kept at many rows, over examples of many tokens."""
+    first = tokens * n_out * k_in + n_out * k_out * k_in
+    projected = tokens * n_out * k_out + tokens * k_out * k_in
+    return first < projected
 
 
 @contextmanager
