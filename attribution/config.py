@@ -29,6 +29,9 @@ DEFAULT_LM_CURVATURE_LABELS = "sampled"
 """Language models (`attribution.language`, `ledger index`) fit the curvature's eigenvalues on
 sampled-label gradients by default; see benchmarks/accuracy/rationale.md."""
 DEFAULT_CURVATURE_EXAMPLES = 4096
+DEFAULT_FACTOR_EXAMPLES = 1024
+"""The first pass (KFAC factors: PCA directions and the EKFAC eigenbasis) runs on at most about
+this many examples spread over the data; see `IndexConfig.factor_examples`."""
 DEFAULT_CURVATURE_PRIOR_EXAMPLES = 0
 DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES = 64
 """Language models shrink EKFAC eigenvalues fitted on a sample smaller than the data toward
@@ -125,6 +128,14 @@ class IndexConfig:
     Fisher): `data`, the stored training-label gradients; `sampled`, a further pass of
     gradients of labels drawn from the model (`curvature_draws` draws per example; needs a
     `fisher_loss`). The stored and scored gradients use the training labels either way."""
+    factor_examples: int | None = DEFAULT_FACTOR_EXAMPLES
+    """At most about this many training examples (whole batches, spread evenly over the data
+    in its order, as for `curvature_examples`) go through the first pass that estimates the
+    KFAC factors (the PCA directions and the EKFAC eigenbasis); None: every example. The
+    factors are token-level covariances: 1,024 examples of 128 tokens are 131,072 tokens per
+    factor, many times any layer's width, and the pass costs about two training steps per
+    example, so on a large corpus a pass over all of it would cost more than the rest of the
+    build (benchmarks/index_cost.py). The EKFAC eigenvalues still come from their own rows."""
     curvature_draws: int = 1
     """Independent label draws per example when `curvature_labels` is `sampled`."""
     curvature_examples: int | None = DEFAULT_CURVATURE_EXAMPLES
@@ -165,6 +176,8 @@ class IndexConfig:
             fisher_labels=d.get("fisher_labels", "data"),
             curvature_labels=d.get("curvature_labels", "data"),
             curvature_draws=d.get("curvature_draws", 1),
+            # Indexes written before the setting existed ran the first pass over every example.
+            factor_examples=d.get("factor_examples"),
             # Indexes written before the setting existed ran the pass over every example.
             curvature_examples=d.get("curvature_examples"),
             curvature_prior_examples=d.get("curvature_prior_examples", 0),

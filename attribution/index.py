@@ -129,11 +129,14 @@ def make_projectors(
     fisher_loss: LossFn | None = None,
     show_progress: bool = True,
     plan: BlockPlan | None = None,
+    total: int | None = None,
 ) -> tuple[dict[str, nn.Module], list[LayerProjector] | None, list[KfacFactors] | None]:
     """The tracked layers, their projectors and their projected KFAC factors.
 
     One pass over `data` estimates the factors, with `fisher_loss` (labels drawn from the
-    model) when `config.fisher_labels` is "sampled", else with `loss_fn`. PCA projectors are
+    model) when `config.fisher_labels` is "sampled", else with `loss_fn`, on the batches a
+    `CurvatureSample` of at most about `config.factor_examples` of the `total` examples in
+    `data` picks (counted first when None), or every batch. PCA projectors are
     the factors' top eigenvectors; random and identity projectors need no data, and their
     factors are accumulated already projected. With `plan`, a rank's share of a data-parallel
     pass (`attribution.distributed`): projectors and factors on the main rank, None on others.
@@ -156,10 +159,15 @@ def make_projectors(
         _check_raw_factor_memory(specs, kind, set(fixed_out))
     projectors = random_projectors(specs, config.projection) if kind == "random" else None
     bar = lambda b: progress(b, desc="kfac factors", enabled=show_progress, unit="batch")  # noqa: E731
+    take = None
+    if config.factor_examples is not None:
+        if total is None:
+            total = sum(len(b) for b in data)
+        take = CurvatureSample(total, config.factor_examples).take
     with eval_mode(model):
         factors = kfac_factors(
             model, first_pass_loss, data, layers, projectors, bar, seed=config.projection.seed,
-            fixed_out=fixed_out, plan=plan,
+            fixed_out=fixed_out, plan=plan, take=take,
         )  # fmt: skip
     if factors is None:  # another rank's: the main rank makes the projectors
         return layers, None, None
@@ -260,6 +268,10 @@ def _check_config(fisher_loss: LossFn | None, config: IndexConfig) -> None:
             raise ValueError(
                 f"curvature_examples must be positive or None, got {config.curvature_examples}"
             )
+    if config.factor_examples is not None and (
+        not isinstance(config.factor_examples, int) or config.factor_examples < 1
+    ):
+        raise ValueError(f"factor_examples must be positive or None, got {config.factor_examples}")
 
 
 def _curvature_seed(seed: int, draw: int, batch: int) -> int:
@@ -426,18 +438,18 @@ def build_index(
     else:
         rank = ranks()
         show_progress = show_progress and rank.main
-        # Ranks take shares of the index blocks, so they count the examples first.
-        blocks = (
-            blocks_of(data.fingerprint()["examples"], config.rows_per_block)
-            if rank.world > 1
-            else None
+        # Ranks take shares of the index blocks, and a sampled first pass spreads its sample
+        # over the data, so they count the examples first.
+        counted = (
+            data.fingerprint()["examples"] if rank.world > 1 or config.factor_examples else None
         )
+        blocks = blocks_of(counted, config.rows_per_block) if rank.world > 1 else None
         members, factors = [], []
         try:
             for number, m in enumerate(models):
                 layers, projectors, fs = make_projectors(
                     m, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress,
-                    plan=BlockPlan(config.rows_per_block, blocks),
+                    plan=BlockPlan(config.rows_per_block, blocks), total=counted,
                 )  # fmt: skip
                 prefix = checkpoint_prefix(number)
                 members.append(Tracked(m, layers, projectors, prefix))
@@ -626,7 +638,10 @@ def _finalise(
     if rank.main:
         _write_metadata(root, blocks, np.concatenate([done[b][0] for b in blocks]))
         digests = [done[b][1] for b in blocks]
-        _write_manifest(root, build, fingerprint, rows, sampled, grad_files, digests)
+        factor_examples = factors[0].examples if factors else rows
+        _write_manifest(
+            root, build, fingerprint, rows, sampled, grad_files, digests, factor_examples
+        )
     barrier()
     return GradientIndex.open(root)
 
@@ -682,6 +697,7 @@ def _write_manifest(
     sampled: int,
     grad_files: list[Path],
     digests: list[str],
+    factor_examples: int,
 ) -> None:
     blocks = [block_paths(root, i)[1] for i in range(len(grad_files))]
     providers = pl.concat([pl.read_parquet(p, columns=["provider"]) for p in blocks])
@@ -698,6 +714,7 @@ def _write_manifest(
             "layers": build["layers"],
             "rows": rows,
             "curvature_examples_used": sampled,
+            "factor_examples_used": factor_examples,
             "dim": build["dim"],
             "blocks": [
                 {"file": p.name, "sha256": d} for p, d in zip(grad_files, digests, strict=True)

@@ -161,6 +161,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+FIRST_PASS_COST = 2.5
+"""A first-pass batch (raw KFAC factor products, labels drawn from the model) in logging
+batches: 1.33 s against 0.53 s on the CPU for GPT-2 6 × 512 (benchmarks/index_cost.py)."""
+
+
 def plan_build(
     model: nn.Module,
     loss_fn: LossFn,
@@ -211,7 +216,9 @@ def plan_build(
         sampled = (
             1.0 if cap is None or rows == 0 else min(1.0, cap / rows)
         ) * config.curvature_draws
-    plan.passes = 2 + sampled
+    cap = config.factor_examples
+    first = 1.0 if cap is None or rows == 0 else min(1.0, cap / rows)
+    plan.passes = 1 + FIRST_PASS_COST * first + sampled
     if batch_list:
         plan.seconds_per_batch, plan.peak_device_bytes = _time_batches(
             model, loss_fn, batch_list, tracked, specs, config

@@ -486,6 +486,7 @@ def kfac_factors(
     seed: int = 0,
     fixed_out: dict[str, torch.Tensor] | None = None,
     plan: BlockPlan | None = None,
+    take: Callable[[int], bool] | None = None,
 ) -> list[KfacFactors] | None:
     """One pass over `batches`: every tracked layer's KFAC factors.
 
@@ -501,6 +502,11 @@ def kfac_factors(
     With `plan` (`attribution.distributed.BlockPlan`) this rank takes only its batches, the
     sums are added in its fixed tree of index blocks and reduced across ranks: the factors
     are returned on the main rank, None on the others.
+
+    `take(n)`, called for every batch in order with its number of examples, says whether the
+    batch is used (`attribution.index.CurvatureSample`: a sample spread over the data); the
+    factors' `examples` are then the examples used. Batch numbers, and so sampled labels,
+    are those of the whole data either way.
     """
     specs = layer_specs(layers)
     by_name = {p.name: p for p in projectors} if projectors is not None else None
@@ -513,11 +519,14 @@ def kfac_factors(
         else (lambda n, t: _project(t, fixed[n]) if n in fixed else t)
     )
     sums: dict[str, list[torch.Tensor | int]] = {s.name: [0, 0] for s in specs}
-    count = 0
+    count = used = 0
     device = model_device(model)
     for number, batch in enumerate(progress(batches)):
         unit = plan.unit(count) if plan is not None else None
         count += len(batch)
+        if take is not None and not take(len(batch)):
+            continue  # outside the sample
+        used += len(batch)
         if plan is not None and unit is None:
             continue  # another rank's batch
         batch = batch_on(batch, device)
@@ -544,14 +553,14 @@ def kfac_factors(
         if plan is not None:
             plan.add(unit, [t for s in specs for t in sums[s.name]])
             sums = {s.name: [0, 0] for s in specs}
-    if count == 0:
+    if used == 0:
         raise ValueError("the KFAC factors need data: the first pass saw no example")
     if plan is not None:
         total = plan.finish(count)
         if total is None:
             return None
         sums = {s.name: total[2 * i : 2 * i + 2] for i, s in enumerate(specs)}
-    return [KfacFactors(s.name, sums[s.name][0], sums[s.name][1], count) for s in specs]
+    return [KfacFactors(s.name, sums[s.name][0], sums[s.name][1], used) for s in specs]
 
 
 def pca_projectors(

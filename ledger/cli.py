@@ -23,6 +23,7 @@ from attribution.config import (
     DEFAULT_CURVATURE,
     DEFAULT_CURVATURE_EXAMPLES,
     DEFAULT_DAMPING_FACTOR,
+    DEFAULT_FACTOR_EXAMPLES,
     DEFAULT_FISHER_LABELS,
     DEFAULT_HEAD_K_OUT,
     DEFAULT_HEAD_PROJECTION,
@@ -433,6 +434,14 @@ def device_option(fn: Callable) -> Callable:
     "--curvature-labels sampled (0: all).",
 )
 @click.option(
+    "--factor-examples",
+    type=int,
+    default=DEFAULT_FACTOR_EXAMPLES,
+    show_default=True,
+    help="At most about this many examples, spread over the data, go through the first pass "
+    "that estimates the KFAC factors (PCA directions, EKFAC eigenbasis) (0: all).",
+)
+@click.option(
     "--curvature-prior-examples",
     type=int,
     default=DEFAULT_LM_CURVATURE_PRIOR_EXAMPLES,
@@ -511,6 +520,7 @@ def index_cmd(
     curvature_labels: str,
     curvature_draws: int,
     curvature_examples: int,
+    factor_examples: int,
     curvature_prior_examples: int,
     damping: float,
     dtype: str,
@@ -539,6 +549,7 @@ def index_cmd(
     for name, value in (
         ("--head-k-out", head_k_out),
         ("--curvature-examples", curvature_examples),
+        ("--factor-examples", factor_examples),
         ("--curvature-prior-examples", curvature_prior_examples),
     ):
         if value < 0:
@@ -564,6 +575,7 @@ def index_cmd(
         curvature_labels=curvature_labels,
         curvature_draws=curvature_draws,
         curvature_examples=curvature_examples or None,
+        factor_examples=factor_examples or None,
         curvature_prior_examples=curvature_prior_examples,
         damping_factor=damping,
         rows_per_block=rows_per_block,

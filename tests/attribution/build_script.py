@@ -14,7 +14,11 @@ import torch
 from attribution import IndexConfig, ProjectionConfig, build_index
 from tests.attribution.tiny import lm_batches, lm_fisher_loss, lm_loss, tiny_gpt2
 
-CONFIG = IndexConfig(projection=ProjectionConfig(kind="pca", k_in=4, k_out=3), rows_per_block=3)
+# The first pass runs on a sample of 8 of the 23 examples, so that a build resumed after a
+# kill, or split over ranks, must draw the same sample.
+CONFIG = IndexConfig(
+    projection=ProjectionConfig(kind="pca", k_in=4, k_out=3), rows_per_block=3, factor_examples=8
+)
 
 
 class SlowBatches:

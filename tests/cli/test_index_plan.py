@@ -28,7 +28,11 @@ def test_the_plan_gives_the_rows_dims_and_disk_of_the_build(tmp_path) -> None:
     # The blocks' float32 rows, without their .npy headers, are the plan's rows × dims.
     blocks = sum(np.load(p, mmap_mode="r").nbytes for p in index.block_files())
     assert blocks == plan.rows * plan.dim * 4 <= plan.disk_bytes
-    assert plan.seconds_per_batch > 0 and plan.passes == 2  # first pass and logging
+    # Logging, and a first pass over all 10 examples (under the 1,024 cap), each of whose
+    # batches costs `FIRST_PASS_COST` logging batches.
+    assert plan.seconds_per_batch > 0 and plan.passes == 1 + plan_module.FIRST_PASS_COST
+    capped = plan_build(model, lm_loss, batches, 4096, config, tmp_path / "index")
+    assert capped.passes == 1 + plan_module.FIRST_PASS_COST * 1024 / 4096
     text = "\n".join(plan.lines())
     assert f"{plan.dim:,} dims per row" in text and "time: about" in text
 
