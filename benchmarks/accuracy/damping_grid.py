@@ -1,7 +1,7 @@
 """LDS of the defaults at every damping factor, projection kind and size, per setting, and the
 LDS each fixed choice loses against that setting's best.
 
-    python -m benchmarks.accuracy.damping_grid [--settings mlp,cancer,...] [--ks 8,16,32,64]
+    python -m benchmarks.accuracy.damping_grid [--settings mlp,cancer,lm,...] [--ks 8,16,32,64]
 
 Per setting: the ground truth of `python -m benchmarks.accuracy.run`'s full plan (LDS subsets
 and seeds only; retrained where the cache lacks it, cached in benchmarks/accuracy/cache), and
@@ -299,8 +299,7 @@ def write_markdown(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_settings = "mlp,cancer,cancer-short,wine,wine-short,digits-deep,digits-deep-short"
-    parser.add_argument("--settings", type=setting_names, default=default_settings)
+    parser.add_argument("--settings", type=setting_names, default=",".join(SETTINGS))
     parser.add_argument("--ks", type=number_list(int, low=1), default="8,16,32,64")
     args = parser.parse_args(argv)
     set_threads()
