@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,24 @@ from attribution.writer import BlockWriter
 log = logging.getLogger(__name__)
 
 
+class PassTimer:
+    """Wall seconds of the passes of one build, each logged as it ends ("logging took 12.3 s",
+    at INFO: `ledger -v index`); a resumed build times what it runs."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + took
+            log.info("%s took %.1f s", name, took)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -130,6 +150,7 @@ def make_projectors(
     show_progress: bool = True,
     plan: BlockPlan | None = None,
     total: int | None = None,
+    timer: PassTimer | None = None,
 ) -> tuple[dict[str, nn.Module], list[LayerProjector] | None, list[KfacFactors] | None]:
     """The tracked layers, their projectors and their projected KFAC factors.
 
@@ -164,7 +185,8 @@ def make_projectors(
         if total is None:
             total = sum(len(b) for b in data)
         take = CurvatureSample(total, config.factor_examples).take
-    with eval_mode(model):
+    timed = timer or (lambda name: nullcontext())
+    with eval_mode(model), timed("first pass (KFAC factors)"):
         factors = kfac_factors(
             model, first_pass_loss, data, layers, projectors, bar, seed=config.projection.seed,
             fixed_out=fixed_out, plan=plan, take=take,
@@ -172,7 +194,8 @@ def make_projectors(
     if factors is None:  # another rank's: the main rank makes the projectors
         return layers, None, None
     if kind == "pca":
-        projectors = pca_projectors(factors, specs, config.projection, fixed_out)
+        with timed("eigendecompositions (PCA)"):
+            projectors = pca_projectors(factors, specs, config.projection, fixed_out)
         factors = [
             f.projected(p, s_projected=f.name in fixed_out)
             for f, p in zip(factors, projectors, strict=True)
@@ -398,6 +421,7 @@ def build_index(
     """
     config = config if config is not None else default_index_config(model)
     _check_config(fisher_loss, config)
+    timer = PassTimer()
     target = resolve_device(device)
     for m in (model, *checkpoints):
         place_model(m, target)
@@ -440,16 +464,17 @@ def build_index(
         show_progress = show_progress and rank.main
         # Ranks take shares of the index blocks, and a sampled first pass spreads its sample
         # over the data, so they count the examples first.
-        counted = (
-            data.fingerprint()["examples"] if rank.world > 1 or config.factor_examples else None
-        )
+        counted = None
+        if rank.world > 1 or config.factor_examples:
+            with timer("counting the examples"):
+                counted = data.fingerprint()["examples"]
         blocks = blocks_of(counted, config.rows_per_block) if rank.world > 1 else None
         members, factors = [], []
         try:
             for number, m in enumerate(models):
                 layers, projectors, fs = make_projectors(
                     m, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress,
-                    plan=BlockPlan(config.rows_per_block, blocks), total=counted,
+                    plan=BlockPlan(config.rows_per_block, blocks), total=counted, timer=timer,
                 )  # fmt: skip
                 prefix = checkpoint_prefix(number)
                 members.append(Tracked(m, layers, projectors, prefix))
@@ -480,15 +505,17 @@ def build_index(
             members = split_members(models, config.projection, named, str(root))
 
     show_progress = show_progress and ranks().main
-    total = data.fingerprint()["examples"]
-    _log_gradients(members, loss_fn, data, root, config, show_progress, total)
-    barrier()  # every rank's blocks are written
+    with timer("counting the examples"):  # no pass unless the build resumes
+        total = data.fingerprint()["examples"]
+    with timer("logging"):
+        _log_gradients(members, loss_fn, data, root, config, show_progress, total)
+        barrier()  # every rank's blocks are written
     sampled, used = None, {}
     if config.curvature_labels == "sampled":
         sampled = lambda plan: sampled_curvature_rows(  # noqa: E731
             members, fisher_loss, data, config, total, show_progress, used, plan
         )
-    return _finalise(root, build, config, fingerprint, sampled, used)
+    return _finalise(root, build, config, fingerprint, sampled, used, timer)
 
 
 def default_index_config(model: nn.Module) -> IndexConfig:
@@ -593,6 +620,7 @@ def _finalise(
     curvature_rows: Callable[[BlockPlan | None], Iterable[tuple[int | None, np.ndarray]]]
     | None = None,
     curvature_used: dict | None = None,
+    timer: PassTimer | None = None,
 ) -> GradientIndex:
     """Curvature (from `curvature_rows(plan)`, (unit, rows) pairs, when given, else from the
     stored rows) and self-influence of the stored rows, then the metadata and manifest.
@@ -601,6 +629,7 @@ def _finalise(
     Under torchrun each rank sums its share (`attribution.distributed`); the main rank fits and
     saves the curvature, every rank computes its blocks' self-influence, and the main rank
     writes the metadata and manifest."""
+    timer = timer or PassTimer()
     rank = ranks()
     blocks = completed_blocks(root)
     if not blocks:
@@ -610,38 +639,45 @@ def _finalise(
     factors = load_factors(root / FACTORS_FILE, [s.name for s in slices])
     rows = sum(np.load(path, mmap_mode="r").shape[0] for path in grad_files)
     mine = rank.share(len(blocks))
-    if config.curvature == "full":  # one process (`_check_config`)
-        source = (
-            (lambda: (r for _, r in curvature_rows(None)))
-            if curvature_rows
-            else (lambda: (np.load(path, mmap_mode="r") for path in grad_files))
-        )
-        curvature = fit_curvature(source, slices, config.damping_factor, "full")
-    else:
-        curvature = _fit_ekfac_shares(root, slices, factors, config, len(blocks), curvature_rows)
-    sampled = (curvature_used or {}).get("examples", rows)
-    if rank.main:
-        if config.curvature == "ekfac" and sampled < rows:
-            curvature = shrink_to_kfac(curvature, factors, sampled, config.curvature_prior_examples)
-        curvature.save(root / CURVATURE_FILE)
-    barrier()
-    curvature = Curvature.load(root / CURVATURE_FILE, slices)
-    done = gather_to_main(  # each rank's blocks: self-influence and sha256
-        {
-            b: (
-                curvature.self_influence(np.load(grad_files[b], mmap_mode="r")),
-                _sha256(grad_files[b]),
+    pass_name = "curvature (sampled-label pass)" if curvature_rows else "curvature (stored rows)"
+    with timer(pass_name):
+        if config.curvature == "full":  # one process (`_check_config`)
+            source = (
+                (lambda: (r for _, r in curvature_rows(None)))
+                if curvature_rows
+                else (lambda: (np.load(path, mmap_mode="r") for path in grad_files))
             )
-            for b in mine
-        }
-    )
-    if rank.main:
-        _write_metadata(root, blocks, np.concatenate([done[b][0] for b in blocks]))
-        digests = [done[b][1] for b in blocks]
-        factor_examples = factors[0].examples if factors else rows
-        _write_manifest(
-            root, build, fingerprint, rows, sampled, grad_files, digests, factor_examples
+            curvature = fit_curvature(source, slices, config.damping_factor, "full")
+        else:
+            curvature = _fit_ekfac_shares(
+                root, slices, factors, config, len(blocks), curvature_rows
+            )
+    sampled = (curvature_used or {}).get("examples", rows)
+    with timer("self-influence, hashes, manifest"):
+        if rank.main:
+            if config.curvature == "ekfac" and sampled < rows:
+                curvature = shrink_to_kfac(
+                    curvature, factors, sampled, config.curvature_prior_examples
+                )
+            curvature.save(root / CURVATURE_FILE)
+        barrier()
+        curvature = Curvature.load(root / CURVATURE_FILE, slices)
+        done = gather_to_main(  # each rank's blocks: self-influence and sha256
+            {
+                b: (
+                    curvature.self_influence(np.load(grad_files[b], mmap_mode="r")),
+                    _sha256(grad_files[b]),
+                )
+                for b in mine
+            }
         )
+        if rank.main:
+            _write_metadata(root, blocks, np.concatenate([done[b][0] for b in blocks]))
+            digests = [done[b][1] for b in blocks]
+            factor_examples = factors[0].examples if factors else rows
+            _write_manifest(
+                root, build, fingerprint, rows, sampled, grad_files, digests, factor_examples
+            )
     barrier()
     return GradientIndex.open(root)
 
