@@ -28,7 +28,7 @@ DEFAULT_CURVATURE_LABELS = "data"
 DEFAULT_LM_CURVATURE_LABELS = "sampled"
 """Language models (`attribution.language`, `ledger index`) fit the curvature's eigenvalues on
 sampled-label gradients by default; see benchmarks/accuracy/rationale.md."""
-DEFAULT_CURVATURE_EXAMPLES = 4096
+DEFAULT_CURVATURE_EXAMPLES = 1024
 DEFAULT_FACTOR_EXAMPLES = 1024
 """The first pass (KFAC factors: PCA directions and the EKFAC eigenbasis) runs on at most about
 this many examples spread over the data; see `IndexConfig.factor_examples`."""
@@ -142,7 +142,10 @@ class IndexConfig:
     """At most about this many training examples (whole batches, spread evenly over the data
     in its order) go through the pass of `curvature_labels="sampled"`; None: every example.
     Bounds that pass's cost on a large corpus: each of the d eigenvalues per layer is a mean
-    over the examples, which a few thousand estimate well."""
+    over the examples, and the sample's are shrunk toward KFAC (`curvature_prior_examples`);
+    on the accuracy harness's language models a quarter of the examples cost 0.006 to 0.007
+    LDS (benchmarks/accuracy/sample_sizes.py). 1,024 rather than more keeps the whole build
+    under one epoch of training (benchmarks/index_cost.py)."""
     curvature_prior_examples: int = DEFAULT_CURVATURE_PRIOR_EXAMPLES
     """When the EKFAC eigenvalues come from fewer examples than the index holds (the
     `curvature_examples` sample), each is shrunk toward the layer's KFAC eigenvalue (the

@@ -253,11 +253,11 @@ def test_index_tracks_the_tied_head_unless_told_not_to(workspace: Path, tmp_path
     proc = ledger(tmp_path, url, "index", "--model", str(workspace / "model"), "--out",
                   str(tmp_path / "z"), "--head-k-out", "-1", check=False)  # fmt: skip
     assert proc.returncode != 0 and "--head-k-out" in proc.stderr
-    # Eigenvalues: by default from sampled labels of at most 4,096 examples; from the stored
+    # Eigenvalues: by default from sampled labels of at most 1,024 examples; from the stored
     # rows with --curvature-labels data. Same stored rows and eigenbasis, other eigenvalues.
     config = {k: v.manifest["config"] for k, v in built.items()}
     assert (config["default"]["curvature_labels"], config["default"]["curvature_examples"]) == (
-        "sampled", 4096,
+        "sampled", 1024,
     )  # fmt: skip
     assert config["curv"]["curvature_labels"] == "data"
     assert (config["draws"]["curvature_draws"], config["draws"]["curvature_examples"]) == (2, 5)
