@@ -12,15 +12,20 @@ examples: fewer tokens per layer width than a 1,024-example sample of 128-token 
 the 512- to 2,048-wide layers of a 6 × 512 GPT-2, so this is a harsher test than the default
 at scale. Reported per variant: LDS and provider Spearman (positive part of raw scores) as
 paired differences (mean ± standard error over queries) against the defaults on every
-example. Reads the cached ground truth of `python -m benchmarks.accuracy.run`. Results:
+example. One more row checks the defaults themselves: the same index with its labels drawn by
+`torch.multinomial`, the sampler the library used before it inverted the cumulative
+distribution (both draw exactly from the softmax; only the draws differ). Reads the cached
+ground truth of `python -m benchmarks.accuracy.run`. Results:
 benchmarks/results/sample_sizes.json.
 """
 
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import numpy as np
+import torch
 
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import number_list, setting_names
@@ -29,6 +34,15 @@ from benchmarks.accuracy.report import write_study
 from benchmarks.accuracy.retrain import set_threads
 from benchmarks.accuracy.run import default_config
 from benchmarks.accuracy.truth import cached_truth
+
+
+def multinomial_targets(logits: torch.Tensor) -> torch.Tensor:
+    """The library's former sampler: `torch.multinomial` over the softmax."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    probs = torch.softmax(
+        flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32), -1
+    )
+    return torch.multinomial(probs, 1).view(logits.shape[:-1])
 
 
 def study_setting(name: str, fractions: list[int]) -> dict:
@@ -65,6 +79,9 @@ def study_setting(name: str, fractions: list[int]) -> dict:
               f"{r['paired_provider_spearman']['se']:.3f})", flush=True)  # fmt: skip
 
     row("every example in every pass", base_lds, base_rho)
+    with mock.patch("attribution.fisher.sample_targets", multinomial_targets):
+        lds, rho = measure("multinomial", factor_examples=None, curvature_examples=None)
+    row("labels drawn by torch.multinomial", lds, rho)
     for f in fractions:
         m = max(1, n // f)
         lds, rho = measure(f"factors-{f}", factor_examples=m, curvature_examples=None)
