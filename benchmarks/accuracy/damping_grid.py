@@ -36,6 +36,8 @@ from benchmarks.accuracy.metrics import (
     lds_per_query,
     mean_std,
     paired_difference,
+    provider_credit,
+    provider_rho_per_query,
     split_half_agreement,
 )
 from benchmarks.accuracy.plan import FULL
@@ -44,6 +46,7 @@ from benchmarks.accuracy.retrain import (
     CACHE_DIR,
     RetrainCache,
     lds_subsets,
+    provider_removal,
     set_threads,
     subset_losses,
 )
@@ -95,6 +98,13 @@ def grid_setting(key: str, ks: list[int]) -> dict:
         subset_losses(cache, masks, seeds[:half], quiet=True),
         subset_losses(cache, masks, seeds[half:], quiet=True),
     )
+    # Provider removal (the plan's seeds): what the product pays on, per damping factor.
+    names, rises, _ = provider_removal(cache, list(plan.provider_seeds))
+    half = len(plan.provider_seeds) // 2
+    provider_reliability = split_half_agreement(
+        provider_removal(cache, list(plan.provider_seeds[:half]))[1],
+        provider_removal(cache, list(plan.provider_seeds[half:]))[1],
+    )
     truth_seconds = cache.seconds
     config = default_config(setting)
     options = dict(
@@ -103,6 +113,7 @@ def grid_setting(key: str, ks: list[int]) -> dict:
     )
 
     lds: dict[tuple[str, int, float], np.ndarray] = {}
+    rho: dict[float, np.ndarray] = {}
     rules = _rules()
     rule_rows: dict[str, dict] = {}
     build_seconds = {}
@@ -116,6 +127,9 @@ def grid_setting(key: str, ks: list[int]) -> dict:
                     built, f, relatif=False, curvature_kind=DEFAULT_CURVATURE
                 )
                 lds[(kind, k, f)] = lds_per_query(raw, masks, losses)
+                if (kind, k) == (DEFAULT_KIND, DEFAULT_K):
+                    credit = provider_credit(raw, setting.providers, names, positive=True)
+                    rho[f] = provider_rho_per_query(credit, rises)
             if (kind, k) == (DEFAULT_KIND, DEFAULT_K):
                 for name, rule in rules.items():
                     curvature, layer_factors = ruled(built.index.curvature, rule)
@@ -132,9 +146,12 @@ def grid_setting(key: str, ks: list[int]) -> dict:
     at_best = lds[(DEFAULT_KIND, DEFAULT_K, best_factor)]
     projected = [key for key in lds if key[0] != "identity"]
     best_config = max(projected, key=mean)
+    best_provider_factor = max(FACTORS, key=lambda f: float(np.nanmean(rho[f])))
     factors = [
         {"damping_factor": f, "lds": mean_std(lds[(DEFAULT_KIND, DEFAULT_K, f)]),
-         "vs_best_factor": paired_difference(lds[(DEFAULT_KIND, DEFAULT_K, f)], at_best)}
+         "vs_best_factor": paired_difference(lds[(DEFAULT_KIND, DEFAULT_K, f)], at_best),
+         "provider_spearman": mean_std(rho[f]),
+         "provider_vs_best_factor": paired_difference(rho[f], rho[best_provider_factor])}
         for f in FACTORS
     ]  # fmt: skip
     projections = []
@@ -167,6 +184,9 @@ def grid_setting(key: str, ks: list[int]) -> dict:
         "lds_subsets": plan.lds_subsets,
         "lds_seeds": seeds,
         "truth_reliability": reliability,
+        "provider_seeds": len(plan.provider_seeds),
+        "provider_truth_reliability": provider_reliability,
+        "best_provider_factor": best_provider_factor,
         "retrains_this_run": cache.trained,
         "retrain_seconds_this_run": round(truth_seconds, 1),
         "index": f"{DEFAULT_KIND} k={DEFAULT_K}, {DEFAULT_CURVATURE}, curvature labels "
@@ -269,6 +289,27 @@ def write_markdown(report: dict, path: Path) -> None:
             for r in rules
         )
         + " |",
+        "",
+        "Provider level: Spearman across providers between the credit (positive part of raw "
+        "scores) and the loss rise on removing each provider, the same index at each factor, "
+        "as the paired difference against that index's best factor for it (bold: the best).",
+        "",
+        "| setting | truth reliability (providers, full; seeds) | best factor | "
+        + " | ".join(f"{f:g}" for f in FACTORS)
+        + " |",
+        "|---|---|---|" + "---|" * len(FACTORS),
+        *[
+            f"| {s['setting']} | {s['provider_truth_reliability']['full']:.2f}; "
+            f"{s['provider_seeds']} | {s['best_provider_factor']:g} | "
+            + " | ".join(
+                f"**{row['provider_spearman']['mean']:.3f}**"
+                if row["damping_factor"] == s["best_provider_factor"]
+                else _pm(row["provider_vs_best_factor"])
+                for row in s["factors"]
+            )
+            + " |"
+            for s in settings
+        ],
         "",
         "Projection kind and size: LDS at the default factor and at the projection's own best "
         "factor, each as the paired difference against the defaults "
