@@ -1,5 +1,4 @@
-"""LDS of the defaults at every damping factor, projection kind and size, per setting, and the
-LDS each fixed choice loses against that setting's best.
+"""The LDS each fixed damping factor, projection kind and size loses against a setting's best.
 
     python -m benchmarks.accuracy.damping_grid [--settings mlp,cancer,lm,...] [--ks 8,16,32,64]
 
