@@ -3,7 +3,8 @@
     python -m benchmarks.accuracy.damping_grid [--settings mlp,cancer,lm,...] [--ks 8,16,32,64]
 
 Per setting: the ground truth of `python -m benchmarks.accuracy.run`'s full plan (LDS subsets
-and seeds only; retrained where the cache lacks it, cached in benchmarks/accuracy/cache), and
+and provider removal, no brittleness; retrained where the cache lacks it, cached in
+benchmarks/accuracy/cache), and
 indexes built with the setting's default index configuration (`run.default_config`: EKFAC,
 its eigenvalue labels and shrinkage) for each projection kind (pca, random) and size k, plus
 the unprojected index (exact EKFAC). Every index is scored at every factor of the harness's
@@ -12,7 +13,8 @@ the unprojected index (exact EKFAC). Every index is scored at every factor of th
 Reported per setting: the LDS of the default projection at each factor and its paired
 difference (± standard error over queries) against the best factor of that projection; each
 projection at the default factor and at its own best factor against the defaults; and the
-split-half reliability of the ground truth. `attribution.damping`'s data-driven rules, when
+split-half reliability of the ground truth; and the default projection's provider Spearman
+(positive part of raw scores) at each factor against its best factor. `attribution.damping`'s data-driven rules, when
 present, are an extra column: per layer λ from the index's own EKFAC eigenvalues (measured,
 never used by the index). Across settings: the worst regret of each fixed factor.
 
