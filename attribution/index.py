@@ -1,7 +1,8 @@
 """The logging phase: build the on-disk gradient index, resumable after a kill.
 
-A first pass over the data estimates each layer's KFAC factors (and, for PCA, the projections);
-both are saved before any gradient is logged. Then one forward and backward pass per batch with
+A first pass over a sample of the data (at most about `factor_examples` examples, whole batches
+spread over it; see benchmarks/index_cost.py for why) estimates each layer's KFAC factors (and,
+for PCA, the projections); both are saved before any gradient is logged. Then one forward and backward pass per batch with
 parameters frozen (no weight gradient is computed); the hooks keep only projected activations
 and output gradients. Rows are written in blocks, each atomically; a resumed build skips the
 rows of complete blocks and never writes a row twice. Once all blocks exist, the curvature (the
@@ -464,13 +465,13 @@ def build_index(
         show_progress = show_progress and rank.main
         # Ranks take shares of the index blocks, and a sampled first pass spreads its sample
         # over the data, so they count the examples first.
-        counted = None
-        if rank.world > 1 or config.factor_examples:
-            with timer("counting the examples"):
-                counted = data.fingerprint()["examples"]
-        blocks = blocks_of(counted, config.rows_per_block) if rank.world > 1 else None
         members, factors = [], []
         try:
+            counted = None
+            if rank.world > 1 or config.factor_examples:
+                with timer("counting the examples"):
+                    counted = data.fingerprint()["examples"]
+            blocks = blocks_of(counted, config.rows_per_block) if rank.world > 1 else None
             for number, m in enumerate(models):
                 layers, projectors, fs = make_projectors(
                     m, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress,

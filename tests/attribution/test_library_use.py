@@ -92,14 +92,15 @@ def test_the_same_weights_and_data_reopen_the_index_and_it_records_them(tmp_path
 
 def test_a_build_stopped_midway_resumes_only_with_the_same_data(tmp_path) -> None:
     class Failing(list):
-        """Batches whose third one fails while gradients are logged (the second pass)."""
+        """Batches whose third one fails while gradients are logged (the third pass, after
+        counting the examples and the first pass on a sample of them)."""
 
         passes = 0
 
         def __iter__(self):
             self.passes += 1
             for number, batch in enumerate(super().__iter__()):
-                if self.passes == 2 and number == 2:
+                if self.passes == 3 and number == 2:
                     raise KeyboardInterrupt
                 yield batch
 
