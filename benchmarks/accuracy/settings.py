@@ -105,6 +105,28 @@ def _mlp(seed: int, n_in: int, hidden: int, n_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
 
 
+def full_batch_fit(
+    model: nn.Module, opt: torch.optim.Optimizer, x, y, rows: np.ndarray, steps: int
+) -> nn.Module:
+    """`steps` full-batch steps of `opt` on the cross-entropy of `rows` (sorted) of x, y; the
+    model in eval mode. Full batches make a retrain a function of its rows and seed."""
+    xs, ys = x[np.sort(rows)], y[np.sort(rows)]
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(xs), ys)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def classifier_outputs(model: nn.Module, xq, yq) -> np.ndarray:
+    """(2, queries): each query's cross-entropy and the predicted class."""
+    logits = model(xq)
+    loss = nn.functional.cross_entropy(logits, yq, reduction="none")
+    return np.stack([loss.numpy(), logits.argmax(1).numpy()]).astype(np.float64)
+
+
 def mlp_setting(
     n_train: int = 400,
     n_queries: int = 100,
@@ -142,19 +164,10 @@ def mlp_setting(
     def train(rows: np.ndarray, run_seed: int) -> nn.Module:
         model = _mlp(run_seed, x.shape[1], hidden, 10)
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-        xs, ys = x[np.sort(rows)], y[np.sort(rows)]
-        for _ in range(steps):
-            loss = nn.functional.cross_entropy(model(xs), ys)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return model.eval()
+        return full_batch_fit(model, opt, x, y, rows, steps)
 
-    @torch.no_grad()
     def evaluate(model: nn.Module) -> np.ndarray:
-        logits = model(xq)
-        loss = nn.functional.cross_entropy(logits, yq, reduction="none")
-        return np.stack([loss.numpy(), logits.argmax(1).numpy()]).astype(np.float64)
+        return classifier_outputs(model, xq, yq)
 
     def batches(xx, yy, prov, prefix, size=64) -> list[Batch]:
         out = []

@@ -84,7 +84,13 @@ def classifier_setting(
     widths on a bundled dataset, trained by `RECIPES[recipe]`."""
     import sklearn.datasets
 
-    from benchmarks.accuracy.settings import Setting, mlp_fisher_loss, mlp_loss
+    from benchmarks.accuracy.settings import (
+        Setting,
+        classifier_outputs,
+        full_batch_fit,
+        mlp_fisher_loss,
+        mlp_loss,
+    )
 
     spec = DATASETS[dataset]
     train_recipe = RECIPES[recipe]
@@ -123,19 +129,10 @@ def classifier_setting(
             model.parameters(), lr=train_recipe["lr"], momentum=train_recipe["momentum"],
             weight_decay=train_recipe["weight_decay"],
         )  # fmt: skip
-        xs, ys = x[np.sort(rows)], y[np.sort(rows)]
-        for _ in range(train_recipe["steps"]):
-            loss = nn.functional.cross_entropy(model(xs), ys)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return model.eval()
+        return full_batch_fit(model, opt, x, y, rows, train_recipe["steps"])
 
-    @torch.no_grad()
     def evaluate(model: nn.Module) -> np.ndarray:
-        logits = model(xq)
-        loss = nn.functional.cross_entropy(logits, yq, reduction="none")
-        return np.stack([loss.numpy(), logits.argmax(1).numpy()]).astype(np.float64)
+        return classifier_outputs(model, xq, yq)
 
     return Setting(
         name=name,
