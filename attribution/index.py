@@ -2,8 +2,8 @@
 
 A first pass over a sample of the data (at most about `factor_examples` examples, whole batches
 spread over it; see benchmarks/index_cost.py for why) estimates each layer's KFAC factors (and,
-for PCA, the projections); both are saved before any gradient is logged. Then one forward and backward pass per batch with
-parameters frozen (no weight gradient is computed); the hooks keep only projected activations
+for PCA, the projections); both are saved before any gradient is logged. Then one forward and
+backward pass per batch with parameters frozen (no weight gradient is computed); the hooks keep only projected activations
 and output gradients. Rows are written in blocks, each atomically; a resumed build skips the
 rows of complete blocks and never writes a row twice. Once all blocks exist, the curvature (the
 EKFAC basis from the factors, its eigenvalues from the stored rows, or with
@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -87,22 +87,15 @@ from attribution.writer import BlockWriter
 log = logging.getLogger(__name__)
 
 
-class PassTimer:
-    """Wall seconds of the passes of one build, each logged as it ends ("logging took 12.3 s",
-    at INFO: `ledger -v index`); a resumed build times what it runs."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            took = time.perf_counter() - start
-            self.seconds[name] = self.seconds.get(name, 0.0) + took
-            log.info("%s took %.1f s", name, took)
+@contextmanager
+def _timed(name: str) -> Iterator[None]:
+    """Log the wall time of one pass of a build as it ends ("logging took 12.3 s", at INFO:
+    `ledger -v index`); a resumed build times what it runs."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        log.info("%s took %.1f s", name, time.perf_counter() - start)
 
 
 def _sha256(path: Path) -> str:
@@ -151,7 +144,6 @@ def make_projectors(
     show_progress: bool = True,
     plan: BlockPlan | None = None,
     total: int | None = None,
-    timer: PassTimer | None = None,
 ) -> tuple[dict[str, nn.Module], list[LayerProjector] | None, list[KfacFactors] | None]:
     """The tracked layers, their projectors and their projected KFAC factors.
 
@@ -186,8 +178,7 @@ def make_projectors(
         if total is None:
             total = sum(len(b) for b in data)
         take = CurvatureSample(total, config.factor_examples).take
-    timed = timer or (lambda name: nullcontext())
-    with eval_mode(model), timed("first pass (KFAC factors)"):
+    with eval_mode(model), _timed("first pass (KFAC factors)"):
         factors = kfac_factors(
             model, first_pass_loss, data, layers, projectors, bar, seed=config.projection.seed,
             fixed_out=fixed_out, plan=plan, take=take,
@@ -195,7 +186,7 @@ def make_projectors(
     if factors is None:  # another rank's: the main rank makes the projectors
         return layers, None, None
     if kind == "pca":
-        with timed("eigendecompositions (PCA)"):
+        with _timed("eigendecompositions (PCA)"):
             projectors = pca_projectors(factors, specs, config.projection, fixed_out)
         factors = [
             f.projected(p, s_projected=f.name in fixed_out)
@@ -422,7 +413,6 @@ def build_index(
     """
     config = config if config is not None else default_index_config(model)
     _check_config(fisher_loss, config)
-    timer = PassTimer()
     target = resolve_device(device)
     for m in (model, *checkpoints):
         place_model(m, target)
@@ -469,13 +459,13 @@ def build_index(
         try:
             counted = None
             if rank.world > 1 or config.factor_examples:
-                with timer("counting the examples"):
+                with _timed("counting the examples"):
                     counted = data.fingerprint()["examples"]
             blocks = blocks_of(counted, config.rows_per_block) if rank.world > 1 else None
             for number, m in enumerate(models):
                 layers, projectors, fs = make_projectors(
                     m, loss_fn, data, config, fisher_loss=fisher_loss, show_progress=show_progress,
-                    plan=BlockPlan(config.rows_per_block, blocks), total=counted, timer=timer,
+                    plan=BlockPlan(config.rows_per_block, blocks), total=counted,
                 )  # fmt: skip
                 prefix = checkpoint_prefix(number)
                 members.append(Tracked(m, layers, projectors, prefix))
@@ -506,9 +496,9 @@ def build_index(
             members = split_members(models, config.projection, named, str(root))
 
     show_progress = show_progress and ranks().main
-    with timer("counting the examples"):  # no pass unless the build resumes
+    with _timed("counting the examples"):  # no pass unless the build resumes
         total = data.fingerprint()["examples"]
-    with timer("logging"):
+    with _timed("logging"):
         _log_gradients(members, loss_fn, data, root, config, show_progress, total)
         barrier()  # every rank's blocks are written
     sampled, used = None, {}
@@ -516,7 +506,7 @@ def build_index(
         sampled = lambda plan: sampled_curvature_rows(  # noqa: E731
             members, fisher_loss, data, config, total, show_progress, used, plan
         )
-    return _finalise(root, build, config, fingerprint, sampled, used, timer)
+    return _finalise(root, build, config, fingerprint, sampled, used)
 
 
 def default_index_config(model: nn.Module) -> IndexConfig:
@@ -621,7 +611,6 @@ def _finalise(
     curvature_rows: Callable[[BlockPlan | None], Iterable[tuple[int | None, np.ndarray]]]
     | None = None,
     curvature_used: dict | None = None,
-    timer: PassTimer | None = None,
 ) -> GradientIndex:
     """Curvature (from `curvature_rows(plan)`, (unit, rows) pairs, when given, else from the
     stored rows) and self-influence of the stored rows, then the metadata and manifest.
@@ -630,7 +619,6 @@ def _finalise(
     Under torchrun each rank sums its share (`attribution.distributed`); the main rank fits and
     saves the curvature, every rank computes its blocks' self-influence, and the main rank
     writes the metadata and manifest."""
-    timer = timer or PassTimer()
     rank = ranks()
     blocks = completed_blocks(root)
     if not blocks:
@@ -641,7 +629,7 @@ def _finalise(
     rows = sum(np.load(path, mmap_mode="r").shape[0] for path in grad_files)
     mine = rank.share(len(blocks))
     pass_name = "curvature (sampled-label pass)" if curvature_rows else "curvature (stored rows)"
-    with timer(pass_name):
+    with _timed(pass_name):
         if config.curvature == "full":  # one process (`_check_config`)
             source = (
                 (lambda: (r for _, r in curvature_rows(None)))
@@ -654,7 +642,7 @@ def _finalise(
                 root, slices, factors, config, len(blocks), curvature_rows
             )
     sampled = (curvature_used or {}).get("examples", rows)
-    with timer("self-influence, hashes, manifest"):
+    with _timed("self-influence, hashes, manifest"):
         if rank.main:
             if config.curvature == "ekfac" and sampled < rows:
                 curvature = shrink_to_kfac(

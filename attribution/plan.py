@@ -161,6 +161,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _share(cap: int | None, rows: int) -> float:
+    """The share of the data a pass capped at `cap` examples (None: all) goes through."""
+    return 1.0 if cap is None or rows == 0 else min(1.0, cap / rows)
+
+
 FIRST_PASS_COST = 2.5
 """A first-pass batch (raw KFAC factor products, labels drawn from the model) in logging
 batches: 1.33 s against 0.53 s on the CPU for GPT-2 6 × 512 (benchmarks/index_cost.py)."""
@@ -212,12 +217,8 @@ def plan_build(
     plan.batches = max(1, math.ceil(rows / max(len(batch_list[0]), 1))) if batch_list else 0
     sampled = 0.0
     if config.curvature_labels == "sampled":
-        cap = config.curvature_examples
-        sampled = (
-            1.0 if cap is None or rows == 0 else min(1.0, cap / rows)
-        ) * config.curvature_draws
-    cap = config.factor_examples
-    first = 1.0 if cap is None or rows == 0 else min(1.0, cap / rows)
+        sampled = _share(config.curvature_examples, rows) * config.curvature_draws
+    first = _share(config.factor_examples, rows)
     plan.passes = 1 + FIRST_PASS_COST * first + sampled
     if batch_list:
         plan.seconds_per_batch, plan.peak_device_bytes = _time_batches(

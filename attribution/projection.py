@@ -428,11 +428,9 @@ def projected_gradients(
             mask = token_mask(batch, x)
             if mask is not None:
                 x = x * mask
+            g = torch.einsum("bto,bti->boi", d, x)
             if raw_out.get(proj.name):  # P_out (Σ_t δ_t (P_in x_t)ᵀ): the same product
-                g = torch.einsum("bto,bti->boi", d, x)
                 g = torch.matmul(proj.p_out.to(device=g.device, dtype=g.dtype), g)
-            else:
-                g = torch.einsum("bto,bti->boi", d, x)
             blocks.append(g.reshape(x.shape[0], -1))
         return torch.cat(blocks, dim=1)
 
