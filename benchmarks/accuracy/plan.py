@@ -29,6 +29,8 @@ FULL = {
     "gpt2-corpus": Plan(64, (0, 1, 2, 3), tuple(range(32)), 5, (5, 20)),
     "gpt2-corpus-b": Plan(64, (0, 1, 2, 3), tuple(range(32)), 5, (5, 20)),
     "gpt2-corpus-c": Plan(64, (0, 1, 2, 3), tuple(range(32)), 5, (5, 20)),
+    "gpt2-corpus-short": Plan(64, (0, 1, 2, 3), tuple(range(32)), 5, (5, 20)),
+    "gpt2-corpus-wide": Plan(64, (0, 1, 2, 3), tuple(range(16)), 5, (5, 20)),
     **{
         f"mlp-{name}": Plan(64, (0, 1, 2, 3), tuple(range(8)), 8, (10, 20))
         for name in CLASSIFIER_NAMES
@@ -39,5 +41,7 @@ QUICK = {
     "gpt2-corpus": Plan(8, (0,), (0,), 2, (10,)),
     "gpt2-corpus-b": Plan(8, (0,), (0,), 2, (10,)),
     "gpt2-corpus-c": Plan(8, (0,), (0,), 2, (10,)),
+    "gpt2-corpus-short": Plan(8, (0,), (0,), 2, (10,)),
+    "gpt2-corpus-wide": Plan(8, (0,), (0,), 2, (10,)),
     **{f"mlp-{name}": Plan(8, (0, 1), (0,), 2, (10,)) for name in CLASSIFIER_NAMES},
 }

@@ -200,8 +200,8 @@ def _variants(
     head_module, tied = output_head(base)
     rows: dict[str, np.ndarray | None] = {}
 
-    defaults = default_config(setting)
-    labels, prior = defaults.curvature_labels, defaults.curvature_prior_examples
+    config = default_config(setting)
+    labels, prior = config.curvature_labels, config.curvature_prior_examples
     other = "data" if labels == "sampled" else "sampled"
     described = {"data": "stored (training-label) gradients", "sampled": "sampled labels"}
 
@@ -219,7 +219,20 @@ def _variants(
 
     if head is not None:
         if tied:
+            # Blocks only (the peers' default layers), so that the lead is checked without the
+            # head: the defaults, larger and random projections, and unprojected EKFAC.
             rows["without the tied head"] = library("-no-head", tied_head=False)
+            for kind, k in (("pca", 64), ("random", DEFAULT_K), ("random", 64)):
+                blocks = methods.build(setting, kind, k, "float32", workdir, suffix="-no-head",
+                                       projection={"tied_head": False},
+                                       curvature_labels=labels, curvature_prior_examples=prior)  # fmt: skip
+                rows[f"without the tied head, {kind} k = {k}"] = methods.library_scores(
+                    blocks, False
+                )
+            blocks = methods.build(setting, "identity", 0, "float32", workdir, suffix="-no-head",
+                                   projection={"tied_head": False}, curvature_labels=labels,
+                                   curvature_prior_examples=prior)  # fmt: skip
+            rows[f"without the tied head, {EXACT_EKFAC}"] = methods.library_scores(blocks, False)
         rows["head's vocabulary side by PCA"] = library("-head-pca", head_projection="pca")
         vocab = layer_widths(head_module)[1]
         default_head = min(ProjectionConfig().head_k_out or DEFAULT_K, vocab)
@@ -519,6 +532,12 @@ def main(argv: list[str] | None = None) -> dict:
         help=f"comma list of {', '.join(SETTINGS)}",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip peer libraries")
+    parser.add_argument(
+        "--stem",
+        default="accuracy",
+        help="results file name without extension (default accuracy: the headline run; another "
+        "stem keeps a run on further settings next to it)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("kronfluence", "logix", "LogIX", "httpx", "transformers"):
@@ -533,7 +552,9 @@ def main(argv: list[str] | None = None) -> dict:
         setting = SETTINGS[which](workdir)
         results.append(evaluate_setting(setting, plans[setting.name], workdir, peers, args.quick))
     report = {
-        "command": "python -m benchmarks.accuracy.run" + (" --quick" if args.quick else ""),
+        "command": "python -m benchmarks.accuracy.run" + (" --quick" if args.quick else "")
+        + (f" --settings {','.join(args.settings)}" if args.settings != list(SETTINGS) else "")
+        + (f" --stem {args.stem}" if args.stem != "accuracy" else ""),
         "seconds": round(time.perf_counter() - start, 1),
         "machine": {
             "cpus": torch.get_num_threads(),
@@ -545,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
     # A quick run is a pipeline check: its numbers stay out of the committed results.
     out_dir = CACHE_DIR if args.quick else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "accuracy-quick" if args.quick else "accuracy"
+    stem = f"{args.stem}-quick" if args.quick else args.stem
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, out_dir / f"{stem}.md")
     log.info("done in %.0fs: %s", report["seconds"], out_dir / f"{stem}.md")

@@ -402,6 +402,18 @@ SETTINGS = {
     "lm-c": lambda workdir: lm_setting(
         workdir / "gpt2-c-data", name="gpt2-corpus-c", seed=2, vocabulary=(200, 60, 60)
     ),
+    # The first corpus and model trained a quarter as long (3 epochs against 12): whether a
+    # language model far from convergence wants the larger damping that short-trained
+    # classifiers want.
+    "lm-short": lambda workdir: lm_setting(
+        workdir / "gpt2-data", name="gpt2-corpus-short", epochs=3
+    ),
+    # Blocks four times wider (n_embd 96: attention 96→288, MLP 96→384→96), so that k = 32
+    # keeps a third or less of every block layer's sides, as on real models, and not the
+    # whole of most of them as at n_embd 24.
+    "lm-wide": lambda workdir: lm_setting(
+        workdir / "gpt2-wide-data", name="gpt2-corpus-wide", seed=3, n_embd=96
+    ),
 }
 """Settings of `python -m benchmarks.accuracy.run --settings`, by key: workdir → Setting."""
 
