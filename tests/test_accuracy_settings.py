@@ -58,3 +58,35 @@ def test_the_short_recipe_stops_short_of_the_converged_one(one_thread) -> None:
         with torch.no_grad():
             losses[recipe] = nn.functional.cross_entropy(model(x), y).item()
     assert losses["converged"] < losses["short"] / 10
+
+
+def test_the_further_language_models_differ_from_the_first_as_named(tmp_path, one_thread) -> None:
+    """lm-short is the first corpus's recipe trained a quarter as long (its training loss is
+    higher); lm-wide has blocks wide enough that k = 32 keeps a third or less of each side."""
+    from attribution.config import DEFAULT_K
+    from attribution.projection import layer_widths
+
+    first = SETTINGS["lm"](tmp_path)
+    short = SETTINGS["lm-short"](tmp_path)
+    wide = SETTINGS["lm-wide"](tmp_path)
+    for setting in (short, wide):
+        assert setting.name in FULL and setting.name in QUICK
+        assert setting.task == "lm" and setting.n_train == first.n_train
+    assert {k: v for k, v in short.recipe.items() if k not in ("epochs", "queries_sha")} == {
+        k: v for k, v in first.recipe.items() if k not in ("epochs", "queries_sha")
+    }
+    assert short.recipe["epochs"] * 4 == first.recipe["epochs"]
+
+    def train_loss(setting) -> float:
+        model = setting.base_model()
+        with torch.no_grad():
+            return float(torch.cat([setting.train_loss(model, b) for b in setting.train_data]).mean())
+
+    assert train_loss(short) > 1.2 * train_loss(first)
+    blocks = [
+        layer_widths(m)
+        for name, m in wide.base_model().named_modules()
+        if ".h." in name and layer_widths(m) is not None
+    ]
+    assert len(blocks) == 4 * wide.recipe["n_layer"]
+    assert all(min(widths) >= 3 * DEFAULT_K for widths in blocks)

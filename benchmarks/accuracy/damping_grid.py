@@ -14,9 +14,10 @@ Reported per setting: the LDS of the default projection at each factor and its p
 difference (± standard error over queries) against the best factor of that projection; each
 projection at the default factor and at its own best factor against the defaults; and the
 split-half reliability of the ground truth; and the default projection's provider Spearman
-(positive part of raw scores) at each factor against its best factor. `attribution.damping`'s data-driven rules, when
-present, are an extra column: per layer λ from the index's own EKFAC eigenvalues (measured,
-never used by the index). Across settings: the worst regret of each fixed factor.
+(positive part of raw scores) at each factor against its best factor. Extra columns:
+`attribution.damping`'s data-driven rules (per layer λ from the index's own EKFAC eigenvalues;
+measured, never used by the index), and the scores averaged over every factor of the grid
+(`AVERAGED`). Across settings: the worst regret of each fixed factor and of each extra column.
 
 Writes benchmarks/results/damping_grid.json and damping_grid.md.
 """
@@ -80,6 +81,17 @@ def ruled(curvature: Curvature, rule) -> tuple[Curvature, list[float]]:
     return Curvature(curvature.slices, layers), factors
 
 
+AVERAGED = "average over factors"
+"""Not a damping: each query's scores at every factor of the grid, each scaled to unit norm
+over the training examples, summed (a damping marginalised over the grid)."""
+
+
+def unit_rows(scores: np.ndarray) -> np.ndarray:
+    """Each query's scores divided by their norm over the training examples (zero rows stay)."""
+    norm = np.linalg.norm(scores, axis=1, keepdims=True)
+    return np.divide(scores, norm, out=np.zeros_like(scores), where=norm > 0)
+
+
 def _raw_scores(built: methods.BuiltIndex, curvature: Curvature) -> np.ndarray:
     rows = built.index.dense().numpy().astype(np.float64)
     return curvature.precondition(np.asarray(built.query_grads, np.float64)) @ rows.T
@@ -123,6 +135,7 @@ def grid_setting(key: str, ks: list[int]) -> dict:
             start = time.perf_counter()
             built = methods.build(setting, kind, k, "float32", workdir, suffix="-grid", **options)
             build_seconds[f"{kind}-{k}"] = round(time.perf_counter() - start, 2)
+            averaged = 0.0
             for f in FACTORS:
                 raw = methods.influence_scores(
                     built, f, relatif=False, curvature_kind=DEFAULT_CURVATURE
@@ -131,7 +144,11 @@ def grid_setting(key: str, ks: list[int]) -> dict:
                 if (kind, k) == (DEFAULT_KIND, DEFAULT_K):
                     credit = provider_credit(raw, setting.providers, names, positive=True)
                     rho[f] = provider_rho_per_query(credit, rises)
+                    averaged = averaged + unit_rows(raw)
             if (kind, k) == (DEFAULT_KIND, DEFAULT_K):
+                rule_rows[AVERAGED] = {
+                    "per_query": lds_per_query(averaged, masks, losses), "layer_factors": None,
+                }  # fmt: skip
                 for name, rule in rules.items():
                     curvature, layer_factors = ruled(built.index.curvature, rule)
                     per_query = lds_per_query(_raw_scores(built, curvature), masks, losses)
