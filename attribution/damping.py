@@ -1,4 +1,9 @@
-"""A damping chosen from a layer's own curvature spectrum (a prototype; not used by any index).
+"""Damping chosen from the data an index holds (prototypes, measured; not used by any index).
+
+Three candidate rules, each compared with every fixed factor by `benchmarks.accuracy.damping_rules`:
+`noise_floor_damping` (a layer's spectrum alone, below), `gap_factor` (one factor for all
+layers, from the measured generalisation gap) and `evidence_damping` (per layer, from the
+spectrum and the norm of the layer's projected weights).
 
 The index damps each layer with λ_l = damping_factor × mean eigenvalue, one factor for every
 model. `noise_floor_damping` instead chooses λ from the layer's EKFAC eigenvalues alone, under a
@@ -68,6 +73,70 @@ def noise_floor_damping(eigvals: np.ndarray, spread: float = DEFAULT_SPREAD) -> 
         best = int(np.argmin(expected_error(e, signal, np.exp(grid))))
         low, high = grid[max(best - 1, 0)], grid[min(best + 1, _GRID - 1)]
     return float(np.exp(grid[best]))
+
+
+def effective_dimension(layers: list[np.ndarray], factor: float) -> float:
+    """γ(f) = Σ_l Σ_j e_lj / (e_lj + f × mean_j e_lj): the directions the damped inverse still
+    resolves, summed over layers, when every layer is damped with the same factor f."""
+    total = 0.0
+    for eigvals in layers:
+        e = np.maximum(np.asarray(eigvals, np.float64).ravel(), 0.0)
+        mean = e.sum() / e.size if e.size else 0.0
+        if mean > 0:
+            total += float((e / (e + factor * mean)).sum())
+    return total
+
+
+def gap_factor(layers: list[np.ndarray], n: int, gap: float, low=1e-6, high=1e6) -> float:
+    """The damping factor whose predicted generalisation gap equals the measured one.
+
+    Removing training example i from a mean loss over n examples raises its own loss by about
+    g_iᵀ (F + λ)⁻¹ g_i / n; averaged over the examples that is γ(f) / n, since the mean of
+    (Vᵀ g)_j² is e_j (`effective_dimension`). A held-out example behaves like a removed one, so
+    the mean held-out loss minus the mean training loss estimates the same quantity
+    (Takeuchi's information criterion, read backwards): f solves γ(f) = n × gap. γ falls from
+    the layers' dimension to 0 as f grows, so the root is unique; a gap at or below 0 returns
+    `high` (no curvature is trusted), one above γ(low) / n returns `low`.
+    """
+    target = n * gap
+    if target <= effective_dimension(layers, high):
+        return float(high)
+    if target >= effective_dimension(layers, low):
+        return float(low)
+    lo, hi = np.log(low), np.log(high)
+    for _ in range(200):  # bisection on log f: γ is decreasing in f
+        mid = 0.5 * (lo + hi)
+        if effective_dimension(layers, float(np.exp(mid))) > target:
+            lo = mid
+        else:
+            hi = mid
+    return float(np.exp(0.5 * (lo + hi)))
+
+
+def evidence_damping(eigvals: np.ndarray, weight_sq: float, n: int) -> float:
+    """λ of one layer that maximises the Laplace evidence of a Gaussian prior on its weights.
+
+    With likelihood curvature n F (F = V diag(e) Vᵀ, the mean over n examples) and a prior
+    N(0, α⁻¹ I) on the layer's (projected) weights w, MacKay's fixed point is
+    α = γ / ‖w‖², γ = Σ_j n e_j / (n e_j + α); the index's damping is λ = α / n, so
+    λ = Σ_j e_j / (e_j + λ) / (n ‖w‖²). The right side falls as λ grows and the left rises,
+    so the fixed point is unique; it is found by bisection on log λ.
+    """
+    e = np.maximum(np.asarray(eigvals, np.float64).ravel(), 0.0)
+    if weight_sq <= 0 or e.max(initial=0.0) <= 0:
+        return 1.0
+
+    def excess(lam: float) -> float:
+        return lam - float((e / (e + lam)).sum()) / (n * weight_sq)
+
+    lo, hi = np.log(e.max()) - 60.0, np.log(e.size / (n * weight_sq)) + 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if excess(float(np.exp(mid))) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return float(np.exp(0.5 * (lo + hi)))
 
 
 RULES = {"noise-floor": noise_floor_damping}

@@ -146,6 +146,13 @@ def _variants(s: dict) -> list[str]:
         pl, pp = m["paired_lds"], m["paired_provider_spearman"]
         lines.append(f"| {name} | {_ms(m['lds'])} | {_paired(pl)} | "
                      f"{m['provider_spearman']:.3f} | {_paired(pp)} |")  # fmt: skip
+    if t.get("blocks_only"):
+        lines += ["", "Blocks only (the output head left out), each against kronfluence EKFAC on "
+                  "the same layers, paired per query:", "",
+                  "| comparison | ΔLDS | Δ provider Spearman |", "|---|---|---|"]  # fmt: skip
+        for name, m in t["blocks_only"].items():
+            lines.append(f"| {name} | {_paired(m['paired_lds'])} | "
+                         f"{_paired(m['paired_provider_spearman'])} |")  # fmt: skip
     return lines
 
 

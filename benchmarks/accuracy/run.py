@@ -291,7 +291,8 @@ def _variants(
             log.exception("kronfluence without the tied head failed")
             rows[f"{name}: {type(exc).__name__}: {exc}"] = None
     default_lds, default_rho = defaults
-    out = {"head": head, "tied": tied, "methods": {}}
+    out = {"head": head, "tied": tied, "methods": {}, "blocks_only": {}}
+    per_query: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, scores in rows.items():
         if scores is None:
             out["methods"][name] = None
@@ -300,6 +301,7 @@ def _variants(
         rho = provider_rho_per_query(
             provider_credit(scores, setting.providers, names, positive=True), rises
         )
+        per_query[name] = (lds, rho)
         out["methods"][name] = {
             "lds": mean_std(lds),
             "paired_lds": paired_difference(lds, default_lds),
@@ -307,6 +309,15 @@ def _variants(
             "paired_provider_spearman": paired_difference(rho, default_rho),
         }
         log.info("%s variant %s: LDS %.3f", setting.name, name, np.nanmean(lds))
+    # Blocks only, ours against kronfluence EKFAC on the same layers, paired per query.
+    peer = per_query.get("kronfluence-ekfac without the tied head")
+    if peer is not None:
+        for name, (lds, rho) in per_query.items():
+            if name.startswith("without the tied head"):
+                out["blocks_only"][f"{name} − kronfluence-ekfac without the tied head"] = {
+                    "paired_lds": paired_difference(lds, peer[0]),
+                    "paired_provider_spearman": paired_difference(rho, peer[1]),
+                }  # fmt: skip
     return out
 
 

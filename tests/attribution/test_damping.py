@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attribution.damping import expected_error, noise_floor_damping
+from attribution.damping import (
+    effective_dimension,
+    evidence_damping,
+    expected_error,
+    gap_factor,
+    noise_floor_damping,
+)
 
 RESOLUTION = 1e-8
 """Relative resolution of the rule's search for λ (see `_GRID`)."""
@@ -76,3 +82,61 @@ def test_degenerate_spectra() -> None:
     assert noise_floor_damping(np.r_[e, -1e-9]) == pytest.approx(
         noise_floor_damping(np.r_[e, 0.0]), rel=1e-12
     )
+
+
+def test_gap_factor_on_flat_spectra_has_its_closed_form() -> None:
+    """Equal eigenvalues: γ(f) = Σ_l d_l / (1 + f), so f = Σ d_l / (n × gap) − 1, whatever each
+    layer's scale (the factor is relative to each layer's mean eigenvalue)."""
+    layers = [np.full(64, 3.0), np.full(16, 2e-5)]
+    n, gap = 400, 0.02
+    f = gap_factor(layers, n, gap)
+    assert f == pytest.approx(80 / (n * gap) - 1, rel=1e-9)
+    rescaled = [layers[0] * 1e4, layers[1]]
+    assert gap_factor(rescaled, n, gap) == pytest.approx(f, rel=1e-9)
+    # The predicted gap at the factor found is the measured one.
+    assert effective_dimension(layers, f) / n == pytest.approx(gap, rel=1e-9)
+    # No gap (an under-trained model): trust no curvature; a gap no damping can reach: the least.
+    assert gap_factor(layers, n, 0.0) == 1e6 and gap_factor(layers, n, -0.1) == 1e6
+    assert gap_factor(layers, n, 1.0) == 1e-6
+
+
+def test_gap_factor_matches_a_dense_search_on_a_spread_spectrum() -> None:
+    rng = np.random.default_rng(1)
+    layers = [10 ** rng.uniform(-4, 1, 300), 10 ** rng.uniform(-7, -2, 50)]
+    n, gap = 500, 0.05
+    f = gap_factor(layers, n, gap)
+    grid = np.logspace(-6, 6, 200_001)
+    gammas = np.array([effective_dimension(layers, g) for g in grid[::100]])
+    coarse = grid[::100][np.argmin(np.abs(gammas - n * gap))]
+    # The grid's spacing is 10^(12/2000) ≈ 1.4% per step; the rule is the exact root.
+    assert abs(np.log(f / coarse)) <= np.log(10) * 12 / 2000
+
+
+def test_evidence_damping_maximises_the_laplace_evidence() -> None:
+    """Against the log evidence of the Gaussian prior N(0, α⁻¹ I) evaluated on a dense grid of α
+    (up to constants: d/2 log α − 1/2 Σ log(n e_j + α) − α ‖w‖² / 2), independently of the
+    rule's fixed point; λ = α / n."""
+    rng = np.random.default_rng(2)
+    e = 10 ** rng.uniform(-6, -2, 200)
+    n, w2 = 400, 35.0
+    lam = evidence_damping(e, w2, n)
+    alphas = np.logspace(-8, 8, 320_001)
+    # Evaluated in chunks (320,001 × 200 at once would be 0.5 GB).
+    best, best_val = None, -np.inf
+    for chunk in np.array_split(alphas, 64):
+        val = (
+            0.5 * e.size * np.log(chunk)
+            - 0.5 * np.log(n * e[None, :] + chunk[:, None]).sum(1)
+            - 0.5 * chunk * w2
+        )
+        i = int(np.argmax(val))
+        if val[i] > best_val:
+            best, best_val = chunk[i], val[i]
+    # The grid's spacing is 10^(16/320000): the rule is within one step of the grid's best.
+    assert abs(np.log(lam * n / best)) <= np.log(10) * 16 / 320_000 * 1.01
+    # Flat spectrum: λ (e + λ) = d e / (n ‖w‖²), solved in closed form.
+    flat = np.full(50, 1e-3)
+    closed = (-1e-3 + np.sqrt(1e-6 + 4 * 50 * 1e-3 / (n * w2))) / 2
+    assert evidence_damping(flat, w2, n) == pytest.approx(closed, rel=1e-9)
+    # Larger weights mean a looser prior, so less damping.
+    assert evidence_damping(e, 4 * w2, n) < lam

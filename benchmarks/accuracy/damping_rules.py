@@ -1,0 +1,266 @@
+"""Damping chosen per index from the data it holds, against each setting's best fixed factor.
+
+    python -m benchmarks.accuracy.damping_rules [--settings mlp,cancer,lm,...]
+
+Per setting: the ground truth of `python -m benchmarks.accuracy.run`'s full plan (LDS subsets;
+retrained where the cache lacks it), and the defaults' index (`run.default_config`, PCA k = 32,
+EKFAC) scored at every factor of the harness's `FACTORS` and with the damping each rule of
+`attribution.damping` chooses:
+
+- `noise-floor`: per layer, from the shape of its EKFAC spectrum alone;
+- `evidence`: per layer, MacKay's evidence-maximising prior precision for the layer's projected
+  weights P_out W P_inᵀ, over the number of training examples;
+- `generalisation gap`: one factor for every layer, whose predicted mean leave-one-out loss rise
+  γ(f) / n equals the measured mean query loss minus mean training loss. Only where the queries
+  are held-out examples of the training task (the classifiers); a language model's queries are
+  prompts and completions, whose loss is not comparable with a training chunk's.
+
+Reported: raw-influence LDS of each rule as a paired difference (± standard error over queries)
+against the setting's best fixed factor, and the factor each rule comes to per layer
+(λ_l / mean eigenvalue). Target (issue 27): within 0.02 of the best on every setting.
+
+Writes benchmarks/results/damping_rules.json and damping_rules.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribution.config import DEFAULT_CURVATURE, DEFAULT_K
+from attribution.curvature import Curvature, LayerCurvature
+from attribution.damping import evidence_damping, gap_factor, noise_floor_damping
+from attribution.projection import _is_conv1d
+from benchmarks.accuracy import methods
+from benchmarks.accuracy.args import setting_names
+from benchmarks.accuracy.metrics import lds_per_query, mean_std, paired_difference
+from benchmarks.accuracy.plan import FULL
+from benchmarks.accuracy.report import RESULTS, write_study
+from benchmarks.accuracy.retrain import (
+    CACHE_DIR,
+    RetrainCache,
+    lds_subsets,
+    set_threads,
+    subset_losses,
+)
+from benchmarks.accuracy.run import DEFAULT_KIND, FACTORS, default_config
+from benchmarks.accuracy.settings import SETTINGS
+
+TOLERANCE = 0.02
+"""LDS a rule may lose against a setting's best fixed factor (issue 27)."""
+
+RULE_NAMES = ("noise-floor", "evidence", "generalisation gap")
+
+
+def damped(curvature: Curvature, lambdas: list[float]) -> Curvature:
+    """The same eigenbasis and eigenvalues, layer l damped with lambdas[l]."""
+    layers = [
+        LayerCurvature(c.eigvals, c.eigvecs, float(lam), c.q_out, c.q_in)
+        for c, lam in zip(curvature.layers, lambdas, strict=True)
+    ]
+    return Curvature(curvature.slices, layers)
+
+
+def mean_eigenvalue(c: LayerCurvature) -> float:
+    return float(np.maximum(c.eigvals, 0.0).sum()) / c.dim
+
+
+def projected_weight_sq(model: torch.nn.Module, built: methods.BuiltIndex) -> list[float]:
+    """‖P_out W P_inᵀ‖² of every tracked layer, in the index's layer order."""
+    modules = dict(model.named_modules())
+    projectors = {p.name: p for p in built.index.projectors()}
+    out = []
+    for s in built.index.curvature.slices:
+        module, p = modules[s.name], projectors[s.name]
+        w = module.weight.detach().double()
+        if _is_conv1d(module):
+            w = w.T
+        wt = p.p_out.double() @ w @ p.p_in.double().T
+        out.append(float((wt**2).sum()))
+    return out
+
+
+def mean_losses(setting) -> tuple[float, float]:
+    """Mean training loss and mean query loss of the setting's base model."""
+    model = setting.base_model()
+    with torch.no_grad():
+        train = torch.cat([setting.train_loss(model, b) for b in setting.train_data])
+    return float(train.double().mean()), float(np.mean(setting.evaluate(model)[0]))
+
+
+def rules_setting(key: str) -> dict:
+    workdir = CACHE_DIR / "work"
+    setting = SETTINGS[key](workdir)
+    plan = FULL[setting.name]
+    cache = RetrainCache(setting)
+    masks = lds_subsets(setting.n_train, plan.lds_subsets)
+    losses = subset_losses(cache, masks, list(plan.lds_seeds), quiet=True)
+    config = default_config(setting)
+    built = methods.build(
+        setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir, suffix="-rules",
+        curvature_labels=config.curvature_labels,
+        curvature_prior_examples=config.curvature_prior_examples,
+    )  # fmt: skip
+    lds = {
+        f: lds_per_query(
+            methods.influence_scores(built, f, relatif=False, curvature_kind=DEFAULT_CURVATURE),
+            masks,
+            losses,
+        )
+        for f in FACTORS
+    }
+    best = max(FACTORS, key=lambda f: float(np.nanmean(lds[f])))
+    curvature = built.index.curvature
+    n = setting.n_train
+    means = [mean_eigenvalue(c) for c in curvature.layers]
+
+    lambdas: dict[str, list[float] | str] = {
+        "noise-floor": [noise_floor_damping(c.eigvals) for c in curvature.layers],
+        "evidence": [
+            evidence_damping(c.eigvals, w2, n)
+            for c, w2 in zip(
+                curvature.layers, projected_weight_sq(setting.base_model(), built), strict=True
+            )
+        ],
+    }
+    train_loss, query_loss = mean_losses(setting)
+    if setting.task == "lm":
+        lambdas["generalisation gap"] = "not applicable: the queries are not held-out examples"
+    else:
+        f = gap_factor([c.eigvals for c in curvature.layers], n, query_loss - train_loss)
+        lambdas["generalisation gap"] = [f * m for m in means]
+
+    rows = {}
+    rows_raw = np.asarray(built.index.dense().numpy(), np.float64)
+    queries = np.asarray(built.query_grads, np.float64)
+    for name in RULE_NAMES:
+        lam = lambdas[name]
+        if isinstance(lam, str):
+            rows[name] = {"not_applicable": lam}
+            continue
+        scores = damped(curvature, lam).precondition(queries) @ rows_raw.T
+        per_query = lds_per_query(scores, masks, losses)
+        rows[name] = {
+            "lds": mean_std(per_query),
+            "vs_best_factor": paired_difference(per_query, lds[best]),
+            "layer_factors": [
+                lam_l / m if m > 0 else float("nan") for lam_l, m in zip(lam, means, strict=True)
+            ],
+        }
+    print(f"{setting.name}: best factor {best:g} ({np.nanmean(lds[best]):.3f}); " + "; ".join(
+        f"{k} {v['vs_best_factor']['mean']:+.3f}" for k, v in rows.items() if "lds" in v
+    ), flush=True)  # fmt: skip
+    return {
+        "setting": setting.name,
+        "key": key,
+        "n_train": n,
+        "mean_train_loss": train_loss,
+        "mean_query_loss": query_loss,
+        "best_factor": best,
+        "lds_at_best_factor": mean_std(lds[best]),
+        "rules": rows,
+    }
+
+
+def summary(settings: list[dict]) -> dict:
+    out = {}
+    for name in RULE_NAMES:
+        regrets = [
+            -s["rules"][name]["vs_best_factor"]["mean"]
+            for s in settings
+            if "lds" in s["rules"][name]
+        ]
+        out[name] = {
+            "worst_regret": max(regrets) if regrets else None,
+            "mean_regret": float(np.mean(regrets)) if regrets else None,
+            "within_tolerance": sum(r <= TOLERANCE for r in regrets),
+            "settings": len(regrets),
+        }
+    return {"rule_regret": out}
+
+
+def _factors(values: list[float]) -> str:
+    return ", ".join(f"{v:.3g}" for v in values)
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [
+        "# Damping chosen from the index's own data",
+        "",
+        f"`{report['command']}` ({report['seconds']:.0f} s, one thread). Raw-influence LDS of "
+        f"the defaults' index ({DEFAULT_KIND} k = {DEFAULT_K}, {DEFAULT_CURVATURE}) with each "
+        "rule's damping, as the paired difference (± standard error over queries) against the "
+        "same index at the setting's best fixed factor; below it, the factor λ_l / mean "
+        "eigenvalue each rule comes to, per layer.",
+        "",
+        "| setting | best factor (LDS) | " + " | ".join(RULE_NAMES) + " |",
+        "|---|---|" + "---|" * len(RULE_NAMES),
+    ]
+    for s in report["settings"]:
+        cells = []
+        for name in RULE_NAMES:
+            r = s["rules"][name]
+            if "lds" not in r:
+                cells.append("n/a")
+                continue
+            d = r["vs_best_factor"]
+            cells.append(f"{d['mean']:+.3f} ± {d['se']:.3f}<br>({_factors(r['layer_factors'])})")
+        lines.append(
+            f"| {s['setting']} | {s['best_factor']:g} ({s['lds_at_best_factor']['mean']:.3f}) | "
+            + " | ".join(cells)
+            + " |"
+        )
+    regret = report["rule_regret"]
+    lines += [
+        "",
+        "| | " + " | ".join(RULE_NAMES) + " |",
+        "|---|" + "---|" * len(RULE_NAMES),
+        "| worst regret | "
+        + " | ".join(
+            "–" if regret[n]["worst_regret"] is None else f"{regret[n]['worst_regret']:.3f}"
+            for n in RULE_NAMES
+        )
+        + " |",
+        "| mean regret | "
+        + " | ".join(
+            "–" if regret[n]["mean_regret"] is None else f"{regret[n]['mean_regret']:.3f}"
+            for n in RULE_NAMES
+        )
+        + " |",
+        f"| within {TOLERANCE} of the best | "
+        + " | ".join(f"{regret[n]['within_tolerance']}/{regret[n]['settings']}" for n in RULE_NAMES)
+        + " |",
+        "",
+        "n/a: "
+        + next(
+            (
+                s["rules"]["generalisation gap"]["not_applicable"]
+                for s in report["settings"]
+                if "not_applicable" in s["rules"]["generalisation gap"]
+            ),
+            "–",
+        )
+        + " (language models).",  # fmt: skip
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", type=setting_names, default=",".join(SETTINGS))
+    args = parser.parse_args(argv)
+    set_threads()
+    command = f"python -m benchmarks.accuracy.damping_rules --settings {','.join(args.settings)}"
+    report = write_study(
+        "damping_rules", command, lambda: [rules_setting(k) for k in args.settings], summary
+    )
+    write_markdown(report, RESULTS / "damping_rules.md")
+    print((RESULTS / "damping_rules.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
