@@ -80,7 +80,9 @@ def test_the_further_language_models_differ_from_the_first_as_named(tmp_path, on
     def train_loss(setting) -> float:
         model = setting.base_model()
         with torch.no_grad():
-            return float(torch.cat([setting.train_loss(model, b) for b in setting.train_data]).mean())
+            return float(
+                torch.cat([setting.train_loss(model, b) for b in setting.train_data]).mean()
+            )
 
     assert train_loss(short) > 1.2 * train_loss(first)
     blocks = [
@@ -90,3 +92,28 @@ def test_the_further_language_models_differ_from_the_first_as_named(tmp_path, on
     ]
     assert len(blocks) == 4 * wide.recipe["n_layer"]
     assert all(min(widths) >= 3 * DEFAULT_K for widths in blocks)
+
+
+def test_initial_weights_are_those_the_base_run_starts_from(tmp_path, one_thread, monkeypatch):
+    """`Setting.initial` is the model the base run's first step sees: a classifier's training
+    stopped before any step, and a language model trained for zero epochs, equal it."""
+    from benchmarks.accuracy import settings
+    from benchmarks.accuracy.settings import lm_setting
+
+    monkeypatch.setattr(settings, "full_batch_fit", lambda model, *a, **k: model.eval())
+    setting = classifier_setting("wine", (16,), "short")
+    for p, q in zip(setting.base_model().parameters(), setting.initial().parameters(), strict=True):
+        assert torch.equal(p, q)
+    untrained = lm_setting(tmp_path / "data", name="lm-untrained", epochs=0)
+    pairs = zip(untrained.base_model().parameters(), untrained.initial().parameters(), strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
+    # And a trained model has moved away from it.
+    monkeypatch.undo()
+    trained = classifier_setting("wine", (16,), "short")
+    moved = [
+        not torch.equal(p, q)
+        for p, q in zip(
+            trained.base_model().parameters(), trained.initial().parameters(), strict=True
+        )
+    ]
+    assert all(moved)

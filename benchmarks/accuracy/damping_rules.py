@@ -10,6 +10,9 @@ EKFAC) scored at every factor of the harness's `FACTORS` and with the damping ea
 - `noise-floor`: per layer, from the shape of its EKFAC spectrum alone;
 - `evidence`: per layer, MacKay's evidence-maximising prior precision for the layer's projected
   weights P_out W P_inᵀ, over the number of training examples;
+- `evidence, prior at the initial weights`: the same with the prior centred on the weights the
+  training run started from (‖P_out (W − W_0) P_inᵀ‖²), which an index sees only when it is
+  given that checkpoint;
 - `generalisation gap`: one factor for every layer, whose predicted mean leave-one-out loss rise
   γ(f) / n equals the measured mean query loss minus mean training loss. Only where the queries
   are held-out examples of the training task (the classifiers); a language model's queries are
@@ -52,7 +55,8 @@ from benchmarks.accuracy.settings import SETTINGS
 TOLERANCE = 0.02
 """LDS a rule may lose against a setting's best fixed factor (issue 27)."""
 
-RULE_NAMES = ("noise-floor", "evidence", "generalisation gap")
+AT_START = "evidence, prior at the initial weights"
+RULE_NAMES = ("noise-floor", "evidence", AT_START, "generalisation gap")
 
 
 def damped(curvature: Curvature, lambdas: list[float]) -> Curvature:
@@ -68,14 +72,20 @@ def mean_eigenvalue(c: LayerCurvature) -> float:
     return float(np.maximum(c.eigvals, 0.0).sum()) / c.dim
 
 
-def projected_weight_sq(model: torch.nn.Module, built: methods.BuiltIndex) -> list[float]:
-    """‖P_out W P_inᵀ‖² of every tracked layer, in the index's layer order."""
+def projected_weight_sq(
+    model: torch.nn.Module, built: methods.BuiltIndex, start: torch.nn.Module | None = None
+) -> list[float]:
+    """‖P_out (W − W_start) P_inᵀ‖² of every tracked layer, in the index's layer order (W_start
+    = 0 without `start`)."""
     modules = dict(model.named_modules())
+    starts = dict(start.named_modules()) if start is not None else {}
     projectors = {p.name: p for p in built.index.projectors()}
     out = []
     for s in built.index.curvature.slices:
         module, p = modules[s.name], projectors[s.name]
         w = module.weight.detach().double()
+        if start is not None:
+            w = w - starts[s.name].weight.detach().double()
         if _is_conv1d(module):
             w = w.T
         wt = p.p_out.double() @ w @ p.p_in.double().T
@@ -126,6 +136,14 @@ def rules_setting(key: str) -> dict:
             )
         ],
     }
+    if setting.initial is None:
+        lambdas[AT_START] = "not applicable: the setting has no initial weights"
+    else:
+        moved = projected_weight_sq(setting.base_model(), built, setting.initial())
+        lambdas[AT_START] = [
+            evidence_damping(c.eigvals, w2, n)
+            for c, w2 in zip(curvature.layers, moved, strict=True)
+        ]
     train_loss, query_loss = mean_losses(setting)
     if setting.task == "lm":
         lambdas["generalisation gap"] = "not applicable: the queries are not held-out examples"
@@ -233,18 +251,12 @@ def write_markdown(report: dict, path: Path) -> None:
         f"| within {TOLERANCE} of the best | "
         + " | ".join(f"{regret[n]['within_tolerance']}/{regret[n]['settings']}" for n in RULE_NAMES)
         + " |",
-        "",
-        "n/a: "
-        + next(
-            (
-                s["rules"]["generalisation gap"]["not_applicable"]
-                for s in report["settings"]
-                if "not_applicable" in s["rules"]["generalisation gap"]
-            ),
-            "–",
-        )
-        + " (language models).",  # fmt: skip
     ]
+    reasons = sorted({
+        r["not_applicable"] for s in report["settings"] for r in s["rules"].values()
+        if "not_applicable" in r
+    })  # fmt: skip
+    lines += ["", *(f"n/a: {reason}." for reason in reasons)] if reasons else []
     path.write_text("\n".join(lines) + "\n")
 
 

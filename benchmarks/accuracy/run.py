@@ -563,7 +563,8 @@ def main(argv: list[str] | None = None) -> dict:
         setting = SETTINGS[which](workdir)
         results.append(evaluate_setting(setting, plans[setting.name], workdir, peers, args.quick))
     report = {
-        "command": "python -m benchmarks.accuracy.run" + (" --quick" if args.quick else "")
+        "command": "python -m benchmarks.accuracy.run"
+        + (" --quick" if args.quick else "")
         + (f" --settings {','.join(args.settings)}" if args.settings != list(SETTINGS) else "")
         + (f" --stem {args.stem}" if args.stem != "accuracy" else ""),
         "seconds": round(time.perf_counter() - start, 1),

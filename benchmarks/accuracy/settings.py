@@ -65,6 +65,8 @@ class Setting:
     snapshots: Callable[[tuple[int, ...]], dict[int, nn.Module]] | None = None
     """epochs → the base model's training run (all rows, seed 0) as it was after each of those
     epochs; the last epoch's is the base model itself. Language models only."""
+    initial: Callable[[], nn.Module] | None = None
+    """The base model's run before its first step (seed 0's initialisation)."""
 
     @property
     def n_train(self) -> int:
@@ -196,6 +198,7 @@ def mlp_setting(
         train=train,
         evaluate=evaluate,
         recipe=recipe,
+        initial=lambda: _mlp(0, x.shape[1], hidden, 10),
         peer_train=[(x[i], y[i]) for i in range(n_train)],
         peer_queries=[(xq[i], yq[i]) for i in range(len(yq))],
         collate=None,
@@ -345,6 +348,7 @@ def lm_setting(
         evaluate=evaluate,
         recipe=recipe,
         snapshots=snapshots,
+        initial=lambda: _initial_gpt2(config),
     )
     base = setting.base_model()
     rows = sample_queries(
@@ -385,6 +389,14 @@ def lm_setting(
 
     setting.collate = collate
     return setting
+
+
+def _initial_gpt2(config) -> nn.Module:
+    """A language model's weights before training, as `lm_setting`'s run for seed 0 starts."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()
 
 
 SETTINGS = {

@@ -146,6 +146,7 @@ def classifier_setting(
         train=train,
         evaluate=evaluate,
         recipe=record,
+        initial=lambda: _mlp(0, widths),
         peer_train=[(x[i], y[i]) for i in range(n)],
         peer_queries=[(xq[i], yq[i]) for i in range(m)],
         collate=None,
