@@ -40,17 +40,11 @@ from attribution.projection import _is_conv1d
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import setting_names
 from benchmarks.accuracy.metrics import lds_per_query, mean_std, paired_difference
-from benchmarks.accuracy.plan import FULL
 from benchmarks.accuracy.report import RESULTS, write_study
-from benchmarks.accuracy.retrain import (
-    CACHE_DIR,
-    RetrainCache,
-    lds_subsets,
-    set_threads,
-    subset_losses,
-)
+from benchmarks.accuracy.retrain import set_threads
 from benchmarks.accuracy.run import DEFAULT_KIND, FACTORS, default_config
 from benchmarks.accuracy.settings import SETTINGS
+from benchmarks.accuracy.truth import cached_truth
 
 TOLERANCE = 0.02
 """LDS a rule may lose against a setting's best fixed factor (issue 27)."""
@@ -102,12 +96,8 @@ def mean_losses(setting) -> tuple[float, float]:
 
 
 def rules_setting(key: str) -> dict:
-    workdir = CACHE_DIR / "work"
-    setting = SETTINGS[key](workdir)
-    plan = FULL[setting.name]
-    cache = RetrainCache(setting)
-    masks = lds_subsets(setting.n_train, plan.lds_subsets)
-    losses = subset_losses(cache, masks, list(plan.lds_seeds), quiet=True)
+    truth = cached_truth(key)
+    setting, workdir, masks, losses = truth.setting, truth.workdir, truth.masks, truth.losses
     config = default_config(setting)
     built = methods.build(
         setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir, suffix="-rules",
