@@ -56,7 +56,7 @@ class ProjectionConfig:
     """Seed of random projections; combined with the module name, never with a rank."""
     modules: tuple[str, ...] = ()
     """Glob patterns of module names to track (`transformer.h.*.mlp.*`); empty tracks every
-    Linear / Conv1D layer (the output head whose weight is tied to the input embedding only
+    Linear / Conv1D / Conv2d layer (the output head whose weight is tied to the input embedding only
     with `tied_head`)."""
     tied_head: bool = True
     """Without module patterns, also track an output head whose weight is tied to the input

@@ -43,14 +43,54 @@ class LayerSpec:
     """The model's output head (see `ProjectionConfig.head_k_out`)."""
 
 
+def _conv2d_padding(module: nn.Module) -> tuple[int, int] | None:
+    """The symmetric zero padding of an ungrouped `nn.Conv2d` as (rows, columns), None for any
+    other module and for a convolution whose patches `F.unfold` cannot reproduce (groups,
+    non-zero padding modes, "same" padding split unevenly)."""
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 or module.padding_mode != "zeros":
+        return None
+    if module.padding == "valid":
+        return 0, 0
+    if module.padding == "same":
+        span = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        return None if any(s % 2 for s in span) else (span[0] // 2, span[1] // 2)
+    return int(module.padding[0]), int(module.padding[1])
+
+
 def layer_widths(module: nn.Module) -> tuple[int, int] | None:
-    """(n_in, n_out) of a Linear or Conv1D layer, None for anything else."""
+    """(n_in, n_out) of a Linear, Conv1D or ungrouped Conv2d layer (whose input side is a patch,
+    channels × kernel rows × kernel columns), None for anything else."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if _is_conv1d(module):
         n_in, n_out = module.weight.shape
         return int(n_in), int(n_out)
+    if _conv2d_padding(module) is not None:
+        n_out = module.weight.shape[0]
+        return int(module.weight[0].numel()), int(n_out)
     return None
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """A tracked layer's weight as the (n_out, n_in) matrix its gradient rows project."""
+    if _is_conv1d(module):
+        return module.weight.T
+    return module.weight.reshape(module.weight.shape[0], -1)
+
+
+def layer_tokens(module: nn.Module, t: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """A Conv2d layer's input (B, C, H, W) as its patches (B, H'·W', C·kh·kw), or its output
+    gradient (B, C_out, H', W') as (B, H'·W', C_out): one token per output position, so that
+    Σ_t δ_t x_tᵀ is the weight gradient. Any other layer's tensor is returned as it is."""
+    if _conv2d_padding(module) is None or t.dim() != 4:
+        return t
+    if grad:
+        return t.flatten(2).transpose(1, 2)
+    patches = nn.functional.unfold(
+        t, module.kernel_size, dilation=module.dilation, padding=_conv2d_padding(module),
+        stride=module.stride,
+    )  # fmt: skip
+    return patches.transpose(1, 2)
 
 
 def output_head(model: nn.Module) -> tuple[nn.Module | None, bool]:
@@ -92,7 +132,7 @@ def find_layers(model: nn.Module, config: ProjectionConfig) -> dict[str, nn.Modu
         layers[name] = module
     if not layers:
         raise ValueError(
-            "no Linear or Conv1D layer matches the projection's module patterns "
+            "no Linear, Conv1D or Conv2d layer matches the projection's module patterns "
             f"{list(config.modules) or '(all)'}"
         )
     return layers
@@ -108,7 +148,7 @@ def routed_expert(name: str) -> bool:
 MIN_TRACKED_SHARE = 0.5
 """Below this share of the model's parameters (embeddings aside) in tracked layers, an index
 is refused without module patterns (a warning with them): scores would rest on a small part of
-the model (the routed experts of a mixture, or layers other than Linear / Conv1D)."""
+the model (the routed experts of a mixture, or layers other than Linear / Conv1D / Conv2d)."""
 
 
 def tracked_share(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[float, int, str]:
@@ -144,7 +184,7 @@ def check_tracked_share(model: nn.Module, layers: dict[str, nn.Module], config: 
         return
     message = (
         f"the tracked layers hold {share:.0%} of the model's {total:,} parameters outside its "
-        f"embeddings (untracked: {where}); only Linear and Conv1D layers that see every token "
+        f"embeddings (untracked: {where}); only Linear, Conv1D and Conv2d layers that see every token "
         "are tracked, not a mixture's routed experts, so scores would rest on a small part of "
         "the model"
     )
@@ -303,7 +343,7 @@ class Capture:
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = self._split(name, args[0].detach())
+            x = self._split(name, layer_tokens(module, args[0].detach()))
             self.inputs.setdefault(name, []).append(self.transform_in(name, x))
             slots = self.grads.setdefault(name, [])
             slots.append(None)
@@ -313,7 +353,8 @@ class Capture:
                 output = output.detach().requires_grad_(True)
 
             def grad_hook(g: torch.Tensor) -> None:
-                slots[slot] = self.transform_out(name, self._split(name, g.detach()))
+                g = layer_tokens(module, g.detach(), grad=True)
+                slots[slot] = self.transform_out(name, self._split(name, g))
 
             output.register_hook(grad_hook)
             return output

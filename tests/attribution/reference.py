@@ -56,6 +56,8 @@ def full_gradients(
                 g = grads[f"{name}.weight"]
                 if isinstance(modules[name], nn.Linear):
                     result[name].append(g.numpy())
+                elif isinstance(modules[name], nn.Conv2d):  # (C_out, C_in, kh, kw)
+                    result[name].append(g.reshape(g.shape[0], -1).numpy())
                 else:  # Conv1D keeps its weight as (n_in, n_out)
                     result[name].append(g.T.numpy())
     for name in layer_names:
@@ -146,11 +148,33 @@ def kfac_factors_reference(
                     h.remove()
             outs = torch.autograd.grad(loss, [seen[n][1] for n in layer_names])
             for n, d in zip(layer_names, outs, strict=True):
-                x = seen[n][0].detach().reshape(-1, seen[n][0].shape[-1]).double().numpy()
+                x = seen[n][0].detach()
+                if isinstance(modules[n], nn.Conv2d):  # one token per output position
+                    x = conv2d_patches(modules[n], x)
+                    d = d.flatten(2).transpose(1, 2)
+                x = x.reshape(-1, x.shape[-1]).double().numpy()
                 d = d.reshape(-1, d.shape[-1]).double().numpy()
                 a[n] = a[n] + x.T @ x
                 s[n] = s[n] + d.T @ d
     return {n: (a[n], s[n]) for n in layer_names}
+
+
+def conv2d_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H'·W', C·kh·kw): the input patch each output position sees, cut out
+    one position at a time from the zero-padded input (row-major positions; each patch ordered
+    channel, kernel row, kernel column, as the weight's (C_out, C, kh, kw) layout flattens)."""
+    (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation
+    kh, kw = conv.kernel_size
+    padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    rows = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    cols = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    patches = []
+    for r in range(rows):
+        for c in range(cols):
+            window = padded[:, :, r * sh : r * sh + dh * (kh - 1) + 1 : dh,
+                            c * sw : c * sw + dw * (kw - 1) + 1 : dw]  # fmt: skip
+            patches.append(window.reshape(x.shape[0], -1))
+    return torch.stack(patches, dim=1)
 
 
 def score_scale(index, q: np.ndarray, relatif: bool) -> np.ndarray:

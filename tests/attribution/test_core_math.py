@@ -16,6 +16,7 @@ from attribution.index import CurvatureSample, make_projectors
 from attribution.projection import (
     find_layers,
     layer_specs,
+    layer_widths,
     projected_gradients,
     random_projectors,
 )
@@ -30,10 +31,12 @@ from tests.attribution.reference import (
 from tests.attribution.tiny import (
     classification_fisher_loss,
     classification_loss,
+    cnn_batches,
     lm_batches,
     lm_fisher_loss,
     lm_loss,
     mlp_batches,
+    tiny_cnn,
     tiny_gpt2,
     tiny_llama,
     tiny_mlp,
@@ -51,6 +54,7 @@ from tests.tolerance import (
 
 CASES = {
     "mlp": (tiny_mlp, classification_loss, mlp_batches),
+    "cnn": (tiny_cnn, classification_loss, cnn_batches),
     "gpt2": (tiny_gpt2, lm_loss, lm_batches),
     "opt": (tiny_opt, lm_loss, lm_batches),
     "llama": (tiny_llama, lm_loss, lm_batches),
@@ -61,7 +65,7 @@ FISHER = {classification_loss: classification_fisher_loss, lm_loss: lm_fisher_lo
 # The precision a model's gradients are computed in: transformers' eager attention of OPT,
 # Llama, GPT-NeoX and Qwen2 takes its softmax in float32 even in a float64 model; the MLP and
 # GPT-2 stay in float64 throughout.
-MODEL_EPS = {"mlp": EPS64, "gpt2": EPS64, "opt": EPS32, "llama": EPS32, "neox": EPS32,
+MODEL_EPS = {"mlp": EPS64, "cnn": EPS64, "gpt2": EPS64, "opt": EPS32, "llama": EPS32, "neox": EPS32,
              "qwen2": EPS32}  # fmt: skip
 
 
@@ -69,10 +73,20 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _tokens(batch: Batch) -> int:
+    """An example's most tokens: its sequence's, or an image's pixels (at least as many as the
+    output positions of a convolution over it that pads to keep its size), else 1."""
+    if batch.mask is not None:
+        return int(batch.mask.sum(1).max())
+    x = batch.inputs[0] if isinstance(batch.inputs, tuple) else None
+    return int(x.shape[2] * x.shape[3]) if isinstance(x, torch.Tensor) and x.dim() == 4 else 1
+
+
 def gradient_reduction(batches, projectors) -> int:
     """Terms behind one projected-gradient entry: Σ over an example's tokens of products over
-    a layer's widths (the longest sequence times the widest side)."""
-    tokens = max(int(b.mask.sum(1).max()) if b.mask is not None else 1 for b in batches)
+    a layer's widths (the longest sequence, or the most output positions, times the widest
+    side)."""
+    tokens = max(_tokens(b) for b in batches)
     return tokens * max(max(p.p_in.shape[1], p.p_out.shape[1]) for p in projectors)
 
 
@@ -132,6 +146,20 @@ def test_logra_gradient_equals_full_gradient_projected_afterwards(case: str, kin
     assert_close(logra, reference, gradient_reduction(batches, projectors),
                  scale=layer_scale(reference, layers), eps=MODEL_EPS[case],
                  what="LoGra gradients")  # fmt: skip
+
+
+def test_conv2d_layers_are_tracked_when_their_patches_can_be_cut_out() -> None:
+    """An ungrouped, zero-padded Conv2d is a layer of (C·kh·kw) → C_out; one whose patches
+    `unfold` cannot reproduce is left untracked (and counts against the tracked share)."""
+    nn = torch.nn
+    assert layer_widths(nn.Conv2d(3, 5, (2, 4))) == (3 * 2 * 4, 5)
+    assert layer_widths(nn.Conv2d(3, 5, 3, padding="same")) == (27, 5)
+    assert layer_widths(nn.Conv2d(3, 5, 3, padding="valid")) == (27, 5)
+    assert layer_widths(nn.Conv2d(3, 5, 2, padding="same")) is None  # split unevenly
+    assert layer_widths(nn.Conv2d(4, 6, 3, groups=2)) is None
+    assert layer_widths(nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect")) is None
+    model = tiny_cnn()
+    assert list(find_layers(model, ProjectionConfig())) == ["0", "2", "5"]
 
 
 def test_conv1d_layers_of_gpt2_are_tracked_and_the_tied_head_unless_told_not_to() -> None:
@@ -267,7 +295,7 @@ def _slices(index) -> list[LayerSlice]:
     return index.curvature.slices
 
 
-@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "gpt2"])
 @pytest.mark.parametrize("kind", ["identity", "pca"])
 @pytest.mark.parametrize("form", ["dense", "wide"])
 def test_full_dimension_scores_equal_explicit_damped_fisher_formula(
@@ -538,7 +566,7 @@ def shifted_label_loss(loss_fn):
 
 @pytest.mark.parametrize("labels", ["sampled", "data"])
 @pytest.mark.parametrize("kind", ["random", "pca"])
-@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "gpt2"])
 def test_ekfac_scores_equal_an_explicitly_built_ekfac_matrix(tmp_path, case, kind, labels) -> None:
     """The EKFAC basis comes from token-level KFAC factors of the first pass: of the Fisher
     loss with `fisher_labels="sampled"`, of the training loss with "data"."""

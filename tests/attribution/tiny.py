@@ -13,10 +13,12 @@ from attribution.lm import lm_fisher_loss, lm_loss
 __all__ = [
     "classification_fisher_loss",
     "classification_loss",
+    "cnn_batches",
     "lm_batches",
     "lm_fisher_loss",
     "lm_loss",
     "mlp_batches",
+    "tiny_cnn",
     "tiny_gpt2",
     "tiny_llama",
     "tiny_mlp",
@@ -46,6 +48,45 @@ def mlp_batches(
 ) -> list[Batch]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=g)
+    providers = ["alpha", "beta", "gamma"]
+    return [
+        Batch(
+            (x[i : i + batch_size], y[i : i + batch_size]),
+            [f"ex{j}" for j in range(i, min(i + batch_size, n))],
+            providers=[providers[j % 3] for j in range(i, min(i + batch_size, n))],
+            shards=["s0"] * min(batch_size, n - i),
+            token_counts=[1] * min(batch_size, n - i),
+        )
+        for i in range(0, n, batch_size)
+    ]
+
+
+CNN_IMAGE = (2, 5, 6)
+"""Channels, rows and columns of `tiny_cnn`'s input images."""
+CNN_POSITIONS = 5 * 6
+"""The most output positions of any of `tiny_cnn`'s convolutions (its first, padded: 5 × 6)."""
+
+
+def tiny_cnn(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """Two Conv2d layers (padded 3 × 3; then 2 × 3, stride 2, dilated columns, padded columns)
+    and a Linear head, on 2 × 5 × 6 images, 3 classes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, (2, 3), stride=2, padding=(0, 2), dilation=(1, 2)),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 3, 3),
+    ).to(dtype)
+
+
+def cnn_batches(
+    n: int = 24, batch_size: int = 5, dtype=torch.float64, seed: int = 1
+) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *CNN_IMAGE, generator=g, dtype=dtype)
     y = torch.randint(0, 3, (n,), generator=g)
     providers = ["alpha", "beta", "gamma"]
     return [

@@ -305,7 +305,7 @@ def test_index_records_its_fisher_labels(workspace: Path, tmp_path: Path) -> Non
                   check=False)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "Error: no Linear or Conv1D layer matches the projection's module patterns ['nothing.*']"
+        "Error: no Linear, Conv1D or Conv2d layer matches the projection's module patterns ['nothing.*']"
     ]
     assert not any(p.is_file() for p in (tmp_path / "y").rglob("*"))
 
