@@ -61,7 +61,10 @@ def sha(text: str) -> str:
 
 
 def make_results(
-    n_queries: int, providers: list[str], seed: int, start: datetime = datetime(2024, 7, 1),
+    n_queries: int,
+    providers: list[str],
+    seed: int,
+    start: datetime = datetime(2024, 7, 1),
     prefix: str = "q",
 ) -> list[QueryResult]:
     rng = random.Random(seed)

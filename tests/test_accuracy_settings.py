@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from attribution.config import ProjectionConfig
+from attribution.projection import find_layers
 from benchmarks.accuracy.plan import FULL, QUICK
 from benchmarks.accuracy.settings import SETTINGS
-from benchmarks.accuracy.tabular import CLASSIFIERS, DATASETS, RECIPES, classifier_setting
+from benchmarks.accuracy.tabular import CLASSIFIERS, CNN, DATASETS, RECIPES, classifier_setting
 
 
 @pytest.fixture
@@ -33,7 +35,12 @@ def test_every_classifier_setting_has_a_plan_and_its_split(key: str) -> None:
     x = torch.cat([b.inputs[0] for b in setting.train_data])
     xq = torch.cat([b.inputs[0] for b in setting.query_data])
     assert not (x[:, None, :] == xq[None, :, :]).all(-1).any()
-    assert setting.recipe["widths"][1:-1] == list(hidden)
+    if hidden == CNN:  # its Conv2d layers are what the index tracks, with the head
+        convs = [m for m in setting.initial().modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 2 and setting.name.startswith("cnn-")
+        assert len(find_layers(setting.initial(), ProjectionConfig())) == 3
+    else:
+        assert setting.recipe["widths"][1:-1] == list(hidden)
     assert setting.recipe["steps"] == RECIPES[recipe]["steps"]
 
 

@@ -35,6 +35,10 @@ FULL = {
         f"mlp-{name}": Plan(64, (0, 1, 2, 3), tuple(range(8)), 8, (10, 20))
         for name in CLASSIFIER_NAMES
     },
+    **{
+        f"cnn-digits-{recipe}": Plan(64, (0, 1, 2, 3), tuple(range(8)), 8, (10, 20))
+        for recipe in ("converged", "short")
+    },
 }
 QUICK = {
     "mlp-digits": Plan(12, (0, 1), (0,), 4, (10, 40)),
@@ -44,4 +48,5 @@ QUICK = {
     "gpt2-corpus-short": Plan(8, (0,), (0,), 2, (10,)),
     "gpt2-corpus-wide": Plan(8, (0,), (0,), 2, (10,)),
     **{f"mlp-{name}": Plan(8, (0, 1), (0,), 2, (10,)) for name in CLASSIFIER_NAMES},
+    **{f"cnn-digits-{r}": Plan(8, (0, 1), (0,), 2, (10,)) for r in ("converged", "short")},
 }

@@ -442,5 +442,8 @@ def _classifier(key: str) -> Callable[[Path], Setting]:
 # Classifiers on scikit-learn's bundled datasets (benchmarks/accuracy/tabular.py): other data,
 # widths, depths and training recipes than mlp-digits, so that the damping and projection
 # defaults are checked on models they were not chosen on.
-for _key in ("cancer", "cancer-short", "wine", "wine-short", "digits-deep", "digits-deep-short"):
+for _key in (
+    "cancer", "cancer-short", "wine", "wine-short", "digits-deep", "digits-deep-short",
+    "digits-cnn", "digits-cnn-short",
+):  # fmt: skip
     SETTINGS[_key] = _classifier(_key)

@@ -1,6 +1,6 @@
 """Classifier settings on scikit-learn's bundled datasets, with several widths, depths and recipes.
 
-Each is an MLP trained full-batch (so a retrain is a deterministic function of its rows and
+Each is an MLP (or, on the digits' 8 × 8 images, a small CNN) trained full-batch (so a retrain is a deterministic function of its rows and
 seed) by one of two recipes:
 
 - "converged": SGD with momentum 0.9 and weight decay, enough steps that the training loss has
@@ -56,6 +56,26 @@ def _mlp(seed: int, widths: tuple[int, ...]) -> nn.Module:
     return nn.Sequential(*layers[:-1])
 
 
+CNN = "cnn"
+"""`hidden` of the convolutional model: the digits' 8 × 8 images through two 3 × 3
+convolutions of 8 channels (the second of stride 2) and a Linear head."""
+
+
+def _cnn(seed: int, n_classes: int) -> nn.Module:
+    """Flat 64-pixel rows → (1, 8, 8) → conv 1→8 (pad 1) → tanh → conv 8→8 (stride 2, pad 1)
+    → tanh → 128 → Linear to the classes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, n_classes),
+    )
+
+
 def _batches(x, y, providers, prefix: str, shard: str, size: int = 64) -> list[Batch]:
     out = []
     for i in range(0, len(y), size):
@@ -81,7 +101,8 @@ def classifier_setting(
     seed: int = 0,
 ):
     """Setting "mlp-{dataset}-{widths}-{recipe}": an MLP with tanh hidden layers of `hidden`
-    widths on a bundled dataset, trained by `RECIPES[recipe]`."""
+    widths on a bundled dataset, trained by `RECIPES[recipe]`; with `hidden` = `CNN`,
+    "cnn-digits-{recipe}", the convolutional model (`_cnn`) on the digits."""
     import sklearn.datasets
 
     from benchmarks.accuracy.settings import (
@@ -105,7 +126,12 @@ def classifier_setting(
     x, y = x_all[:n], y_all[:n]
     xq, yq = x_all[n : n + m], y_all[n : n + m]
     n_classes = int(y_all.max()) + 1
-    widths = (x.shape[1], *hidden, n_classes)
+    if hidden == CNN and x.shape[1] != 64:
+        raise ValueError(f"the convolutional model takes 8 × 8 images, not {dataset}")
+    widths = (x.shape[1], n_classes) if hidden == CNN else (x.shape[1], *hidden, n_classes)
+
+    def model_of(run_seed: int) -> nn.Module:
+        return _cnn(run_seed, n_classes) if hidden == CNN else _mlp(run_seed, widths)
 
     # Providers: blocks along the first principal component, partly shuffled.
     centred = x.numpy() - x.numpy().mean(0)
@@ -117,14 +143,19 @@ def classifier_setting(
     codes = np.where(rng.random(n) < purity, block, rand)
     providers = np.array([f"provider{c}" for c in codes])
 
-    name = f"mlp-{dataset}-{'x'.join(map(str, hidden))}-{recipe}"
+    if hidden == CNN:
+        name = f"cnn-{dataset}-{recipe}"
+    else:
+        name = f"mlp-{dataset}-{'x'.join(map(str, hidden))}-{recipe}"
     record = dict(
         dataset=dataset, n_train=n, n_queries=m, widths=list(widths), recipe=recipe,
         **train_recipe, n_providers=n_providers, purity=purity, seed=seed,
     )  # fmt: skip
+    if hidden == CNN:
+        record["architecture"] = "conv 1→8 3×3 pad 1, tanh, conv 8→8 3×3 stride 2 pad 1, tanh"
 
     def train(rows: np.ndarray, run_seed: int) -> nn.Module:
-        model = _mlp(run_seed, widths)
+        model = model_of(run_seed)
         opt = torch.optim.SGD(
             model.parameters(), lr=train_recipe["lr"], momentum=train_recipe["momentum"],
             weight_decay=train_recipe["weight_decay"],
@@ -146,7 +177,7 @@ def classifier_setting(
         train=train,
         evaluate=evaluate,
         recipe=record,
-        initial=lambda: _mlp(0, widths),
+        initial=lambda: model_of(0),
         peer_train=[(x[i], y[i]) for i in range(n)],
         peer_queries=[(xq[i], yq[i]) for i in range(m)],
         collate=None,
@@ -160,5 +191,7 @@ CLASSIFIERS = {
     "wine-short": ("wine", (16,), "short"),
     "digits-deep": ("digits", (64, 64), "converged"),
     "digits-deep-short": ("digits", (64, 64), "short"),
+    "digits-cnn": ("digits", CNN, "converged"),
+    "digits-cnn-short": ("digits", CNN, "short"),
 }
 """`SETTINGS` keys of the classifier settings: (dataset, hidden widths, recipe)."""
