@@ -36,7 +36,7 @@ import torch
 from attribution.config import DEFAULT_CURVATURE, DEFAULT_K
 from attribution.curvature import Curvature, LayerCurvature
 from attribution.damping import evidence_damping, gap_factor, noise_floor_damping
-from attribution.projection import _is_conv1d
+from attribution.projection import weight_matrix
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import setting_names
 from benchmarks.accuracy.metrics import lds_per_query, mean_std, paired_difference
@@ -77,11 +77,9 @@ def projected_weight_sq(
     out = []
     for s in built.index.curvature.slices:
         module, p = modules[s.name], projectors[s.name]
-        w = module.weight.detach().double()
+        w = weight_matrix(module).detach().double()
         if start is not None:
-            w = w - starts[s.name].weight.detach().double()
-        if _is_conv1d(module):
-            w = w.T
+            w = w - weight_matrix(starts[s.name]).detach().double()
         wt = p.p_out.double() @ w @ p.p_in.double().T
         out.append(float((wt**2).sum()))
     return out

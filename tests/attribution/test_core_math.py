@@ -19,6 +19,7 @@ from attribution.projection import (
     layer_widths,
     projected_gradients,
     random_projectors,
+    weight_matrix,
 )
 from attribution.scoring import query_gradients
 from tests.attribution.reference import (
@@ -160,6 +161,15 @@ def test_conv2d_layers_are_tracked_when_their_patches_can_be_cut_out() -> None:
     assert layer_widths(nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect")) is None
     model = tiny_cnn()
     assert list(find_layers(model, ProjectionConfig())) == ["0", "2", "5"]
+    # The weight as the (n_out, n_in) matrix the gradient rows project, for every kind.
+    for module in (
+        *find_layers(model, ProjectionConfig()).values(),
+        tiny_gpt2().transformer.h[0].attn.c_attn,
+    ):
+        n_in, n_out = layer_widths(module)
+        assert weight_matrix(module).shape == (n_out, n_in)
+    conv = model[2]
+    assert torch.equal(weight_matrix(conv)[1], conv.weight[1].flatten())
 
 
 def test_conv1d_layers_of_gpt2_are_tracked_and_the_tied_head_unless_told_not_to() -> None:
