@@ -46,20 +46,7 @@ def classification_fisher_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 def mlp_batches(
     n: int = 24, batch_size: int = 5, dtype=torch.float64, seed: int = 1
 ) -> list[Batch]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=g, dtype=dtype)
-    y = torch.randint(0, 3, (n,), generator=g)
-    providers = ["alpha", "beta", "gamma"]
-    return [
-        Batch(
-            (x[i : i + batch_size], y[i : i + batch_size]),
-            [f"ex{j}" for j in range(i, min(i + batch_size, n))],
-            providers=[providers[j % 3] for j in range(i, min(i + batch_size, n))],
-            shards=["s0"] * min(batch_size, n - i),
-            token_counts=[1] * min(batch_size, n - i),
-        )
-        for i in range(0, n, batch_size)
-    ]
+    return _classification_batches((5,), n, batch_size, dtype, seed)
 
 
 CNN_IMAGE = (2, 5, 6)
@@ -85,8 +72,13 @@ def tiny_cnn(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
 def cnn_batches(
     n: int = 24, batch_size: int = 5, dtype=torch.float64, seed: int = 1
 ) -> list[Batch]:
+    return _classification_batches(CNN_IMAGE, n, batch_size, dtype, seed)
+
+
+def _classification_batches(shape: tuple, n: int, batch_size: int, dtype, seed: int) -> list[Batch]:
+    """n random inputs of `shape` with labels among 3 classes, providers cycling over three."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *CNN_IMAGE, generator=g, dtype=dtype)
+    x = torch.randn(n, *shape, generator=g, dtype=dtype)
     y = torch.randint(0, 3, (n,), generator=g)
     providers = ["alpha", "beta", "gamma"]
     return [
