@@ -82,14 +82,14 @@ def layer_tokens(module: nn.Module, t: torch.Tensor, grad: bool = False) -> torc
     """A Conv2d layer's input (B, C, H, W) as its patches (B, H'·W', C·kh·kw), or its output
     gradient (B, C_out, H', W') as (B, H'·W', C_out): one token per output position, so that
     Σ_t δ_t x_tᵀ is the weight gradient. Any other layer's tensor is returned as it is."""
-    if _conv2d_padding(module) is None or t.dim() != 4:
+    padding = _conv2d_padding(module)
+    if padding is None or t.dim() != 4:
         return t
     if grad:
         return t.flatten(2).transpose(1, 2)
     patches = nn.functional.unfold(
-        t, module.kernel_size, dilation=module.dilation, padding=_conv2d_padding(module),
-        stride=module.stride,
-    )  # fmt: skip
+        t, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+    )
     return patches.transpose(1, 2)
 
 

@@ -69,16 +69,30 @@ def _rules() -> dict:
     return dict(getattr(damping, "RULES", {}))
 
 
+def damped(curvature: Curvature, lambdas: list[float]) -> Curvature:
+    """The same eigenbasis and eigenvalues, layer l damped with lambdas[l]."""
+    layers = [
+        LayerCurvature(c.eigvals, c.eigvecs, float(lam), c.q_out, c.q_in)
+        for c, lam in zip(curvature.layers, lambdas, strict=True)
+    ]
+    return Curvature(curvature.slices, layers)
+
+
+def mean_eigenvalue(c: LayerCurvature) -> float:
+    return float(np.maximum(c.eigvals, 0.0).sum()) / c.dim
+
+
+def layer_factors(curvature: Curvature, lambdas: list[float]) -> list[float]:
+    """The factors λ_l / mean eigenvalue that per-layer dampings come to."""
+    means = [mean_eigenvalue(c) for c in curvature.layers]
+    return [lam / m if m > 0 else float("nan") for lam, m in zip(lambdas, means, strict=True)]
+
+
 def ruled(curvature: Curvature, rule) -> tuple[Curvature, list[float]]:
     """The same eigenbasis and eigenvalues with λ_l = rule(eigenvalues of layer l); the factors
     λ_l / mean eigenvalue it comes to, per layer."""
-    layers, factors = [], []
-    for c in curvature.layers:
-        lam = float(rule(np.asarray(c.eigvals, np.float64)))
-        mean = float(np.maximum(c.eigvals, 0.0).sum()) / c.dim
-        layers.append(LayerCurvature(c.eigvals, c.eigvecs, lam, c.q_out, c.q_in))
-        factors.append(lam / mean if mean > 0 else float("nan"))
-    return Curvature(curvature.slices, layers), factors
+    lambdas = [float(rule(np.asarray(c.eigvals, np.float64))) for c in curvature.layers]
+    return damped(curvature, lambdas), layer_factors(curvature, lambdas)
 
 
 AVERAGED = "average over factors"
@@ -92,7 +106,8 @@ def unit_rows(scores: np.ndarray) -> np.ndarray:
     return np.divide(scores, norm, out=np.zeros_like(scores), where=norm > 0)
 
 
-def _raw_scores(built: methods.BuiltIndex, curvature: Curvature) -> np.ndarray:
+def raw_scores(built: methods.BuiltIndex, curvature: Curvature) -> np.ndarray:
+    """(queries, rows) raw influence of the index's rows with `curvature` in place of its own."""
     rows = built.index.dense().numpy().astype(np.float64)
     return curvature.precondition(np.asarray(built.query_grads, np.float64)) @ rows.T
 
@@ -151,7 +166,7 @@ def grid_setting(key: str, ks: list[int]) -> dict:
                 }  # fmt: skip
                 for name, rule in rules.items():
                     curvature, layer_factors = ruled(built.index.curvature, rule)
-                    per_query = lds_per_query(_raw_scores(built, curvature), masks, losses)
+                    per_query = lds_per_query(raw_scores(built, curvature), masks, losses)
                     rule_rows[name] = {"per_query": per_query, "layer_factors": layer_factors}
             print(f"{setting.name} {kind} k={k}: " + " ".join(
                 f"{f:g}:{np.nanmean(lds[(kind, k, f)]):.3f}" for f in FACTORS), flush=True)  # fmt: skip

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from attribution.config import DEFAULT_CURVATURE, DEFAULT_K
-from attribution.curvature import Curvature, LayerCurvature
 from attribution.damping import evidence_damping, gap_factor, noise_floor_damping
 from attribution.projection import weight_matrix
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import setting_names
+from benchmarks.accuracy.damping_grid import damped, layer_factors, mean_eigenvalue, raw_scores
 from benchmarks.accuracy.metrics import lds_per_query, mean_std, paired_difference
 from benchmarks.accuracy.report import RESULTS, write_study
 from benchmarks.accuracy.retrain import set_threads
@@ -51,19 +51,6 @@ TOLERANCE = 0.02
 
 AT_START = "evidence, prior at the initial weights"
 RULE_NAMES = ("noise-floor", "evidence", AT_START, "generalisation gap")
-
-
-def damped(curvature: Curvature, lambdas: list[float]) -> Curvature:
-    """The same eigenbasis and eigenvalues, layer l damped with lambdas[l]."""
-    layers = [
-        LayerCurvature(c.eigvals, c.eigvecs, float(lam), c.q_out, c.q_in)
-        for c, lam in zip(curvature.layers, lambdas, strict=True)
-    ]
-    return Curvature(curvature.slices, layers)
-
-
-def mean_eigenvalue(c: LayerCurvature) -> float:
-    return float(np.maximum(c.eigvals, 0.0).sum()) / c.dim
 
 
 def projected_weight_sq(
@@ -140,21 +127,16 @@ def rules_setting(key: str) -> dict:
         lambdas["generalisation gap"] = [f * m for m in means]
 
     rows = {}
-    rows_raw = np.asarray(built.index.dense().numpy(), np.float64)
-    queries = np.asarray(built.query_grads, np.float64)
     for name in RULE_NAMES:
         lam = lambdas[name]
         if isinstance(lam, str):
             rows[name] = {"not_applicable": lam}
             continue
-        scores = damped(curvature, lam).precondition(queries) @ rows_raw.T
-        per_query = lds_per_query(scores, masks, losses)
+        per_query = lds_per_query(raw_scores(built, damped(curvature, lam)), masks, losses)
         rows[name] = {
             "lds": mean_std(per_query),
             "vs_best_factor": paired_difference(per_query, lds[best]),
-            "layer_factors": [
-                lam_l / m if m > 0 else float("nan") for lam_l, m in zip(lam, means, strict=True)
-            ],
+            "layer_factors": layer_factors(curvature, lam),
         }
     print(f"{setting.name}: best factor {best:g} ({np.nanmean(lds[best]):.3f}); " + "; ".join(
         f"{k} {v['vs_best_factor']['mean']:+.3f}" for k, v in rows.items() if "lds" in v

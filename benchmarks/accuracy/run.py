@@ -222,17 +222,12 @@ def _variants(
             # Blocks only (the peers' default layers), so that the lead is checked without the
             # head: the defaults, larger and random projections, and unprojected EKFAC.
             rows["without the tied head"] = library("-no-head", tied_head=False)
-            for kind, k in (("pca", 64), ("random", DEFAULT_K), ("random", 64)):
+            for kind, k in (("pca", 64), ("random", DEFAULT_K), ("random", 64), ("identity", 0)):
                 blocks = methods.build(setting, kind, k, "float32", workdir, suffix="-no-head",
                                        projection={"tied_head": False},
                                        curvature_labels=labels, curvature_prior_examples=prior)  # fmt: skip
-                rows[f"without the tied head, {kind} k = {k}"] = methods.library_scores(
-                    blocks, False
-                )
-            blocks = methods.build(setting, "identity", 0, "float32", workdir, suffix="-no-head",
-                                   projection={"tied_head": False}, curvature_labels=labels,
-                                   curvature_prior_examples=prior)  # fmt: skip
-            rows[f"without the tied head, {EXACT_EKFAC}"] = methods.library_scores(blocks, False)
+                what = EXACT_EKFAC if kind == "identity" else f"{kind} k = {k}"
+                rows[f"without the tied head, {what}"] = methods.library_scores(blocks, False)
         rows["head's vocabulary side by PCA"] = library("-head-pca", head_projection="pca")
         vocab = layer_widths(head_module)[1]
         default_head = min(ProjectionConfig().head_k_out or DEFAULT_K, vocab)
