@@ -1,9 +1,10 @@
 """Damping chosen from the data an index holds (prototypes, measured; not used by any index).
 
-Three candidate rules, each compared with every fixed factor by `benchmarks.accuracy.damping_rules`:
+Four candidate rules, each compared with every fixed factor by `benchmarks.accuracy.damping_rules`:
 `noise_floor_damping` (a layer's spectrum alone, below), `gap_factor` (one factor for all
-layers, from the measured generalisation gap) and `evidence_damping` (per layer, from the
-spectrum and the norm of the layer's projected weights).
+layers, from the measured generalisation gap), `evidence_damping` (per layer, from the
+spectrum and the norm of the layer's projected weights) and `stationarity_damping` (per layer,
+from the training examples' mean gradient and how far the weights moved from the start).
 
 The index damps each layer with λ_l = damping_factor × mean eigenvalue, one factor for every
 model. `noise_floor_damping` instead chooses λ from the layer's EKFAC eigenvalues alone, under a
@@ -137,6 +138,35 @@ def evidence_damping(eigvals: np.ndarray, weight_sq: float, n: int) -> float:
         else:
             hi = mid
     return float(np.exp(0.5 * (lo + hi)))
+
+
+def stationarity_damping(mean_grad: np.ndarray, moved: np.ndarray) -> float:
+    """λ of one layer for which the trained weights are stationary under a proximal pull to
+    the weights training started from: the least-squares δ in ḡ ≈ −δ (w_T − w_0).
+
+    `mean_grad` is ḡ, the mean over the training examples of their (projected) gradients at
+    the trained weights w_T; `moved` is w_T − w_0, projected the same way. The damped inverse
+    (F + λ I)⁻¹ is the exact response of the minimiser of L(w) + (λ/2) ‖w − w_0‖² to a change
+    of the data, and that minimiser satisfies ḡ = −λ (w_T − w_0). Training stopped before
+    convergence looks like it: gradient descent from w_0 (any steps, learning rates or heavy-
+    ball momentum) on a quadratic with curvature h leaves the fraction p = p(h) of the distance
+    to the optimum, so ḡ_j = −h p / (1 − p) · (w_T − w_0)_j, and the response of w_T to a
+    constant change c of the gradient is −(1 − p) / h · c = −c / (h + h p / (1 − p)): the damped
+    inverse with λ = h p / (1 − p). Weight decay in the recipe adds its own pull toward 0,
+    which this reads as a proximal one. Directions the weights did not move in carry no
+    information, so the fit weights each by its squared displacement.
+
+    Returns 0.0 where the fit is negative (the gradient points along the motion: no pull back
+    to measure); a caller floors it. Raises ValueError when the weights did not move.
+    """
+    g = np.asarray(mean_grad, np.float64).ravel()
+    d = np.asarray(moved, np.float64).ravel()
+    if g.shape != d.shape:
+        raise ValueError(f"mean gradient has {g.size} values, displacement {d.size}")
+    dd = float(d @ d)
+    if not dd > 0:
+        raise ValueError("the weights did not move from the start: no damping to read")
+    return max(-float(g @ d) / dd, 0.0)
 
 
 RULES = {"noise-floor": noise_floor_damping}

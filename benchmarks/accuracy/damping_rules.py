@@ -13,6 +13,10 @@ EKFAC) scored at every factor of the harness's `FACTORS` and with the damping ea
 - `evidence, prior at the initial weights`: the same with the prior centred on the weights the
   training run started from (‖P_out (W − W_0) P_inᵀ‖²), which an index sees only when it is
   given that checkpoint;
+- `stationarity`: per layer, the proximal pull toward the initial weights under which the
+  trained weights are stationary (the mean of the index's rows, ḡ, against the projected
+  displacement P_out (W − W_0) P_inᵀ; `stationarity_damping`), floored at the default factor's
+  λ; also only with the initial checkpoint;
 - `generalisation gap`: one factor for every layer, whose predicted mean leave-one-out loss rise
   γ(f) / n equals the measured mean query loss minus mean training loss. Only where the queries
   are held-out examples of the training task (the classifiers); a language model's queries are
@@ -33,8 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.config import DEFAULT_CURVATURE, DEFAULT_K
-from attribution.damping import evidence_damping, gap_factor, noise_floor_damping
+from attribution.config import DEFAULT_CURVATURE, DEFAULT_DAMPING_FACTOR, DEFAULT_K
+from attribution.damping import (
+    evidence_damping,
+    gap_factor,
+    noise_floor_damping,
+    stationarity_damping,
+)
 from attribution.projection import weight_matrix
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import setting_names
@@ -50,14 +59,15 @@ TOLERANCE = 0.02
 """LDS a rule may lose against a setting's best fixed factor (issue 27)."""
 
 AT_START = "evidence, prior at the initial weights"
-RULE_NAMES = ("noise-floor", "evidence", AT_START, "generalisation gap")
+STATIONARY = "stationarity"
+RULE_NAMES = ("noise-floor", "evidence", AT_START, STATIONARY, "generalisation gap")
 
 
-def projected_weight_sq(
+def projected_weights(
     model: torch.nn.Module, built: methods.BuiltIndex, start: torch.nn.Module | None = None
-) -> list[float]:
-    """‖P_out (W − W_start) P_inᵀ‖² of every tracked layer, in the index's layer order (W_start
-    = 0 without `start`)."""
+) -> list[np.ndarray]:
+    """P_out (W − W_start) P_inᵀ of every tracked layer, flattened as the index's rows are, in
+    the index's layer order (W_start = 0 without `start`)."""
     modules = dict(model.named_modules())
     starts = dict(start.named_modules()) if start is not None else {}
     projectors = {p.name: p for p in built.index.projectors()}
@@ -67,9 +77,15 @@ def projected_weight_sq(
         w = weight_matrix(module).detach().double()
         if start is not None:
             w = w - weight_matrix(starts[s.name]).detach().double()
-        wt = p.p_out.double() @ w @ p.p_in.double().T
-        out.append(float((wt**2).sum()))
+        out.append((p.p_out.double() @ w @ p.p_in.double().T).reshape(-1).numpy())
     return out
+
+
+def projected_weight_sq(
+    model: torch.nn.Module, built: methods.BuiltIndex, start: torch.nn.Module | None = None
+) -> list[float]:
+    """‖P_out (W − W_start) P_inᵀ‖² of every tracked layer, in the index's layer order."""
+    return [float(w @ w) for w in projected_weights(model, built, start)]
 
 
 def mean_losses(setting) -> tuple[float, float]:
@@ -112,12 +128,20 @@ def rules_setting(key: str) -> dict:
         ],
     }
     if setting.initial is None:
-        lambdas[AT_START] = "not applicable: the setting has no initial weights"
+        lambdas[AT_START] = lambdas[STATIONARY] = "not applicable: no initial weights"
     else:
-        moved = projected_weight_sq(setting.base_model(), built, setting.initial())
+        moved = projected_weights(setting.base_model(), built, setting.initial())
         lambdas[AT_START] = [
-            evidence_damping(c.eigvals, w2, n)
-            for c, w2 in zip(curvature.layers, moved, strict=True)
+            evidence_damping(c.eigvals, float(d @ d), n)
+            for c, d in zip(curvature.layers, moved, strict=True)
+        ]
+        rows = built.index.dense().numpy().astype(np.float64)
+        lambdas[STATIONARY] = [
+            max(
+                stationarity_damping(rows[:, s.start : s.stop].mean(0), d),
+                DEFAULT_DAMPING_FACTOR * m,
+            )
+            for s, d, m in zip(curvature.slices, moved, means, strict=True)
         ]
     train_loss, query_loss = mean_losses(setting)
     if setting.task == "lm":

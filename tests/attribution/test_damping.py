@@ -11,6 +11,7 @@ from attribution.damping import (
     expected_error,
     gap_factor,
     noise_floor_damping,
+    stationarity_damping,
 )
 
 RESOLUTION = 1e-8
@@ -140,3 +141,80 @@ def test_evidence_damping_maximises_the_laplace_evidence() -> None:
     assert evidence_damping(flat, w2, n) == pytest.approx(closed, rel=1e-9)
     # Larger weights mean a looser prior, so less damping.
     assert evidence_damping(e, 4 * w2, n) < lam
+
+
+# Float64 arithmetic on O(1) values over at most a few hundred steps: rounding stays near 1e-13
+# relative; 1e-9 leaves room for any CPU and still fails on a 1e-6 relative error.
+STATIONARY_RTOL = 1e-9
+
+
+def test_stationarity_damping_recovers_the_proximal_strength_exactly() -> None:
+    """Weights that minimise ½ (w − w*)ᵀ H (w − w*) + (δ/2) ‖w − w_0‖², H anisotropic: their
+    mean gradient H (w − w*) is −δ (w − w_0) exactly, so the rule returns δ."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(12, 12))
+    h = a @ a.T / 12 + 0.01 * np.eye(12)
+    w_star, w0 = rng.normal(size=12), rng.normal(size=12)
+    for delta in (1e-3, 0.37, 25.0):
+        w = np.linalg.solve(h + delta * np.eye(12), h @ w_star + delta * w0)
+        got = stationarity_damping(h @ (w - w_star), w - w0)
+        assert got == pytest.approx(delta, rel=STATIONARY_RTOL)
+        # A gradient off by 1e-6 of itself moves the answer by as much: the tolerance sees it.
+        off = stationarity_damping(h @ (w - w_star) * (1 + 1e-6), w - w0)
+        assert off != pytest.approx(delta, rel=STATIONARY_RTOL)
+
+
+def _heavy_ball(h: np.ndarray, w_star, w0, c, lrs, momentum: float) -> np.ndarray:
+    """Gradient descent with heavy-ball momentum on ½ (w − w*)ᵀ H (w − w*) + cᵀ w."""
+    w, v = w0.copy(), np.zeros_like(w0)
+    for lr in lrs:
+        v = momentum * v + h @ (w - w_star) + c
+        w = w - lr * v
+    return w
+
+
+def test_stationarity_damping_is_the_response_of_stopped_gradient_descent() -> None:
+    """Momentum and a decaying learning rate, stopped early on an isotropic quadratic (h I):
+    the damped inverse with the rule's λ is the trained weights' exact response to a constant
+    change c of the gradient, found here by training again with c added; the rule never sees
+    the learning rates, the number of steps or the momentum."""
+    rng = np.random.default_rng(4)
+    dim, curv = 20, 0.8
+    h = curv * np.eye(dim)
+    w_star, w0, c = rng.normal(size=dim), rng.normal(size=dim), rng.normal(size=dim)
+    lrs = 0.05 / (1 + 0.02 * np.arange(40))
+    w = _heavy_ball(h, w_star, w0, np.zeros(dim), lrs, momentum=0.5)
+    left = np.linalg.norm(w - w_star) / np.linalg.norm(w0 - w_star)
+    assert 0.05 < left < 0.95  # stopped well short of the optimum, well past the start
+    lam = stationarity_damping(h @ (w - w_star), w - w0)
+    response = _heavy_ball(h, w_star, w0, c, lrs, momentum=0.5) - w
+    np.testing.assert_allclose(response, -c / (curv + lam), rtol=STATIONARY_RTOL)
+
+
+def test_stationarity_damping_weights_each_direction_by_its_displacement() -> None:
+    """Plain gradient descent, T steps of rate η, on an anisotropic quadratic: direction j keeps
+    p_j = (1 − η h_j)^T of its distance, so it alone would ask for λ_j = h_j p_j / (1 − p_j)
+    (closed form); the rule is their mean weighted by the squared displacement."""
+    rng = np.random.default_rng(5)
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    curv = 10 ** rng.uniform(-1.5, 0.5, 16)
+    h = q @ np.diag(curv) @ q.T
+    w_star, w0 = rng.normal(size=16), rng.normal(size=16)
+    lr, steps = 0.1, 30
+    w = _heavy_ball(h, w_star, w0, np.zeros(16), [lr] * steps, momentum=0.0)
+    p = (1 - lr * curv) ** steps
+    per_direction = curv * p / (1 - p)
+    moved = q.T @ (w - w0)
+    expected = float((moved**2 * per_direction).sum() / (moved**2).sum())
+    lam = stationarity_damping(h @ (w - w_star), w - w0)
+    assert lam == pytest.approx(expected, rel=STATIONARY_RTOL)
+    assert per_direction.min() < lam < per_direction.max()
+
+
+def test_stationarity_damping_degenerate_inputs() -> None:
+    with pytest.raises(ValueError, match="did not move"):
+        stationarity_damping(np.ones(4), np.zeros(4))
+    with pytest.raises(ValueError, match="4 values, displacement 3"):
+        stationarity_damping(np.ones(4), np.ones(3))
+    # A gradient along the motion (still descending away from the start): nothing to read.
+    assert stationarity_damping(np.ones(4), np.ones(4)) == 0.0
