@@ -1,6 +1,7 @@
 """Damping chosen per index from the data it holds, against each setting's best fixed factor.
 
     python -m benchmarks.accuracy.damping_rules [--settings mlp,cancer,lm,...]
+        [--curvature-labels data|sampled]
 
 Per setting: the ground truth of `python -m benchmarks.accuracy.run`'s full plan (LDS subsets;
 retrained where the cache lacks it), and the defaults' index (`run.default_config`, PCA k = 32,
@@ -25,6 +26,10 @@ EKFAC) scored at every factor of the harness's `FACTORS` and with the damping ea
 Reported: raw-influence LDS of each rule as a paired difference (± standard error over queries)
 against the setting's best fixed factor, and the factor each rule comes to per layer
 (λ_l / mean eigenvalue). Target (issue 27): within 0.02 of the best on every setting.
+
+`--curvature-labels` fits every setting's EKFAC eigenvalues on those labels instead of its
+defaults' (`run.default_config`: data labels for classifiers, sampled for language models);
+the results then go to damping_rules-<labels>.json / .md.
 
 Writes benchmarks/results/damping_rules.json and damping_rules.md.
 """
@@ -96,13 +101,14 @@ def mean_losses(setting) -> tuple[float, float]:
     return float(train.double().mean()), float(np.mean(setting.evaluate(model)[0]))
 
 
-def rules_setting(key: str) -> dict:
+def rules_setting(key: str, labels: str | None = None) -> dict:
     truth = cached_truth(key)
     setting, workdir, masks, losses = truth.setting, truth.workdir, truth.masks, truth.losses
     config = default_config(setting)
+    labels = labels or config.curvature_labels
     built = methods.build(
-        setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir, suffix="-rules",
-        curvature_labels=config.curvature_labels,
+        setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir, suffix=f"-rules-{labels}",
+        curvature_labels=labels,
         curvature_prior_examples=config.curvature_prior_examples,
     )  # fmt: skip
     lds = {
@@ -161,6 +167,7 @@ def rules_setting(key: str) -> dict:
             "lds": mean_std(per_query),
             "vs_best_factor": paired_difference(per_query, lds[best]),
             "layer_factors": layer_factors(curvature, lam),
+            "layer_lambdas": [float(x) for x in lam],
         }
     print(f"{setting.name}: best factor {best:g} ({np.nanmean(lds[best]):.3f}); " + "; ".join(
         f"{k} {v['vs_best_factor']['mean']:+.3f}" for k, v in rows.items() if "lds" in v
@@ -168,6 +175,8 @@ def rules_setting(key: str) -> dict:
     return {
         "setting": setting.name,
         "key": key,
+        "curvature_labels": labels,
+        "mean_eigenvalues": means,
         "n_train": n,
         "mean_train_loss": train_loss,
         "mean_query_loss": query_loss,
@@ -198,12 +207,14 @@ def _factors(values: list[float]) -> str:
     return ", ".join(f"{v:.3g}" for v in values)
 
 
-def write_markdown(report: dict, path: Path) -> None:
+def write_markdown(report: dict, path: Path, labels: str | None = None) -> None:
+    which = f"eigenvalues on {labels} labels" if labels else "eigenvalue labels as its defaults"
     lines = [
         "# Damping chosen from the index's own data",
         "",
         f"`{report['command']}` ({report['seconds']:.0f} s, one thread). Raw-influence LDS of "
-        f"the defaults' index ({DEFAULT_KIND} k = {DEFAULT_K}, {DEFAULT_CURVATURE}) with each "
+        f"the defaults' index ({DEFAULT_KIND} k = {DEFAULT_K}, {DEFAULT_CURVATURE}, {which}) "
+        "with each "
         "rule's damping, as the paired difference (± standard error over queries) against the "
         "same index at the setting's best fixed factor; below it, the factor λ_l / mean "
         "eigenvalue each rule comes to, per layer.",
@@ -257,14 +268,20 @@ def write_markdown(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", type=setting_names, default=",".join(SETTINGS))
+    parser.add_argument("--curvature-labels", choices=("data", "sampled"), default=None)
     args = parser.parse_args(argv)
     set_threads()
+    labels = args.curvature_labels
     command = f"python -m benchmarks.accuracy.damping_rules --settings {','.join(args.settings)}"
+    stem = "damping_rules"
+    if labels:
+        command += f" --curvature-labels {labels}"
+        stem += f"-{labels}"
     report = write_study(
-        "damping_rules", command, lambda: [rules_setting(k) for k in args.settings], summary
+        stem, command, lambda: [rules_setting(k, labels) for k in args.settings], summary
     )
-    write_markdown(report, RESULTS / "damping_rules.md")
-    print((RESULTS / "damping_rules.md").read_text())
+    write_markdown(report, RESULTS / f"{stem}.md", labels)
+    print((RESULTS / f"{stem}.md").read_text())
     return report
 
 
