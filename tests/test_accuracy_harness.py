@@ -296,3 +296,54 @@ def test_eigenvalue_treatments_match_explicit_matrices() -> None:
     different = _toy_curvature(np.random.default_rng(1))
     with pytest.raises(SystemExit, match="eigenbases differ"):
         eigenvalue_treatment.mixed(curvature, different, a, factor)
+
+
+def test_grid_table_joins_runs_and_grid_and_counts_the_target(tmp_path) -> None:
+    """The one-table summary reads saved results only: regret from the damping grid, methods
+    and peers from the newest accuracy run holding the setting, blocks-only where present."""
+    import json
+
+    from benchmarks.accuracy import grid_table
+
+    def d(mean: float) -> dict:
+        return {"mean": mean, "se": 0.01, "n": 10}
+
+    def grid_entry(name: str, regret: float) -> dict:
+        return {
+            "setting": name,
+            "best_config": {"kind": "pca", "k": 64, "damping_factor": 1.0, "lds": 0.5},
+            "factors": [{"damping_factor": 0.01, "lds": d(0.5 - regret)}],
+            "defaults_vs_best_config": d(-regret),
+        }
+
+    def run_entry(name: str, peer: float) -> dict:
+        diffs = {f"{m} − {grid_table.DEFAULTS}": d(peer) for m in grid_table.METHODS}
+        return {
+            "setting": name,
+            "methods": {grid_table.DEFAULTS: {"lds": d(0.4)}},
+            "paired_lds_vs_defaults": diffs,
+            "paired_provider_spearman_vs_defaults": diffs,
+            "variants": {"blocks_only": {grid_table.BLOCKS: {"paired_lds": d(-0.2)}}},
+        }
+
+    (tmp_path / "damping_grid.json").write_text(
+        json.dumps({"settings": [grid_entry("a", 0.01), grid_entry("b", 0.05)]})
+    )
+    (tmp_path / "accuracy.json").write_text(
+        json.dumps({"command": "old", "settings": [run_entry("a", +0.1), run_entry("b", -0.1)]})
+    )
+    (tmp_path / "accuracy-classifiers.json").write_text(
+        json.dumps({"command": "new", "settings": [run_entry("a", -0.1)]})
+    )
+    report = grid_table.build(tmp_path)
+    a, b = report["settings"]
+    assert a["accuracy_run"] == "new" and b["accuracy_run"] == "old"  # the newest run wins
+    assert report["worst_regret"] == pytest.approx(0.05)
+    assert report["within_tolerance"] == 1  # 0.01 is within 0.02, 0.05 is not
+    assert a["ahead_of_peers"] and b["ahead_of_peers"]
+    assert report["ahead_of_every_peer"] == 2
+    assert a["blocks_only_vs_kronfluence_ekfac"]["paired_lds"]["mean"] == -0.2
+    grid_table.write_markdown(report, tmp_path / "grid.md")
+    text = (tmp_path / "grid.md").read_text()
+    assert "| a | 0.490 | pca k=64 @1 (0.500) | 0.010 ± 0.010 |" in text
+    assert "Regret at most 0.02 on 1 of 2 settings (worst 0.050)" in text
