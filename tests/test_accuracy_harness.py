@@ -347,3 +347,46 @@ def test_grid_table_joins_runs_and_grid_and_counts_the_target(tmp_path) -> None:
     text = (tmp_path / "grid.md").read_text()
     assert "| a | 0.490 | pca k=64 @1 (0.500) | 0.010 ± 0.010 |" in text
     assert "Regret at most 0.02 on 1 of 2 settings (worst 0.050)" in text
+
+
+def test_projected_weights_lie_as_the_index_rows_do(tmp_path, one_thread) -> None:
+    """The damping rules compare the mean of an index's rows (the mean projected gradient) with
+    `projected_weights` (the projected weights or their change): both must be laid out alike.
+    Independent check: the mean training gradient by autograd, put into a copy of the model in
+    place of its weights, comes out of `projected_weights` as the mean of the index's rows."""
+    import copy
+    from types import SimpleNamespace
+
+    from attribution import IndexConfig, ProjectionConfig, build_index
+    from benchmarks.accuracy.damping_rules import projected_weights
+    from tests.attribution.tiny import classification_loss, mlp_batches, tiny_mlp
+    from tests.tolerance import assert_close_f32
+
+    model, batches = tiny_mlp(), mlp_batches()
+    config = IndexConfig(
+        projection=ProjectionConfig(kind="random", k_in=3, k_out=2, seed=7),
+        fisher_labels="data", curvature_labels="data",
+    )  # fmt: skip
+    index = build_index(model, classification_loss, batches, tmp_path, config, show_progress=False)
+    built = SimpleNamespace(index=index)
+    rows = index.dense().numpy().astype(np.float64)
+
+    model.zero_grad()
+    n = sum(len(b.inputs[1]) for b in batches)
+    sum(classification_loss(model, b).sum() for b in batches).div(n).backward()
+    as_gradient = copy.deepcopy(model)
+    with torch.no_grad():
+        for m, g in zip(as_gradient.modules(), model.modules(), strict=True):
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(g.weight.grad)
+    expected = projected_weights(as_gradient, built)
+    for s, e in zip(index.curvature.slices, expected, strict=True):
+        mean = rows[:, s.start : s.stop].mean(0)
+        # Rows are stored in float32: each value off by a rounding of its own, n of them summed.
+        scale = np.abs(rows[:, s.start : s.stop]).mean(0)
+        assert_close_f32(mean, e, n, scale=scale, what=s.name)
+    # A change since a start is the difference of the two projections.
+    start = tiny_mlp(seed=1)
+    pairs = zip(projected_weights(model, built), projected_weights(start, built), strict=True)
+    for (w, w0), d in zip(pairs, projected_weights(model, built, start), strict=True):
+        np.testing.assert_allclose(d, w - w0, rtol=1e-12, atol=1e-12)
