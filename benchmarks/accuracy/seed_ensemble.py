@@ -5,7 +5,7 @@
 Per setting, on the ground truth of `python -m benchmarks.accuracy.run`'s full plan (cached),
 with the setting's default index configuration (`run.default_config`) at the default damping
 factor, every layer tracked and then the blocks only (the tied output head left out): raw-
-influence LDS of PCA k = 32 (the defaults' projection), random k = 32 with seed 0, the sum of
+influence LDS and provider Spearman (positive part of the raw scores) of PCA k = 32 (the defaults' projection), random k = 32 with seed 0, the sum of
 the first 2 and of all `--seeds` random k = 32 indexes' scores (seeds 0, 1, …; the same storage
 as one index of k = 32 × √seeds per side), the same with each index's scores scaled to unit
 norm per query first, and one random k = 64 index; each paired over queries (± standard
@@ -24,7 +24,13 @@ from attribution.config import DEFAULT_CURVATURE, DEFAULT_DAMPING_FACTOR, DEFAUL
 from benchmarks.accuracy import methods
 from benchmarks.accuracy.args import setting_names
 from benchmarks.accuracy.damping_grid import unit_rows
-from benchmarks.accuracy.metrics import lds_per_query, mean_std, paired_difference
+from benchmarks.accuracy.metrics import (
+    lds_per_query,
+    mean_std,
+    paired_difference,
+    provider_credit,
+    provider_rho_per_query,
+)
 from benchmarks.accuracy.report import RESULTS, write_study
 from benchmarks.accuracy.retrain import set_threads
 from benchmarks.accuracy.run import default_config
@@ -50,9 +56,15 @@ def _scores(truth, kind: str, k: int, seed: int, blocks_only: bool) -> np.ndarra
 def ensemble_setting(key: str, seeds: int) -> dict:
     truth = cached_truth(key)
     masks, losses = truth.masks, truth.losses
+
+    def providers(scores: np.ndarray) -> np.ndarray:
+        credit = provider_credit(scores, truth.setting.providers, truth.names, positive=True)
+        return provider_rho_per_query(credit, truth.rises)
+
     out = {"setting": truth.setting.name, "key": key, "seeds": seeds, "layers": {}}
     for blocks_only in (False, True):
-        base = lds_per_query(_scores(truth, "pca", DEFAULT_K, 0, blocks_only), masks, losses)
+        pca = _scores(truth, "pca", DEFAULT_K, 0, blocks_only)
+        base, base_providers = lds_per_query(pca, masks, losses), providers(pca)
         randoms = [_scores(truth, "random", DEFAULT_K, s, blocks_only) for s in range(seeds)]
         variants = {
             f"random k = {DEFAULT_K}, seed 0": randoms[0],
@@ -63,12 +75,19 @@ def ensemble_setting(key: str, seeds: int) -> dict:
             ),
             f"random k = {2 * DEFAULT_K}": _scores(truth, "random", 2 * DEFAULT_K, 0, blocks_only),
         }
-        rows = {f"pca k = {DEFAULT_K}": {"lds": mean_std(base)}}
+        rows = {
+            f"pca k = {DEFAULT_K}": {
+                "lds": mean_std(base),
+                "provider_spearman": mean_std(base_providers),
+            }
+        }
         for name, scores in variants.items():
-            per_query = lds_per_query(scores, masks, losses)
+            per_query, per_query_providers = lds_per_query(scores, masks, losses), providers(scores)
             rows[name] = {
                 "lds": mean_std(per_query),
                 "vs_pca": paired_difference(per_query, base),
+                "provider_spearman": mean_std(per_query_providers),
+                "provider_vs_pca": paired_difference(per_query_providers, base_providers),
             }
         which = "blocks only" if blocks_only else "every layer"
         out["layers"][which] = rows
@@ -83,17 +102,28 @@ def write_markdown(report: dict) -> None:
         "# Random projections of several seeds against one larger projection",
         "",
         f"`{report['command']}` ({report['seconds']:.0f} s, one thread). Raw-influence LDS at "
-        f"factor {DEFAULT_DAMPING_FACTOR:g}; each variant paired against PCA k = {DEFAULT_K} "
-        "(mean ± standard error over queries).",
+        f"factor {DEFAULT_DAMPING_FACTOR:g} and provider Spearman (positive part of the raw "
+        f"scores); each variant paired against PCA k = {DEFAULT_K} (mean ± standard error over "
+        "queries).",
     ]
     for s in report["settings"]:
         for which, rows in s["layers"].items():
-            lines += ["", f"## {s['setting']}, {which}", "", "| projection | LDS | − PCA |"]
-            lines.append("|---|---|---|")
+            lines += [
+                "",
+                f"## {s['setting']}, {which}",
+                "",
+                "| projection | LDS | − PCA | provider Spearman | − PCA |",
+                "|---|---|---|---|---|",
+            ]
             for name, r in rows.items():
-                d = r.get("vs_pca")
-                diff = "–" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f}"
-                lines.append(f"| {name} | {r['lds']['mean']:.3f} | {diff} |")
+                cells = [
+                    "–" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f}"
+                    for d in (r.get("vs_pca"), r.get("provider_vs_pca"))
+                ]
+                lines.append(
+                    f"| {name} | {r['lds']['mean']:.3f} | {cells[0]} | "
+                    f"{r['provider_spearman']['mean']:.3f} | {cells[1]} |"
+                )
     (RESULTS / "seed_ensemble.md").write_text("\n".join(lines) + "\n")
 
 
