@@ -36,7 +36,7 @@ from benchmarks.accuracy.report import write_study
 from benchmarks.accuracy.retrain import (
     set_threads,
 )
-from benchmarks.accuracy.run import DEFAULT_KIND, default_config
+from benchmarks.accuracy.run import DEFAULT_KIND, default_config, default_index_options
 from benchmarks.accuracy.truth import cached_truth
 
 OURS = "logra (defaults)"
@@ -66,8 +66,7 @@ def study_setting(name: str, epoch_sets: list[list[int]], peers: list[str]) -> d
             setting.base = model
             built = methods.build(
                 setting, DEFAULT_KIND, config.projection.k_in, config.dtype, workdir,
-                suffix=f"-epoch{epoch}", curvature_labels=config.curvature_labels,
-                curvature_prior_examples=config.curvature_prior_examples,
+                suffix=f"-epoch{epoch}", **default_index_options(setting),
             )  # fmt: skip
             scores[OURS][epoch] = methods.library_scores(built, relatif=False)
             for peer in peers:
@@ -84,8 +83,7 @@ def study_setting(name: str, epoch_sets: list[list[int]], peers: list[str]) -> d
     earlier = tuple(snapshots[epoch] for epoch in sets[0] if epoch != last)
     one_index = methods.build(
         setting, DEFAULT_KIND, config.projection.k_in, config.dtype, workdir,
-        suffix="-checkpoints", checkpoints=earlier, curvature_labels=config.curvature_labels,
-        curvature_prior_examples=config.curvature_prior_examples,
+        suffix="-checkpoints", checkpoints=earlier, **default_index_options(setting),
     )  # fmt: skip
     library = methods.library_scores(one_index, relatif=False)
     summed = sum(scores[OURS][epoch] for epoch in sets[0])

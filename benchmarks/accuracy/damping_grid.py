@@ -52,7 +52,7 @@ from benchmarks.accuracy.retrain import (
     set_threads,
     subset_losses,
 )
-from benchmarks.accuracy.run import DEFAULT_KIND, FACTORS, default_config
+from benchmarks.accuracy.run import DEFAULT_KIND, FACTORS, default_index_options
 from benchmarks.accuracy.settings import SETTINGS
 
 KINDS = ("pca", "random")
@@ -134,11 +134,7 @@ def grid_setting(key: str, ks: list[int]) -> dict:
         provider_removal(cache, list(plan.provider_seeds[half:]))[1],
     )
     truth_seconds = cache.seconds
-    config = default_config(setting)
-    options = dict(
-        curvature_labels=config.curvature_labels,
-        curvature_prior_examples=config.curvature_prior_examples,
-    )
+    options = default_index_options(setting)
 
     lds: dict[tuple[str, int, float], np.ndarray] = {}
     rho: dict[float, np.ndarray] = {}
@@ -165,9 +161,9 @@ def grid_setting(key: str, ks: list[int]) -> dict:
                     "per_query": lds_per_query(averaged, masks, losses), "layer_factors": None,
                 }  # fmt: skip
                 for name, rule in rules.items():
-                    curvature, layer_factors = ruled(built.index.curvature, rule)
+                    curvature, rule_factors = ruled(built.index.curvature, rule)
                     per_query = lds_per_query(raw_scores(built, curvature), masks, losses)
-                    rule_rows[name] = {"per_query": per_query, "layer_factors": layer_factors}
+                    rule_rows[name] = {"per_query": per_query, "layer_factors": rule_factors}
             print(f"{setting.name} {kind} k={k}: " + " ".join(
                 f"{f:g}:{np.nanmean(lds[(kind, k, f)]):.3f}" for f in FACTORS), flush=True)  # fmt: skip
 
@@ -223,7 +219,7 @@ def grid_setting(key: str, ks: list[int]) -> dict:
         "retrains_this_run": cache.trained,
         "retrain_seconds_this_run": round(truth_seconds, 1),
         "index": f"{DEFAULT_KIND} k={DEFAULT_K}, {DEFAULT_CURVATURE}, curvature labels "
-        f"{config.curvature_labels}, prior {config.curvature_prior_examples}",
+        f"{options['curvature_labels']}, prior {options['curvature_prior_examples']}",
         "best_factor": best_factor,
         "factors": factors,
         "best_config": {

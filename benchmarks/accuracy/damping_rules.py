@@ -56,7 +56,7 @@ from benchmarks.accuracy.damping_grid import damped, layer_factors, mean_eigenva
 from benchmarks.accuracy.metrics import lds_per_query, mean_std, paired_difference
 from benchmarks.accuracy.report import RESULTS, write_study
 from benchmarks.accuracy.retrain import set_threads
-from benchmarks.accuracy.run import DEFAULT_KIND, FACTORS, default_config
+from benchmarks.accuracy.run import DEFAULT_KIND, FACTORS, default_index_options
 from benchmarks.accuracy.settings import SETTINGS
 from benchmarks.accuracy.truth import cached_truth
 
@@ -86,16 +86,8 @@ def projected_weights(
     return out
 
 
-def projected_weight_sq(
-    model: torch.nn.Module, built: methods.BuiltIndex, start: torch.nn.Module | None = None
-) -> list[float]:
-    """‖P_out (W − W_start) P_inᵀ‖² of every tracked layer, in the index's layer order."""
-    return [float(w @ w) for w in projected_weights(model, built, start)]
-
-
-def mean_losses(setting) -> tuple[float, float]:
-    """Mean training loss and mean query loss of the setting's base model."""
-    model = setting.base_model()
+def mean_losses(setting, model: torch.nn.Module) -> tuple[float, float]:
+    """Mean training loss and mean query loss of the setting's base model `model`."""
     with torch.no_grad():
         train = torch.cat([setting.train_loss(model, b) for b in setting.train_data])
     return float(train.double().mean()), float(np.mean(setting.evaluate(model)[0]))
@@ -104,13 +96,11 @@ def mean_losses(setting) -> tuple[float, float]:
 def rules_setting(key: str, labels: str | None = None) -> dict:
     truth = cached_truth(key)
     setting, workdir, masks, losses = truth.setting, truth.workdir, truth.masks, truth.losses
-    config = default_config(setting)
-    labels = labels or config.curvature_labels
+    options = default_index_options(setting)
+    labels = options["curvature_labels"] = labels or options["curvature_labels"]
     built = methods.build(
-        setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir, suffix=f"-rules-{labels}",
-        curvature_labels=labels,
-        curvature_prior_examples=config.curvature_prior_examples,
-    )  # fmt: skip
+        setting, DEFAULT_KIND, DEFAULT_K, "float32", workdir, suffix=f"-rules-{labels}", **options
+    )
     lds = {
         f: lds_per_query(
             methods.influence_scores(built, f, relatif=False, curvature_kind=DEFAULT_CURVATURE),
@@ -123,33 +113,32 @@ def rules_setting(key: str, labels: str | None = None) -> dict:
     curvature = built.index.curvature
     n = setting.n_train
     means = [mean_eigenvalue(c) for c in curvature.layers]
+    base = setting.base_model()
 
     lambdas: dict[str, list[float] | str] = {
         "noise-floor": [noise_floor_damping(c.eigvals) for c in curvature.layers],
         "evidence": [
-            evidence_damping(c.eigvals, w2, n)
-            for c, w2 in zip(
-                curvature.layers, projected_weight_sq(setting.base_model(), built), strict=True
-            )
+            evidence_damping(c.eigvals, float(w @ w), n)
+            for c, w in zip(curvature.layers, projected_weights(base, built), strict=True)
         ],
     }
     if setting.initial is None:
         lambdas[AT_START] = lambdas[STATIONARY] = "not applicable: no initial weights"
     else:
-        moved = projected_weights(setting.base_model(), built, setting.initial())
+        moved = projected_weights(base, built, setting.initial())
         lambdas[AT_START] = [
             evidence_damping(c.eigvals, float(d @ d), n)
             for c, d in zip(curvature.layers, moved, strict=True)
         ]
-        rows = built.index.dense().numpy().astype(np.float64)
+        index_rows = built.index.dense().numpy().astype(np.float64)
         lambdas[STATIONARY] = [
             max(
-                stationarity_damping(rows[:, s.start : s.stop].mean(0), d),
+                stationarity_damping(index_rows[:, s.start : s.stop].mean(0), d),
                 DEFAULT_DAMPING_FACTOR * m,
             )
             for s, d, m in zip(curvature.slices, moved, means, strict=True)
         ]
-    train_loss, query_loss = mean_losses(setting)
+    train_loss, query_loss = mean_losses(setting, base)
     if setting.task == "lm":
         lambdas["generalisation gap"] = "not applicable: the queries are not held-out examples"
     else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from attribution.config import DEFAULT_DAMPING_FACTOR
 from benchmarks.accuracy.report import RESULTS
 
 RUNS = ("accuracy", "accuracy-lm-blocks", "accuracy-more-lms", "accuracy-classifiers")
@@ -74,7 +75,9 @@ def build(results: Path = RESULTS) -> dict:
             "setting": name,
             "best_config": g["best_config"],
             "defaults_lds_grid": next(
-                f["lds"]["mean"] for f in g["factors"] if f["damping_factor"] == 0.01
+                f["lds"]["mean"]
+                for f in g["factors"]
+                if f["damping_factor"] == DEFAULT_DAMPING_FACTOR
             ),
             "defaults_vs_best_config": g["defaults_vs_best_config"],
             "accuracy_run": run["command"] if run else None,
@@ -119,7 +122,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "`python -m benchmarks.accuracy.grid_table`, from "
         + ", ".join(f"`{s}`" for s in report["sources"])
         + ". Raw-influence LDS; differences are paired over queries (mean ± standard error). "
-        "Regret: the defaults (pca k = 32, EKFAC, factor 0.01) against the best configuration "
+        f"Regret: the defaults (pca k = 32, EKFAC, factor {DEFAULT_DAMPING_FACTOR:g}) against the best configuration "
         "of the damping grid (projection kind × k × damping factor). Methods: each one's LDS "
         "minus the defaults' (negative: the defaults ahead).",
         "",

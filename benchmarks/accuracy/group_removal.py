@@ -32,7 +32,7 @@ from benchmarks.accuracy.metrics import paired_difference, provider_credit, prov
 from benchmarks.accuracy.plan import FULL
 from benchmarks.accuracy.report import write_study
 from benchmarks.accuracy.retrain import CACHE_DIR, RetrainCache, provider_removal, set_threads
-from benchmarks.accuracy.run import default_config
+from benchmarks.accuracy.run import default_config, default_index_options
 from benchmarks.accuracy.settings import SETTINGS
 
 
@@ -44,8 +44,7 @@ def measure_setting(name: str, shares: list[float]) -> dict:
     )
     config = default_config(setting)
     built = methods.build(setting, "pca", config.projection.k_in, config.dtype, workdir,
-                          suffix="-group", curvature_labels=config.curvature_labels,
-                          curvature_prior_examples=config.curvature_prior_examples)  # fmt: skip
+                          suffix="-group", **default_index_options(setting))  # fmt: skip
     curvature = built.index.curvature
     if any(layer.low_rank for layer in curvature.layers):
         raise SystemExit(f"{name}: a low-rank layer; the share downdate needs a full eigenbasis")

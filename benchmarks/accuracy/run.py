@@ -169,6 +169,16 @@ def default_config(setting: Setting) -> IndexConfig:
     return LANGUAGE_MODEL_INDEX if setting.task == "lm" else IndexConfig()
 
 
+def default_index_options(setting: Setting) -> dict:
+    """`methods.build` keywords that give an index the defaults' eigenvalue labels and their
+    shrinkage toward KFAC (`default_config`)."""
+    config = default_config(setting)
+    return dict(
+        curvature_labels=config.curvature_labels,
+        curvature_prior_examples=config.curvature_prior_examples,
+    )
+
+
 def _variants(
     setting: Setting,
     workdir: Path,

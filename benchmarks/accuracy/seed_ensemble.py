@@ -33,20 +33,16 @@ from benchmarks.accuracy.metrics import (
 )
 from benchmarks.accuracy.report import RESULTS, write_study
 from benchmarks.accuracy.retrain import set_threads
-from benchmarks.accuracy.run import default_config
+from benchmarks.accuracy.run import default_index_options
 from benchmarks.accuracy.truth import cached_truth
 
 
 def _scores(truth, kind: str, k: int, seed: int, blocks_only: bool) -> np.ndarray:
-    setting = truth.setting
-    config = default_config(setting)
-    projection = {"seed": seed, "tied_head": not blocks_only}
     built = methods.build(
-        setting, kind, k, "float32", truth.workdir,
+        truth.setting, kind, k, "float32", truth.workdir,
         suffix=f"-seed{seed}" + ("-blocks" if blocks_only else ""),
-        projection=projection,
-        curvature_labels=config.curvature_labels,
-        curvature_prior_examples=config.curvature_prior_examples,
+        projection={"seed": seed, "tied_head": not blocks_only},
+        **default_index_options(truth.setting),
     )  # fmt: skip
     return methods.influence_scores(
         built, DEFAULT_DAMPING_FACTOR, relatif=False, curvature_kind=DEFAULT_CURVATURE

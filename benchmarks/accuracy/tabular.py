@@ -1,7 +1,7 @@
 """Classifier settings on scikit-learn's bundled datasets, with several widths, depths and recipes.
 
-Each is an MLP (or, on the digits' 8 × 8 images, a small CNN) trained full-batch (so a retrain is a deterministic function of its rows and
-seed) by one of two recipes:
+Each is an MLP (or, on the digits' 8 × 8 images, a small CNN) trained full-batch (so a
+retrain is a deterministic function of its rows and seed) by one of two recipes:
 
 - "converged": SGD with momentum 0.9 and weight decay, enough steps that the training loss has
   flattened (the recipe under which the project's 0.01 damping factor was reported not to hold);
